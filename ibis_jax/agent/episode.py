@@ -1,0 +1,252 @@
+"""The segmentation episode: the state machine of SPEC section 1.
+
+An :class:`Episode` holds the image, the query, every step's action, text, mask and tool output,
+and the ground truth when one is known (for IoU and rewards). It knows nothing of which policy
+writes the turns or which tool makes the masks: a click is turned into a tool request by
+:meth:`Episode.tool_request`, a caller runs it on any ``SegmentationTool`` (in-process or over the
+bridge, one at a time or batched), and :meth:`Episode.apply_click` records the answer.
+:meth:`Episode.step` does both for the simple synchronous case.
+
+Termination: a ``Terminate`` action; a turn that does not parse; the same action three times in a
+row (``repeat_limit``); ``max_actions`` actions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+import numpy as np
+
+from ibis_jax.agent.grammar import (
+    Action,
+    ActionParseError,
+    Click,
+    Terminate,
+    format_action,
+    format_turn,
+    parse_turn,
+)
+from ibis_jax.agent.overlay import DEFAULT_ALPHA, DEFAULT_COLOR, render_overlay
+from ibis_jax.data.images import check_mask
+from ibis_jax.metrics import iou
+from ibis_jax.tools.protocol import SegmentationTool, SegmentResult, validate_image
+
+END_REASONS = ("terminate", "parse_error", "repeated_action", "max_actions", "no_click", "stopped")
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeConfig:
+    max_actions: int = 20
+    repeat_limit: int = 3
+    overlay_color: tuple[int, int, int] = DEFAULT_COLOR
+    overlay_alpha: float = DEFAULT_ALPHA
+
+
+@dataclasses.dataclass
+class Step:
+    """One policy turn and its consequence.
+
+    ``mask`` is the mask after the step (unchanged from ``prev_mask`` for a terminate or a parse
+    failure); ``iou``/``prev_iou`` are against the ground truth when the episode has one.
+    """
+
+    index: int
+    action: Action | None  # None when the turn did not parse
+    text: str
+    reasoning: str
+    answer: str | None
+    prev_mask: np.ndarray
+    mask: np.ndarray
+    prev_iou: float | None
+    iou: float | None
+    score: float | None = None
+    loss_weight: float = 1.0
+    parse_error: str | None = None
+    tool_seconds: float = 0.0
+
+    @property
+    def is_click(self) -> bool:
+        return isinstance(self.action, Click)
+
+
+class Episode:
+    """One image, one query, a sequence of steps until termination."""
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        query: str,
+        gt_mask: np.ndarray | None = None,
+        *,
+        config: EpisodeConfig = EpisodeConfig(),
+        episode_id: str | None = None,
+        initial_mask: np.ndarray | None = None,
+    ):
+        self.image = validate_image(image)
+        height, width = self.image.shape[:2]
+        self.query = query
+        self.config = config
+        self.episode_id = episode_id or uuid.uuid4().hex
+        self.gt_mask = None if gt_mask is None else check_mask(gt_mask, self.image.shape, where="gt_mask")
+        self.initial_mask = (
+            np.zeros((height, width), dtype=bool)
+            if initial_mask is None
+            else check_mask(initial_mask, self.image.shape, where="initial_mask")
+        )
+        self.steps: list[Step] = []
+        self.tool_logits: np.ndarray | None = None
+        self.end_reason: str | None = None
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def height(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.image.shape[1]
+
+    @property
+    def done(self) -> bool:
+        return self.end_reason is not None
+
+    @property
+    def current_mask(self) -> np.ndarray:
+        return self.steps[-1].mask if self.steps else self.initial_mask
+
+    @property
+    def prev_mask(self) -> np.ndarray:
+        """The mask before the last step (M_{t-1} for the last step t)."""
+        return self.steps[-1].prev_mask if self.steps else self.initial_mask
+
+    @property
+    def clicks(self) -> list[Click]:
+        return [s.action for s in self.steps if isinstance(s.action, Click)]
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.steps)
+
+    @property
+    def initial_iou(self) -> float | None:
+        return None if self.gt_mask is None else iou(self.initial_mask, self.gt_mask)
+
+    @property
+    def ious(self) -> list[float]:
+        """IoU of M_0, M_1, ... (one per step plus the initial mask); needs a ground truth."""
+        if self.gt_mask is None:
+            raise ValueError("this episode has no ground-truth mask, so it has no IoU")
+        return [self.initial_iou] + [s.iou for s in self.steps]
+
+    @property
+    def click_iou_curve(self) -> list[float]:
+        """IoU after click 1, 2, ... (the curve NoC and mIoU@k read)."""
+        return [s.iou for s in self.steps if s.is_click]
+
+    def observation(self) -> np.ndarray:
+        """The policy's next observation: the current mask over the original image."""
+        return render_overlay(self.image, self.current_mask, self.config.overlay_color, self.config.overlay_alpha)
+
+    # -- transitions -------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.done:
+            raise RuntimeError(f"episode {self.episode_id} already ended ({self.end_reason})")
+
+    def _iou(self, mask: np.ndarray) -> float | None:
+        return None if self.gt_mask is None else iou(mask, self.gt_mask)
+
+    def tool_request(self, click: Click) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The tool call for ``click``: all clicks so far plus this one, in pixels, and the
+        previous logits. Returns ``points float32 [N, 2]`` (x=col, y=row), ``labels int32 [N]``."""
+        self._check_open()
+        clicks = self.clicks + [click]
+        points = np.array([c.pixel(self.width, self.height) for c in clicks], dtype=np.float32)
+        labels = np.array([1 if c.positive else 0 for c in clicks], dtype=np.int32)
+        return points, labels, self.tool_logits
+
+    def apply_click(
+        self,
+        click: Click,
+        result: SegmentResult,
+        *,
+        reasoning: str = "",
+        text: str | None = None,
+        loss_weight: float = 1.0,
+        tool_seconds: float = 0.0,
+    ) -> Step:
+        """Records the tool's answer to ``click`` and applies the termination rules."""
+        self._check_open()
+        mask = check_mask(result.mask, self.image.shape, where="tool mask")
+        prev = self.current_mask
+        step = Step(
+            index=len(self.steps),
+            action=click,
+            text=text if text is not None else format_turn(reasoning, click),
+            reasoning=reasoning,
+            answer=None,
+            prev_mask=prev,
+            mask=mask,
+            prev_iou=self._iou(prev),
+            iou=self._iou(mask),
+            score=float(result.score),
+            loss_weight=loss_weight,
+            tool_seconds=tool_seconds,
+        )
+        self.steps.append(step)
+        self.tool_logits = result.logits
+        recent = [format_action(s.action) if s.action is not None else None for s in self.steps[-self.config.repeat_limit:]]
+        if len(recent) == self.config.repeat_limit and len(set(recent)) == 1:
+            self.end_reason = "repeated_action"
+        elif len(self.steps) >= self.config.max_actions:
+            self.end_reason = "max_actions"
+        return step
+
+    def _non_click_step(self, action: Action | None, text: str, reasoning: str, answer: str | None,
+                        loss_weight: float, parse_error: str | None, reason: str) -> Step:
+        self._check_open()
+        mask = self.current_mask
+        score = self.steps[-1].score if self.steps else None
+        step = Step(len(self.steps), action, text, reasoning, answer, mask, mask, self._iou(mask),
+                    self._iou(mask), score, loss_weight, parse_error)
+        self.steps.append(step)
+        self.end_reason = reason
+        return step
+
+    def terminate(self, *, reasoning: str = "", answer: str | None = None, text: str | None = None,
+                  loss_weight: float = 1.0) -> Step:
+        text = text if text is not None else format_turn(reasoning, Terminate(), answer)
+        return self._non_click_step(Terminate(), text, reasoning, answer, loss_weight, None, "terminate")
+
+    def record_parse_failure(self, text: str, error: ActionParseError) -> Step:
+        """A turn that did not parse ends the episode; the mask stays as it was."""
+        return self._non_click_step(None, text, "", None, 1.0, error.reason, "parse_error")
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Ends the episode from outside (e.g. the oracle has nothing left to click)."""
+        if reason not in END_REASONS:
+            raise ValueError(f"unknown end reason {reason!r}; choose one of {END_REASONS}")
+        self._check_open()
+        self.end_reason = reason
+
+    def step(self, action: Action, tool: SegmentationTool, *, reasoning: str = "", text: str | None = None,
+             answer: str | None = None, loss_weight: float = 1.0) -> Step:
+        """Applies one action synchronously: a click runs ``tool`` (opened on this episode's id)."""
+        if isinstance(action, Terminate):
+            return self.terminate(reasoning=reasoning, answer=answer, text=text, loss_weight=loss_weight)
+        if not isinstance(action, Click):
+            raise TypeError(f"expected Click or Terminate, got {type(action).__name__}")
+        points, labels, prev_logits = self.tool_request(action)
+        start = time.perf_counter()
+        result = tool.segment(self.episode_id, points, labels, prev_logits)
+        return self.apply_click(action, result, reasoning=reasoning, text=text, loss_weight=loss_weight,
+                                tool_seconds=time.perf_counter() - start)
+
+    def step_text(self, text: str, tool: SegmentationTool) -> Step:
+        """Parses a policy turn leniently and applies it; an unparseable turn ends the episode."""
+        try:
+            turn = parse_turn(text)
+        except ActionParseError as error:
+            return self.record_parse_failure(text, error)
+        return self.step(turn.action, tool, reasoning=turn.reasoning, text=text, answer=turn.answer)

@@ -1,0 +1,48 @@
+"""The ``ibis-jax`` command line.
+
+Each sub-command lives in its own module exposing ``register(parser)``; that function adds the
+sub-command's arguments and sets ``run`` (a callable taking the parsed namespace and returning an
+exit code). Modules are imported lazily so ``ibis-jax tool serve`` never imports JAX and
+``ibis-jax synth`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("ibis_jax.commands.demo", "oracle episodes with the classical tool on sample images"),
+    "synth": ("ibis_jax.commands.synth", "synthesize cold-start click trajectories from a dataset"),
+    "tool": ("tool_bridge.cli", "serve or ping a segmentation tool over gRPC"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ibis-jax", description="Agentic interactive biomedical segmentation in JAX."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text)
+        # Only the chosen command's module is imported: the others may need heavy packages.
+        if name == chosen:
+            importlib.import_module(module).register(command_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

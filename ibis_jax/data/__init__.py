@@ -1,0 +1,1 @@
+"""Data: image sources, click simulation, RLE, trajectory synthesis and records."""

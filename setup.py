@@ -1,0 +1,55 @@
+"""ibis-jax: agentic interactive biomedical segmentation (IBISAgent) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Versions seen working together on Python 3.11 (CPU). The torch/sam2 side is an extra: the
+# JAX side never imports it, and the tool server never imports JAX.
+CORE = [
+    "numpy==2.4.6",
+    "scipy==1.17.1",
+    "opencv-python-headless==5.0.0.93",
+    "scikit-image==0.26.0",
+    "pillow==13.0.0",
+    "tqdm",
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "nibabel==5.4.2",
+    "pydicom==3.0.2",
+    "tifffile==2026.3.3",
+    "nilearn==0.14.1",
+    "grpcio==1.85.1",
+    "grpcio-health-checking==1.85.1",
+    "protobuf>=7.35.1,<8",
+]
+TOOL = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    # sam2==1.1.0 is source-only and must build after torch without isolation; the README's
+    # install command does that step (see SPEC section 7).
+]
+DEV = [
+    "pytest==9.0.3",
+    "hypothesis==6.155.2",
+    "pycocotools==2.0.11",
+    "grpcio-tools==1.85.1",
+]
+
+setup(
+    name="ibis-jax",
+    version="0.1.0",
+    description="Agentic interactive biomedical segmentation (IBISAgent) in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["ibis_jax", "ibis_jax.*", "tool_bridge", "tool_bridge.*"]),
+    package_data={"tool_bridge": ["proto/*.proto", "proto/*.pyi"]},
+    install_requires=CORE,
+    extras_require={"tool": TOOL, "dev": DEV, "all": TOOL + DEV},
+    entry_points={"console_scripts": ["ibis-jax=ibis_jax.cli:main"]},
+)

@@ -1,0 +1,391 @@
+"""Clients of the tool server implementing the ``SegmentationTool`` protocol (asyncio and sync).
+
+The client remembers each open episode's image and the clicks of every step. When a server lost
+an episode (restart, cache eviction, failover to another address) it re-opens the episode and
+replays the missing steps, which reproduces the server-side logits chain, so the caller sees the
+same masks as without the fault; replayed answers are checked against the ones already returned.
+Transient failures are retried with exponential backoff; after ``max_attempts`` the call raises
+``ToolError`` naming the episode, the step and the last gRPC status. It never returns an empty
+mask in place of an error.
+
+``prev_logits`` is accepted for protocol compatibility and ignored: the server keeps the logits,
+and results carry ``logits=None``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import threading
+import uuid
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import grpc
+import numpy as np
+
+from ibis_jax.data.rle import decode_rle
+from ibis_jax.tools.protocol import SegmentResult, ToolError, validate_image, validate_prompt
+from tool_bridge.proto import tool_bridge_pb2 as pb
+from tool_bridge.proto import tool_bridge_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tool_bridge.client")
+T = TypeVar("T")
+
+# Worth another attempt (possibly after re-opening the episode); anything else is the caller's bug.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+_LOST = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE}
+_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclasses.dataclass
+class ClientTLS:
+    """PEM files: ``ca`` verifies the server; ``cert``/``key`` identify this client (mutual TLS)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None  # override the name checked in the server certificate
+
+
+@dataclasses.dataclass
+class _Step:
+    points: np.ndarray
+    labels: np.ndarray
+    reply: pb.StepReply
+
+
+@dataclasses.dataclass
+class _Episode:
+    episode_id: str
+    server_id: str
+    image: np.ndarray
+    address: int
+    steps: list[_Step] = dataclasses.field(default_factory=list)
+    needs_open: bool = True
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _clicks(points: np.ndarray, labels: np.ndarray) -> pb.Clicks:
+    return pb.Clicks(points=points.reshape(-1).tolist(), labels=labels.tolist())
+
+
+def _mask(rle: pb.Rle) -> np.ndarray:
+    return decode_rle({"size": list(rle.size), "counts": rle.counts})
+
+
+class AsyncBridgeClient:
+    """asyncio ``SegmentationTool`` over one or more servers (episodes spread round robin).
+
+    Args:
+      addresses: ``"host:port"`` or a list of them (one per GPU server, same checkpoint).
+      token: the servers' shared token, if they require one.
+      tls: certificates for TLS; ``None`` for a plaintext channel (loopback only).
+      deadline_s: per-call deadline (an open includes the encoder and any queueing).
+      max_attempts: tries per call before ``ToolError``.
+      backoff_s, max_backoff_s: exponential backoff between tries.
+      strict_replay: raise if a replayed step answers differently than before (e.g. a server with
+        another checkpoint); with ``False`` a mismatch is logged and the new answer used.
+    """
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        *,
+        token: str | None = None,
+        tls: ClientTLS | None = None,
+        deadline_s: float = 60.0,
+        max_attempts: int = 6,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+        max_message_bytes: int = 64 << 20,
+        strict_replay: bool = True,
+    ) -> None:
+        self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not self.addresses:
+            raise ToolError("tool bridge client: give at least one server address host:port")
+        self.token, self.tls = token, tls
+        self.deadline_s, self.max_attempts = deadline_s, max(1, max_attempts)
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.max_message_bytes = max_message_bytes
+        self.strict_replay = strict_replay
+        # Server-side ids are namespaced so that clients sharing a server never cross episodes.
+        self.session = uuid.uuid4().hex[:16]
+        self._episodes: dict[str, _Episode] = {}
+        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.ToolBridgeStub]] = {}
+        self._checkpoints: dict[str, str] = {}
+        self._round_robin = itertools.count()
+        self.replays = 0  # steps re-sent after a server lost an episode
+
+    # ---- channels ---------------------------------------------------------------------------
+
+    def _stub(self, address: str) -> pb_grpc.ToolBridgeStub:
+        if address not in self._stubs:
+            options = [
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                # Reconnect quickly after a server restart instead of the default 1 s..120 s.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ]
+            if self.tls is not None:
+                if self.tls.server_name:
+                    options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=_read(self.tls.ca),
+                    private_key=_read(self.tls.key),
+                    certificate_chain=_read(self.tls.cert),
+                )
+                channel = grpc.aio.secure_channel(address, credentials, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=options)
+            self._stubs[address] = (channel, pb_grpc.ToolBridgeStub(channel))
+        return self._stubs[address][1]
+
+    def _call_kwargs(self) -> dict[str, Any]:
+        metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
+        # One server: wait out a restart within the deadline. Several: fail fast and fail over.
+        return {"timeout": self.deadline_s, "metadata": metadata, "wait_for_ready": len(self.addresses) == 1}
+
+    async def _check_address(self, address: str) -> None:
+        """All servers must run the same checkpoint, or failover would change masks."""
+        if address in self._checkpoints:
+            return
+        info = await self._stub(address).Info(pb.InfoRequest(), **self._call_kwargs())
+        identity = f"{info.backend}:{info.checkpoint_sha256}"
+        others = set(self._checkpoints.values())
+        if others and identity not in others:
+            raise ToolError(
+                f"tool bridge: server {address} runs {identity}, others run {sorted(others)}; every "
+                "address must serve the same backend and checkpoint"
+            )
+        self._checkpoints[address] = identity
+
+    async def info(self, address: str | None = None) -> pb.InfoReply:
+        """The server's ``Info`` (backend, checkpoint sha256, image size, device, version...)."""
+        address = address or self.addresses[0]
+        return await self._retry(f"info from {address}", lambda: self._stub(address).Info(
+            pb.InfoRequest(), **self._call_kwargs()))
+
+    # ---- retries ----------------------------------------------------------------------------
+
+    async def _retry(
+        self, what: str, attempt: Callable[[], Awaitable[T]], episode: _Episode | None = None
+    ) -> T:
+        delay = self.backoff_s
+        last: grpc.aio.AioRpcError | None = None
+        for number in range(1, self.max_attempts + 1):
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                # gRPC reports an over-limit message as RESOURCE_EXHAUSTED too; resending cannot help.
+                too_big = code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (error.details() or "")
+                if code not in _RETRYABLE or too_big:
+                    raise ToolError(f"tool bridge: {what}: {code.name}: {error.details()}") from error
+                last = error
+                log.warning("tool bridge: %s: attempt %d/%d: %s %s", what, number, self.max_attempts,
+                            code.name, error.details())
+                if episode is not None:
+                    if code in _LOST:
+                        episode.needs_open = True
+                        continue  # the server answered; re-open at once
+                    if code in _DOWN and len(self.addresses) > 1:
+                        episode.address = (episode.address + 1) % len(self.addresses)
+                        episode.needs_open = True
+                await asyncio.sleep(delay)
+                delay = min(self.max_backoff_s, delay * 2)
+        where = self.addresses if episode is None else self.addresses[episode.address]
+        raise ToolError(
+            f"tool bridge: {what} failed after {self.max_attempts} attempts on {where}: "
+            f"{last.code().name}: {last.details()}"
+        )
+
+    async def _ensure_open(self, episode: _Episode) -> None:
+        """Opens the episode where it lives and replays the steps that server does not hold."""
+        if not episode.needs_open:
+            return
+        address = self.addresses[episode.address]
+        stub = self._stub(address)
+        await self._check_address(address)
+        height, width = episode.image.shape[:2]
+        reply = await stub.OpenEpisode(
+            pb.OpenEpisodeRequest(
+                episode_id=episode.server_id,
+                image=pb.Image(data=episode.image.tobytes(), height=height, width=width),
+            ),
+            **self._call_kwargs(),
+        )
+        for index in range(reply.next_step, len(episode.steps)):
+            step = episode.steps[index]
+            again = await stub.Step(
+                pb.StepRequest(episode_id=episode.server_id, step_index=index,
+                               clicks=_clicks(step.points, step.labels)),
+                **self._call_kwargs(),
+            )
+            self.replays += 1
+            if again.mask.counts != step.reply.mask.counts or again.score != step.reply.score:
+                message = (f"tool bridge: replaying step {index} of episode {episode.episode_id!r} on "
+                           f"{address} gave another mask/score than before (different checkpoint or a "
+                           "non-deterministic device)")
+                if self.strict_replay:
+                    raise ToolError(message)
+                log.warning(message)
+                step.reply = again
+        episode.needs_open = False
+
+    # ---- the tool protocol ------------------------------------------------------------------
+
+    async def open(self, episode_id: str, image: np.ndarray) -> None:
+        image = validate_image(image, where=f"open({episode_id!r})")
+        if episode_id in self._episodes:
+            raise ToolError(f"open: episode {episode_id!r} is already open; close it or pick a new id")
+        episode = _Episode(
+            episode_id=episode_id,
+            server_id=f"{self.session}/{episode_id}",
+            image=image,
+            address=next(self._round_robin) % len(self.addresses),
+        )
+        self._episodes[episode_id] = episode
+        try:
+            async with episode.lock:
+                await self._retry(f"open episode {episode_id!r}", lambda: self._ensure_open(episode), episode)
+        except BaseException:
+            self._episodes.pop(episode_id, None)
+            raise
+
+    async def segment(
+        self,
+        episode_id: str,
+        points: np.ndarray,
+        labels: np.ndarray,
+        prev_logits: np.ndarray | None = None,
+    ) -> SegmentResult:
+        episode = self._episodes.get(episode_id)
+        if episode is None:
+            raise ToolError(f"segment: unknown episode {episode_id!r}; call open() first")
+        height, width = episode.image.shape[:2]
+        points, labels = validate_prompt(points, labels, height, width)
+        async with episode.lock:
+            index = len(episode.steps)
+            request = pb.StepRequest(
+                episode_id=episode.server_id, step_index=index, clicks=_clicks(points, labels)
+            )
+
+            async def attempt() -> pb.StepReply:
+                await self._ensure_open(episode)
+                stub = self._stub(self.addresses[episode.address])
+                return await stub.Step(request, **self._call_kwargs())
+
+            reply = await self._retry(f"step {index} of episode {episode_id!r}", attempt, episode)
+            episode.steps.append(_Step(points, labels, reply))
+        return SegmentResult(mask=_mask(reply.mask), logits=None, score=float(reply.score))
+
+    async def close(self, episode_id: str) -> None:
+        episode = self._episodes.pop(episode_id, None)
+        if episode is None:
+            return
+        try:  # best effort: the server's LRU cache frees it anyway
+            stub = self._stub(self.addresses[episode.address])
+            kwargs = self._call_kwargs() | {"wait_for_ready": False, "timeout": min(5.0, self.deadline_s)}
+            await stub.CloseEpisode(pb.CloseEpisodeRequest(episode_id=episode.server_id), **kwargs)
+        except grpc.aio.AioRpcError as error:
+            log.info("tool bridge: close %r: %s", episode_id, error.code().name)
+
+    async def segment_image(
+        self,
+        image: np.ndarray,
+        points: np.ndarray,
+        labels: np.ndarray,
+        prev_logits: np.ndarray | None = None,
+    ) -> SegmentResult:
+        """The stateless call: encodes ``image`` and decodes once; logits come back to the caller."""
+        image = validate_image(image)
+        points, labels = validate_prompt(points, labels, image.shape[0], image.shape[1])
+        request = pb.SegmentRequest(
+            image=pb.Image(data=image.tobytes(), height=image.shape[0], width=image.shape[1]),
+            clicks=_clicks(points, labels),
+        )
+        if prev_logits is not None:
+            array = np.ascontiguousarray(prev_logits, dtype=np.float32)
+            request.prev_logits.CopyFrom(pb.Logits(data=array.tobytes(), shape=list(array.shape)))
+        episode_address = next(self._round_robin) % len(self.addresses)
+        reply = await self._retry(
+            "segment", lambda: self._stub(self.addresses[episode_address]).Segment(request, **self._call_kwargs())
+        )
+        logits = None
+        if reply.HasField("logits"):
+            logits = np.frombuffer(reply.logits.data, dtype=np.float32).reshape(tuple(reply.logits.shape)).copy()
+        return SegmentResult(mask=_mask(reply.mask), logits=logits, score=float(reply.score))
+
+    async def aclose(self) -> None:
+        """Closes the channels (open episodes are left to the servers' caches)."""
+        for channel, _ in self._stubs.values():
+            await channel.close()
+        self._stubs.clear()
+
+
+class BridgeClient:
+    """The synchronous ``SegmentationTool``: an ``AsyncBridgeClient`` on a private event-loop thread.
+
+    Thread safe: many threads may drive different episodes at once; calls overlap on the wire.
+    Same arguments as ``AsyncBridgeClient``.
+    """
+
+    def __init__(self, addresses: str | Sequence[str], **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="tool-bridge-client")
+        self._thread.start()
+        self.aio = AsyncBridgeClient(addresses, **kwargs)
+
+    def _run(self, coro: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def open(self, episode_id: str, image: np.ndarray) -> None:
+        self._run(self.aio.open(episode_id, image))
+
+    def segment(
+        self, episode_id: str, points: np.ndarray, labels: np.ndarray, prev_logits: np.ndarray | None = None
+    ) -> SegmentResult:
+        return self._run(self.aio.segment(episode_id, points, labels, prev_logits))
+
+    def close(self, episode_id: str) -> None:
+        self._run(self.aio.close(episode_id))
+
+    def segment_image(self, image: np.ndarray, points: np.ndarray, labels: np.ndarray,
+                      prev_logits: np.ndarray | None = None) -> SegmentResult:
+        return self._run(self.aio.segment_image(image, points, labels, prev_logits))
+
+    def info(self, address: str | None = None) -> pb.InfoReply:
+        return self._run(self.aio.info(address))
+
+    def shutdown(self) -> None:
+        if self._loop.is_running():
+            self._run(self.aio.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    def __enter__(self) -> "BridgeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,623 @@
+"""The ``grpc.aio`` tool server: episodes, dynamic batching, a byte-capped feature cache.
+
+Flow of one episode: ``OpenEpisode`` encodes the image once (batched with other opens) and keeps
+the features under the episode id; each ``Step`` decodes all clicks so far against them with the
+previous step's logits, kept here, and answers a COCO RLE mask and a score. Steps are idempotent
+on (episode, step index): a retried step is answered from the per-episode record. All model work
+runs on one worker thread (backends are not thread safe); the event loop only batches and routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import tool_bridge
+from ibis_jax.data.rle import encode_rle
+from ibis_jax.tools.protocol import SegmentResult, ToolError, validate_image, validate_prompt
+from tool_bridge.backends.base import Backend, DecodeRequest, Encoded
+from tool_bridge.proto import tool_bridge_pb2 as pb
+from tool_bridge.proto import tool_bridge_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tool_bridge.server")
+
+SERVICE_NAME = "ibis_jax.tool_bridge.v1.ToolBridge"
+TOKEN_HEADER = "authorization"
+MAX_EPISODE_ID_CHARS = 256
+
+
+@dataclasses.dataclass
+class TLSConfig:
+    """PEM files. With ``client_ca`` set, clients must present a certificate signed by it."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50151  # 0 picks a free port (see BridgeServer.port)
+    max_batch: int = 8  # requests per worker call
+    max_wait_ms: float = 2.0  # how long a lone request waits for company
+    max_queue: int = 256  # pending model requests; beyond: RESOURCE_EXHAUSTED
+    cache_bytes: int = 2 << 30  # feature cache cap (MedSAM2: ~4 MiB per image)
+    max_clicks: int = 64
+    max_image_side: int = 2048
+    max_message_bytes: int = 64 << 20
+    image_root: str | None = None  # OpenEpisode/Segment by path read only under here
+    token: str | None = None  # shared secret, sent as "authorization: Bearer <token>"
+    tls: TLSConfig | None = None
+
+
+class Overloaded(Exception):
+    """The batcher's queue is full."""
+
+
+class Batcher:
+    """Collects encode/decode requests for up to ``max_wait_ms`` or ``max_batch`` and runs them
+    on the single model thread, encoders as one batched call."""
+
+    def __init__(self, backend: Backend, config: ServerConfig) -> None:
+        self.backend = backend
+        self.max_batch = max(1, config.max_batch)
+        self.max_wait_s = max(0.0, config.max_wait_ms) / 1000.0
+        self.max_queue = max(1, config.max_queue)
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tool-model")
+        self._queue: asyncio.Queue | None = None
+        self._pending = 0
+        self._task: asyncio.Task | None = None
+        self.batches_run = 0
+        self.largest_batch = 0
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def encode(self, image: np.ndarray) -> "asyncio.Future[Encoded]":
+        """Queues an image; raises ``Overloaded`` at once when the queue is full."""
+        return self._submit("encode", image)
+
+    def decode(self, request: DecodeRequest) -> "asyncio.Future[SegmentResult]":
+        return self._submit("decode", request)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs ``fn`` on the model thread (e.g. releasing cached features)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _submit(self, kind: str, item: Any) -> asyncio.Future:
+        if self._pending >= self.max_queue:
+            raise Overloaded(f"{self._pending} requests already queued (max_queue={self.max_queue})")
+        future = asyncio.get_running_loop().create_future()
+        self._pending += 1
+        self._queue.put_nowait((kind, item, future))
+        return future
+
+    async def _collect(self) -> list[tuple[str, Any, asyncio.Future]]:
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            self._pending -= len(batch)
+            live = [job for job in batch if not job[2].done()]  # cancelled callers
+            encodes = [job for job in live if job[0] == "encode"]
+            decodes = [job for job in live if job[0] == "decode"]
+            self.batches_run += 1
+            self.largest_batch = max(self.largest_batch, len(live))
+            try:
+                outcome = await loop.run_in_executor(self.executor, self._work, encodes, decodes)
+            except RuntimeError as error:  # executor shut down: fail these, keep the loop alive
+                outcome = [(live, [error] * len(live))]
+            for jobs, results in outcome:
+                for (_, _, future), result in zip(jobs, results):
+                    if future.done():  # the caller went away (deadline, cancel) meanwhile
+                        if isinstance(result, Encoded):
+                            self.executor.submit(self.backend.release, result)
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+
+    def _work(self, encodes: list, decodes: list) -> list:
+        out = []
+        for jobs, run in ((decodes, self.backend.decode), (encodes, self.backend.encode)):
+            if not jobs:
+                continue
+            try:
+                results = run([job[1] for job in jobs])
+            except Exception as error:  # noqa: BLE001 - handed to every caller of the batch
+                log.exception("backend %s failed on a batch of %d", run.__name__, len(jobs))
+                results = [error] * len(jobs)
+            out.append((jobs, results))
+        return out
+
+
+@dataclasses.dataclass
+class _StepRecord:
+    prompt_digest: str
+    reply: pb.StepReply
+
+
+@dataclasses.dataclass
+class _Episode:
+    encoded: Encoded
+    image_digest: str
+    steps: list[_StepRecord] = dataclasses.field(default_factory=list)
+    last_logits: np.ndarray | None = None
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+    @property
+    def nbytes(self) -> int:
+        logits = 0 if self.last_logits is None else self.last_logits.nbytes
+        return self.encoded.nbytes + logits
+
+
+class EpisodeCache:
+    """LRU over episodes, capped in bytes of features; the newest entry is never evicted."""
+
+    def __init__(self, cap_bytes: int, on_evict: Callable[[str, _Episode], None]) -> None:
+        self.cap_bytes = cap_bytes
+        self._entries: collections.OrderedDict[str, _Episode] = collections.OrderedDict()
+        self._on_evict = on_evict
+        self.bytes = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> _Episode | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: _Episode) -> None:
+        self.pop(key)
+        self._entries[key] = entry
+        self.bytes += entry.nbytes
+        self._shrink()
+
+    def resize(self, key: str, old_nbytes: int) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self.bytes += entry.nbytes - old_nbytes
+            self._shrink()
+
+    def pop(self, key: str) -> _Episode | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry.nbytes
+        return entry
+
+    def _shrink(self) -> None:
+        while self.bytes > self.cap_bytes and len(self._entries) > 1:
+            key, entry = self._entries.popitem(last=False)
+            self.bytes -= entry.nbytes
+            self.evictions += 1
+            self._on_evict(key, entry)
+
+
+def _image_digest(image: np.ndarray) -> str:
+    digest = hashlib.sha256(np.asarray(image.shape, dtype=np.int64).tobytes())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def _prompt_digest(points: np.ndarray, labels: np.ndarray) -> str:
+    return hashlib.sha256(points.tobytes() + b"|" + labels.tobytes()).hexdigest()
+
+
+def _rle_message(mask: np.ndarray) -> pb.Rle:
+    rle = encode_rle(mask)
+    return pb.Rle(size=rle["size"], counts=rle["counts"])
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
+    def __init__(self, backend: Backend, config: ServerConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self.batcher = Batcher(backend, config)
+        self.cache = EpisodeCache(config.cache_bytes, self._evicted)
+        self._opening: dict[str, asyncio.Future] = {}
+        self.root = os.path.realpath(config.image_root) if config.image_root else None
+
+    def _evicted(self, key: str, entry: _Episode) -> None:
+        log.info("evicted episode %s (%d bytes) to stay under %d", key, entry.nbytes, self.cache.cap_bytes)
+        asyncio.get_running_loop().create_task(self._release(entry))
+
+    async def _release(self, entry: _Episode) -> None:
+        async with entry.lock:  # a step already decoding against these features finishes first
+            await self.batcher.call(self.backend.release, entry.encoded)
+
+    # ---- request parsing -------------------------------------------------------------------
+
+    def _episode_id(self, episode_id: str) -> str:
+        if not episode_id or len(episode_id) > MAX_EPISODE_ID_CHARS:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"episode_id must be 1..{MAX_EPISODE_ID_CHARS} characters, got {len(episode_id)}",
+            )
+        return episode_id
+
+    async def _image(self, request: Any) -> np.ndarray:
+        source = request.WhichOneof("source")
+        if source == "image":
+            msg = request.image
+            height, width = int(msg.height), int(msg.width)
+            side = self.config.max_image_side
+            if not (2 <= height <= side and 2 <= width <= side):
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"image.height/width {height}x{width} outside 2..{side} (server --max-image-side)",
+                )
+            if len(msg.data) != height * width * 3:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"image.data has {len(msg.data)} bytes, expected height*width*3 = "
+                    f"{height * width * 3} (RGB uint8, row-major)",
+                )
+            # A private writable copy: torch warns on (and must not alias) the read-only request buffer.
+            image = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, width, 3).copy()
+        elif source == "path":
+            image = await asyncio.to_thread(self._read_path, request.path)
+        else:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "set image or path (the source oneof)")
+        try:
+            return validate_image(image)
+        except ToolError as error:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
+
+    def _read_path(self, path: str) -> np.ndarray:
+        if self.root is None:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server reads no files; start it with --image-root DIR or send image bytes",
+            )
+        full = os.path.realpath(os.path.join(self.root, path))
+        if os.path.commonpath([self.root, full]) != self.root:
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, f"path {path!r} lies outside the image root")
+        if not os.path.isfile(full):
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"path {path!r} is not a file under the image root")
+        try:
+            if full.endswith(".npy"):
+                image = np.load(full, allow_pickle=False)
+            else:
+                from PIL import Image
+
+                with Image.open(full) as handle:
+                    image = np.asarray(handle.convert("RGB"))
+        except Exception as error:  # noqa: BLE001 - any decoder error is the file's fault
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {path!r}: cannot read image: {error}")
+        side = self.config.max_image_side
+        if image.ndim < 2 or max(image.shape[:2]) > side:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {path!r}: image {image.shape} too large (max side {side})")
+        return image
+
+    def _clicks(self, clicks: pb.Clicks, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(clicks.points) != 2 * len(clicks.labels):
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"clicks.points has {len(clicks.points)} floats for {len(clicks.labels)} labels; "
+                "send x,y per label",
+            )
+        if len(clicks.labels) > self.config.max_clicks:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(clicks.labels)} clicks exceed the server's --max-clicks {self.config.max_clicks}",
+            )
+        points = np.asarray(clicks.points, dtype=np.float32).reshape(-1, 2)
+        labels = np.asarray(clicks.labels, dtype=np.int32)
+        try:
+            return validate_prompt(points, labels, height, width)
+        except ToolError as error:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
+
+    async def _model(self, coro_fn: Callable, item: Any) -> Any:
+        try:
+            return await coro_fn(item)
+        except Overloaded as error:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {error}; retry with backoff")
+        except ToolError as error:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except Exception as error:  # noqa: BLE001
+            raise _Abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+    # ---- RPCs ------------------------------------------------------------------------------
+
+    async def OpenEpisode(self, request, context):
+        return await _guard(context, self._open(request))
+
+    async def _open(self, request: pb.OpenEpisodeRequest) -> pb.OpenEpisodeReply:
+        episode_id = self._episode_id(request.episode_id)
+        image = await self._image(request)
+        digest = _image_digest(image)
+        while True:
+            existing = self.cache.get(episode_id)
+            if existing is not None:
+                if existing.image_digest != digest:
+                    raise _Abort(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"episode {episode_id!r} is open with a different image; close it or use a new id",
+                    )
+                return pb.OpenEpisodeReply(
+                    height=existing.encoded.height, width=existing.encoded.width, next_step=len(existing.steps)
+                )
+            pending = self._opening.get(episode_id)
+            if pending is None:
+                break
+            await asyncio.shield(pending)  # a concurrent open of the same id: reuse its work
+        pending = asyncio.get_running_loop().create_future()
+        self._opening[episode_id] = pending
+        try:
+            encoded = await self._model(self.batcher.encode, image)
+            self.cache.put(episode_id, _Episode(encoded, digest))
+        finally:
+            del self._opening[episode_id]
+            pending.set_result(None)
+        return pb.OpenEpisodeReply(height=encoded.height, width=encoded.width, next_step=0)
+
+    async def Step(self, request, context):
+        return await _guard(context, self._step(request))
+
+    async def _step(self, request: pb.StepRequest) -> pb.StepReply:
+        episode_id = self._episode_id(request.episode_id)
+        episode = self.cache.get(episode_id)
+        if episode is None:
+            raise _Abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"episode {episode_id!r} is not open here (never opened, closed, evicted or the "
+                "server restarted); re-open it and replay its steps",
+            )
+        points, labels = self._clicks(request.clicks, episode.encoded.height, episode.encoded.width)
+        prompt = _prompt_digest(points, labels)
+        index = request.step_index
+        async with episode.lock:  # steps of one episode are sequential by nature
+            if index < len(episode.steps):
+                record = episode.steps[index]
+                if record.prompt_digest != prompt:
+                    raise _Abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"step {index} of episode {episode_id!r} was already answered for other clicks",
+                    )
+                return record.reply
+            if index > len(episode.steps):
+                raise _Abort(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"episode {episode_id!r} holds {len(episode.steps)} steps, got step_index {index}; "
+                    "re-open it and replay the missing steps",
+                )
+            prev = episode.last_logits if index > 0 else None
+            result = await self._model(self.batcher.decode, DecodeRequest(episode.encoded, points, labels, prev))
+            reply = pb.StepReply(mask=_rle_message(result.mask), score=result.score, step_index=index)
+            old = episode.nbytes
+            episode.steps.append(_StepRecord(prompt, reply))
+            episode.last_logits = result.logits
+            self.cache.resize(episode_id, old)
+            return reply
+
+    async def CloseEpisode(self, request, context):
+        return await _guard(context, self._close(request))
+
+    async def _close(self, request: pb.CloseEpisodeRequest) -> pb.CloseEpisodeReply:
+        entry = self.cache.pop(self._episode_id(request.episode_id))
+        if entry is not None:
+            await self._release(entry)
+        return pb.CloseEpisodeReply(existed=entry is not None)
+
+    async def Segment(self, request, context):
+        return await _guard(context, self._segment(request))
+
+    async def _segment(self, request: pb.SegmentRequest) -> pb.SegmentReply:
+        image = await self._image(request)
+        points, labels = self._clicks(request.clicks, image.shape[0], image.shape[1])
+        prev = None
+        if request.HasField("prev_logits"):
+            shape = tuple(request.prev_logits.shape)
+            data = request.prev_logits.data
+            if len(data) != 4 * int(np.prod(shape, dtype=np.int64)):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"prev_logits.data does not hold float32 {shape}")
+            try:
+                prev = self.backend.check_logits(np.frombuffer(data, dtype=np.float32).reshape(shape).copy())
+            except ToolError as error:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        encoded = await self._model(self.batcher.encode, image)
+        try:
+            result = await self._model(self.batcher.decode, DecodeRequest(encoded, points, labels, prev))
+        finally:
+            await self.batcher.call(self.backend.release, encoded)
+        logits = None
+        if result.logits is not None:
+            array = np.ascontiguousarray(result.logits, dtype=np.float32)
+            logits = pb.Logits(data=array.tobytes(), shape=list(array.shape))
+        return pb.SegmentReply(mask=_rle_message(result.mask), score=result.score, logits=logits)
+
+    async def Info(self, request, context):
+        backend = self.backend
+        return pb.InfoReply(
+            backend=getattr(backend, "model_name", backend.name),
+            checkpoint_sha256=backend.checkpoint_sha256,
+            image_size=backend.image_size,
+            device=backend.device,
+            version=tool_bridge.__version__,
+            max_clicks=self.config.max_clicks,
+            max_image_side=self.config.max_image_side,
+            max_batch=self.batcher.max_batch,
+            open_episodes=len(self.cache),
+            cache_bytes=self.cache.bytes,
+        )
+
+
+async def _guard(context: grpc.aio.ServicerContext, coro) -> Any:
+    """Maps ``_Abort`` to a gRPC status; anything else is a bug reported as INTERNAL."""
+    try:
+        return await coro
+    except _Abort as error:
+        await context.abort(error.code, error.details)
+    except Exception as error:  # noqa: BLE001 - keep serving, report the cause
+        log.exception("internal error")
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+class _TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` (health checks stay open)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (--token-file)")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(details)
+        sent = dict(details.invocation_metadata or ()).get(TOKEN_HEADER, "")
+        sent = sent.encode() if isinstance(sent, str) else sent
+        if hmac.compare_digest(sent, self._expected):
+            return await continuation(details)
+        return self._deny
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class BridgeServer:
+    """A started server; ``await stop()`` ends it."""
+
+    def __init__(self, backend: Backend, config: ServerConfig) -> None:
+        if not _is_loopback(config.host) and not config.token:
+            raise ToolError(
+                f"refusing to listen on {config.host} without a token: pass --token-file (and --tls-*) "
+                "or bind 127.0.0.1"
+            )
+        self.config = config
+        self.servicer = ToolBridgeServicer(backend, config)
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # never share a port with a stale server silently
+        ]
+        interceptors = [_TokenInterceptor(config.token)] if config.token else []
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        pb_grpc.add_ToolBridgeServicer_to_server(self.servicer, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        address = f"{config.host}:{config.port}"
+        if config.tls:
+            self.port = self.server.add_secure_port(address, _server_credentials(config.tls))
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise ToolError(f"could not bind {address} (in use?)")
+
+    async def start(self) -> None:
+        self.servicer.batcher.start()
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.servicer.batcher.stop()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def _server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    client_ca = read(tls.client_ca) if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(tls.key), read(tls.cert))], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class ServerThread:
+    """Runs a ``BridgeServer`` on its own event loop in a daemon thread (tests, benchmarks)."""
+
+    def __init__(self, backend: Backend, config: ServerConfig) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.server: BridgeServer | None = None
+        self._backend, self._config = backend, config
+        self._thread = threading.Thread(target=self._main, daemon=True, name="tool-bridge-server")
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self.server = BridgeServer(self._backend, self._config)
+            self._loop.run_until_complete(self.server.start())
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    @property
+    def address(self) -> str:
+        return f"{self._config.host}:{self.server.port}"
+
+    def stop(self) -> None:
+        if self.server is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.server.stop(0), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -1,0 +1,346 @@
+"""Trajectory records: one per episode, stored in sharded ArrayRecord files that grain reads.
+
+The record is a project seam (ARCHITECTURE.md): synthesis writes it, SFT reads it, and evaluation
+and rollouts write the same shape so that one report draws all of them. It holds the original
+image once (PNG bytes), the ground truth and every step's mask as COCO RLE, and per step the click
+(normalised and pixel), the user turn text, the reasoning, the action text, the whole assistant
+turn, the loss weight and the IoU. Overlays are *not* stored: the training pipeline renders them
+from image + mask when it reads a record.
+
+Bytes layout of one record (``TrajectoryRecord.to_bytes``)::
+
+    b"IBTR" | version: uint8 | header length: uint32 LE | header: UTF-8 JSON | image: PNG bytes
+
+Files: ``trajectories-SSSSS-of-NNNNN.array_record`` (one record per trajectory). A shard is written
+under a temporary name and renamed when complete, so a reader never sees a half-written shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ibis_jax.data.rle import decode_rle, encode_rle
+
+MAGIC = b"IBTR"
+VERSION = 1
+SHARD_PATTERN = "trajectories-{index:05d}-of-{count:05d}.array_record"
+SHARD_GLOB = "trajectories-*-of-*.array_record"
+STEP_TAGS = ("oracle", "first", "wrong", "correction", "final", "absent", "policy")
+
+
+class RecordError(ValueError):
+    """Bytes that are not a trajectory record (or of an unknown version)."""
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """RGB ``uint8 [H, W, 3]`` -> PNG bytes (lossless, so masks and pixels round-trip exactly)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> RGB ``uint8 [H, W, 3]``."""
+    with Image.open(io.BytesIO(data)) as handle:
+        return np.array(handle.convert("RGB"))
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """One assistant turn of a trajectory.
+
+    Attributes:
+      index: 0-based turn number.
+      kind: ``click``, ``terminate``, or ``invalid`` (a model turn that did not parse; rollouts).
+      x, y: normalised click (``None`` for terminate); row, col: its pixel.
+      positive: click polarity (``None`` for terminate).
+      mask: COCO RLE of the mask *after* this turn (unchanged for terminate).
+      iou: IoU of that mask with the ground truth (``None`` without one); score: tool score.
+      user: the user turn text shown before this turn (query on turn 0, refinement later).
+      reasoning: the ``<think>`` content; action: canonical action text; text: the whole turn.
+      answer: the ``<answer>`` content of a terminate.
+      loss_weight: weight of this turn's tokens in SFT (0 for a deliberately wrong action).
+      tag: where the turn came from (``first``, ``oracle``, ``wrong``, ``correction``, ``final``,
+        ``absent``; ``policy`` for model-written turns).
+    """
+
+    index: int
+    kind: str
+    mask: dict[str, Any]
+    user: str
+    reasoning: str
+    action: str
+    text: str
+    loss_weight: float = 1.0
+    x: float | None = None
+    y: float | None = None
+    row: int | None = None
+    col: int | None = None
+    positive: bool | None = None
+    iou: float | None = None
+    score: float | None = None
+    answer: str | None = None
+    tag: str = "oracle"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StepRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclasses.dataclass
+class TrajectoryRecord:
+    """One episode: image once, ground truth, steps. See the module docstring.
+
+    Attributes:
+      record_id: unique within a dataset (the sample id for synthesized data).
+      image_png: the original image as PNG bytes (RGB, ``height x width``).
+      query, query_style: the first user turn and its style.
+      target, modality, source, sample_id: what and where from.
+      gt_mask: COCO RLE of the ground truth, or ``None`` (rollouts without labels).
+      steps: the turns, the last one normally a terminate.
+      answer: the final ``<answer>``; end_reason: why the episode ended.
+      final_iou, final_dice: of the last mask (``None`` without ground truth).
+      meta: free-form JSON facts (tool, click rule, seed, provenance, ...).
+    """
+
+    record_id: str
+    image_png: bytes
+    height: int
+    width: int
+    query: str
+    target: str
+    modality: str
+    steps: list[StepRecord]
+    gt_mask: dict[str, Any] | None = None
+    query_style: str = ""
+    source: str = ""
+    sample_id: str = ""
+    answer: str | None = None
+    end_reason: str = ""
+    final_iou: float | None = None
+    final_dice: float | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    # -- views ---------------------------------------------------------------------------------
+    def image(self) -> np.ndarray:
+        """The original image, RGB ``uint8 [height, width, 3]``."""
+        return decode_png(self.image_png)
+
+    def gt(self) -> np.ndarray | None:
+        """The ground truth ``bool [height, width]``, or ``None``."""
+        return None if self.gt_mask is None else decode_rle(self.gt_mask)
+
+    def step_mask(self, index: int) -> np.ndarray:
+        """The mask after step ``index``; ``-1`` gives the mask before step 0 (empty)."""
+        if index < 0:
+            return np.zeros((self.height, self.width), dtype=bool)
+        return decode_rle(self.steps[index].mask)
+
+    def observation_mask(self, index: int) -> np.ndarray:
+        """The mask the policy saw before writing step ``index`` (M_{index})."""
+        return self.step_mask(index - 1)
+
+    @property
+    def num_clicks(self) -> int:
+        return sum(1 for s in self.steps if s.kind == "click")
+
+    @property
+    def num_sft_samples(self) -> int:
+        """One SFT sample per turn: T clicks + 1 terminate."""
+        return len(self.steps)
+
+    # -- bytes ---------------------------------------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("image_png")
+        data["steps"] = [s.to_dict() for s in self.steps]
+        return data
+
+    def to_bytes(self) -> bytes:
+        header = json.dumps(self.header(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return MAGIC + struct.pack("<BI", VERSION, len(header)) + header + self.image_png
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "TrajectoryRecord":
+        if len(data) < 9 or data[:4] != MAGIC:
+            raise RecordError("not a trajectory record (bad magic); was this file written by ibis-jax?")
+        version, length = struct.unpack("<BI", data[4:9])
+        if version != VERSION:
+            raise RecordError(f"trajectory record version {version}; this code reads version {VERSION}")
+        if 9 + length > len(data):
+            raise RecordError("trajectory record is truncated")
+        header = json.loads(data[9 : 9 + length].decode("utf-8"))
+        header["steps"] = [StepRecord.from_dict(s) for s in header["steps"]]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(image_png=bytes(data[9 + length :]), **{k: v for k, v in header.items() if k in names})
+
+
+def step_record_from_episode_step(step, *, user: str, tag: str, width: int, height: int) -> StepRecord:
+    """Converts an ``ibis_jax.agent.episode.Step`` into a :class:`StepRecord`."""
+    from ibis_jax.agent.grammar import Click, format_action
+
+    action = step.action
+    common = dict(
+        index=step.index, mask=encode_rle(step.mask), user=user, reasoning=step.reasoning,
+        action=format_action(action) if action is not None else "", text=step.text,
+        loss_weight=float(step.loss_weight), iou=None if step.iou is None else float(step.iou),
+        score=None if step.score is None else float(step.score), answer=step.answer, tag=tag,
+    )
+    if isinstance(action, Click):
+        col, row = action.pixel(width, height)
+        return StepRecord(kind="click", x=float(action.x), y=float(action.y), row=row, col=col,
+                          positive=bool(action.positive), **common)
+    return StepRecord(kind="terminate" if action is not None else "invalid", **common)
+
+
+def record_from_episode(
+    episode,
+    *,
+    record_id: str,
+    target: str,
+    modality: str,
+    user_turns: Sequence[str] | None = None,
+    tags: Sequence[str] | None = None,
+    query_style: str = "",
+    source: str = "",
+    sample_id: str = "",
+    meta: dict[str, Any] | None = None,
+) -> TrajectoryRecord:
+    """Builds a record from a finished ``Episode`` (synthesis, evaluation and rollouts alike)."""
+    from ibis_jax.metrics import dice
+
+    steps = [
+        step_record_from_episode_step(
+            s, user=(user_turns[i] if user_turns else ""), tag=(tags[i] if tags else "policy"),
+            width=episode.width, height=episode.height,
+        )
+        for i, s in enumerate(episode.steps)
+    ]
+    gt = episode.gt_mask
+    final = episode.current_mask
+    return TrajectoryRecord(
+        record_id=record_id, image_png=encode_png(episode.image), height=episode.height, width=episode.width,
+        query=episode.query, target=target, modality=modality, steps=steps,
+        gt_mask=None if gt is None else encode_rle(gt), query_style=query_style, source=source,
+        sample_id=sample_id or record_id,
+        answer=next((s.answer for s in reversed(episode.steps) if s.answer is not None), None),
+        end_reason=episode.end_reason or "", final_iou=None if gt is None else float(episode.ious[-1]),
+        final_dice=None if gt is None else float(dice(final, gt)), meta=dict(meta or {}),
+    )
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+def shard_name(index: int, count: int) -> str:
+    return SHARD_PATTERN.format(index=index, count=count)
+
+
+class ShardWriter:
+    """Writes one ArrayRecord shard atomically: records go to ``<path>.tmp``; :meth:`commit`
+    renames it into place. Leaving the ``with`` block on an exception deletes the temporary file."""
+
+    def __init__(self, path: str | Path):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp.unlink(missing_ok=True)
+        # group_size:1 keeps random access cheap (one record per chunk), which grain wants.
+        self._writer = ArrayRecordWriter(str(self.tmp), "group_size:1")
+        self.count = 0
+        self._closed = False
+
+    def write(self, record: TrajectoryRecord | bytes) -> None:
+        self._writer.write(record if isinstance(record, bytes) else record.to_bytes())
+        self.count += 1
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._writer.close()
+            self._closed = True
+
+    def commit(self) -> Path:
+        self._close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp.exists():  # an exception, or no commit(): nothing half-written stays behind
+            self.abort()
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Writes JSON through a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def shard_paths(directory: str | Path) -> list[Path]:
+    """The finished shard files of a dataset folder, in order."""
+    return sorted(Path(directory).glob(SHARD_GLOB))
+
+
+class TrajectoryDataSource:
+    """Random access to the records of a dataset folder (or explicit shard files).
+
+    Implements grain's ``RandomAccessDataSource`` protocol (``__len__``, ``__getitem__``), so it
+    plugs straight into ``grain.MapDataset.source(...)`` or a ``grain.DataLoader``. With
+    ``decode=False`` items are the raw bytes (map :meth:`TrajectoryRecord.from_bytes` later).
+    """
+
+    def __init__(self, paths: str | Path | Sequence[str | Path], *, decode: bool = True):
+        import grain
+
+        if isinstance(paths, (str, Path)) and Path(paths).is_dir():
+            files = shard_paths(paths)
+            if not files:
+                raise FileNotFoundError(f"{paths}: no {SHARD_GLOB} files; run `ibis-jax synth --out {paths}` first")
+        else:
+            files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        self.paths = [str(p) for p in files]
+        self.decode = decode
+        self._source = grain.sources.ArrayRecordDataSource(self.paths) if self.paths else None
+
+    def __len__(self) -> int:
+        return 0 if self._source is None else len(self._source)
+
+    def __getitem__(self, index: int) -> TrajectoryRecord | bytes:
+        if self._source is None:
+            raise IndexError(f"index {index} out of range for an empty dataset")
+        data = self._source[index]
+        return TrajectoryRecord.from_bytes(data) if self.decode else data
+
+    def __iter__(self) -> Iterator[TrajectoryRecord | bytes]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"TrajectoryDataSource({len(self.paths)} shards, {len(self)} records)"
+
+
+def read_records(path: str | Path) -> list[TrajectoryRecord]:
+    """All records of one shard file or a dataset folder, in order."""
+    return list(TrajectoryDataSource(path))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 
 from ibis_jax.data.queries import QUERY_STYLES
 
@@ -113,8 +112,6 @@ def run_command(args: argparse.Namespace) -> int:
     from ibis_jax.data.sources import SourceError
     from ibis_jax.data.synth import ConfigMismatch, SynthConfig, format_table, run_synthesis
 
-    # The random walker warns about tolerance on nearly every call; it is noise in a progress bar.
-    warnings.filterwarnings("ignore", message="The probability range is outside")
     start = time.perf_counter()
     try:
         source = build_source(args)

@@ -54,6 +54,7 @@ from ibis_jax.data.records import (
 )
 from ibis_jax.data.sources.base import Item, Sample, Source, SourceError, stable_seed
 from ibis_jax.data.windowing import WindowError
+from ibis_jax.tools import make_tool
 from ibis_jax.tools.protocol import SegmentationTool, ToolError, tool_session
 
 FILTER_REASONS = ("low_dice", "too_short", "not_reached")
@@ -303,21 +304,6 @@ def load_callable(path: str) -> Callable:
     if not sep:
         raise ValueError(f"{path!r}: write module.path:function")
     return getattr(importlib.import_module(module), name)
-
-
-def make_tool(name: str) -> SegmentationTool:
-    """``classical`` or ``module:factory`` (a zero-argument callable returning a tool)."""
-    if name == "classical":
-        import warnings
-
-        from ibis_jax.tools.classical import ClassicalTool
-
-        # scikit-image's random walker warns about its tolerance on most calls: noise, not news.
-        warnings.filterwarnings("ignore", message="The probability range is outside")
-        return ClassicalTool()
-    if ":" in name:
-        return load_callable(name)()
-    raise ValueError(f"unknown tool {name!r}: use 'classical' or 'module:factory'")
 
 
 # -- shards ----------------------------------------------------------------------------------------

@@ -3,3 +3,30 @@
 from ibis_jax.tools.protocol import SegmentationTool, SegmentResult, ToolError, tool_session
 
 __all__ = ["SegmentResult", "SegmentationTool", "ToolError", "tool_session"]
+
+
+def make_tool(spec: str) -> SegmentationTool:
+    """A tool by name, as the command lines take it.
+
+    - ``classical``: the weight-free random-walker tool, in process;
+    - ``HOST:PORT[,HOST:PORT...]`` (optionally ``grpc://``-prefixed): a ``tool_bridge`` server, or
+      several for load balancing, through the replaying bridge client;
+    - ``module:factory``: any zero-argument callable returning a ``SegmentationTool``.
+    """
+    if spec == "classical":
+        from ibis_jax.tools.classical import ClassicalTool
+
+        return ClassicalTool()
+    addresses = [a.removeprefix("grpc://") for a in spec.split(",")]
+    if all(a.rsplit(":", 1)[-1].isdigit() for a in addresses) and ":" in spec:
+        from tool_bridge.client import BridgeClient
+
+        return BridgeClient(addresses)
+    if ":" in spec:
+        import importlib
+
+        module, name = spec.split(":", 1)
+        return getattr(importlib.import_module(module), name)()
+    raise ValueError(
+        f"unknown tool {spec!r}: use 'classical', a bridge address HOST:PORT, or 'module:factory'"
+    )

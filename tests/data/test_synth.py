@@ -168,7 +168,6 @@ def test_cli_synth_folder(biomedparse_folder, tmp_path, capsys):
     assert code == 1 and "case1_CT_abdomen.png" in capsys.readouterr().err
 
 
-@pytest.mark.filterwarnings("ignore:The probability range is outside")
 def test_classical_tool_smoke():
     from ibis_jax.tools.classical import ClassicalTool
 

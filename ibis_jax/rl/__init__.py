@@ -1,0 +1,1 @@
+"""Reinforcement learning: rewards over finished episodes, GRPO advantages and losses."""

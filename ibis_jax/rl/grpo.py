@@ -1,0 +1,139 @@
+"""GRPO's pure pieces (paper Eqs. 2-3, SPEC section 5): group advantages and the clipped loss.
+
+Everything here is a pure function of arrays, jit-able and independent of the model, so a
+researcher can read, test and swap each piece. Shapes: ``B`` sequences (``num_prompts * G``
+rollouts, grouped contiguously), ``T`` tokens.
+
+The loss returns an unreduced sum and its denominator (tunix's convention), so the token-mean
+or sequence-mean stays exact when a batch is split into micro-batches for gradient accumulation:
+sum the sums, sum the denominators, divide once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    group_size: int = 4  # G rollouts per prompt
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float | None = None  # upper clip; None = epsilon (symmetric, as the paper)
+    beta: float = 0.0  # KL weight to the frozen reference (k3 estimator); 0 as the paper
+    normalize_std: bool = True  # A = (S - mean) / std; False: A = S - mean (Dr. GRPO style)
+    aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    std_eps: float = 1e-6
+
+
+def group_advantages(scores: jax.Array, group_size: int, normalize_std: bool = True, eps: float = 1e-6) -> jax.Array:
+    """``A_i = (S_i - mean(S_group)) / std(S_group)`` over contiguous groups of ``group_size``.
+
+    ``scores``: ``float32 [B]`` with ``B % group_size == 0``. A group whose scores are all equal
+    gets advantage 0 (nothing to learn from it), not NaN.
+    """
+    if scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    grouped = scores.reshape(-1, group_size)
+    centred = grouped - grouped.mean(axis=1, keepdims=True)
+    if normalize_std:
+        centred = centred / (grouped.std(axis=1, keepdims=True) + eps)
+    return centred.reshape(-1)
+
+
+def grpo_loss(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    loss_mask: jax.Array,
+    config: GRPOConfig,
+    ref_logprobs: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """The clipped surrogate over the policy's own tokens.
+
+    Args:
+      logprobs: ``[B, T]`` log pi_theta of each target token (differentiated).
+      old_logprobs: ``[B, T]`` log pi_old, recomputed by the trainer before the update.
+      advantages: ``[B]`` per-sequence advantages.
+      loss_mask: ``[B, T]`` 1 on assistant tokens the policy sampled, 0 on prompt, observation,
+        tool, padding tokens: those never enter the loss, the ratio stats or the denominator.
+      ref_logprobs: ``[B, T]`` under the frozen reference, needed when ``config.beta > 0``.
+
+    Returns ``(loss_sum, denominator, metrics)``; the loss is ``loss_sum / denominator``.
+    ``sequence_mean`` (paper): ``-(1/G) sum_i (1/N_i) sum_t ...`` -> per-sequence token means
+    summed, denominator = number of sequences with at least one token. ``token_mean``: all tokens
+    summed, denominator = their count.
+    """
+    mask = loss_mask.astype(jnp.float32)
+    # Masked positions are zeroed *before* exp: garbage there (padding, observation tokens) must
+    # not become inf * 0 = NaN in the loss or its gradient.
+    ratio = jnp.exp(jnp.where(mask > 0, logprobs - old_logprobs, 0.0))
+    high = config.epsilon if config.epsilon_high is None else config.epsilon_high
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = jnp.clip(ratio, 1.0 - config.epsilon, 1.0 + high) * adv
+    per_token = -jnp.minimum(unclipped, clipped)
+    kl = jnp.zeros_like(per_token)
+    if config.beta > 0.0:
+        if ref_logprobs is None:
+            raise ValueError("GRPOConfig.beta > 0 needs ref_logprobs")
+        log_r = jnp.where(mask > 0, ref_logprobs - logprobs, 0.0)
+        kl = jnp.exp(log_r) - log_r - 1.0  # k3: unbiased, non-negative
+        per_token = per_token + config.beta * kl
+    tokens = mask.sum(axis=1)
+    has_tokens = (tokens > 0).astype(jnp.float32)
+    if config.aggregation == "sequence_mean":
+        loss_sum = ((per_token * mask).sum(axis=1) / jnp.maximum(tokens, 1.0)).sum()
+        denominator = has_tokens.sum()
+    elif config.aggregation == "token_mean":
+        loss_sum = (per_token * mask).sum()
+        denominator = mask.sum()
+    else:
+        raise ValueError(f"unknown aggregation {config.aggregation!r}")
+    n = jnp.maximum(mask.sum(), 1.0)
+    was_clipped = ((ratio < 1.0 - config.epsilon) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
+    metrics = {
+        "clip_fraction": (was_clipped * mask).sum() / n,
+        "ratio_mean": (ratio * mask).sum() / n,
+        "ratio_max": jnp.where(mask > 0, ratio, -jnp.inf).max(),
+        "ratio_min": jnp.where(mask > 0, ratio, jnp.inf).min(),
+        "kl": (kl * mask).sum() / n,
+        "policy_tokens": mask.sum(),
+    }
+    return loss_sum, denominator, metrics
+
+
+def chunked_token_logprobs(
+    logits_fn,
+    hidden: jax.Array,
+    targets: jax.Array,
+    chunk_size: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """Log-probabilities of ``targets`` and the entropy, without materialising ``[B, T, V]``.
+
+    ``hidden``: ``[B, T, D]`` final hidden states; ``logits_fn`` maps ``[B, C, D] -> [B, C, V]``
+    (the LM head); ``targets``: ``int32 [B, T]``. The sequence is processed ``chunk_size`` tokens
+    at a time under ``lax.map``, so peak memory holds ``[B, chunk_size, V]`` logits only.
+    Returns ``(logprobs [B, T], entropy [B, T])`` in float32.
+    """
+    batch, length, dim = hidden.shape
+    pad = (-length) % chunk_size
+    hidden_p = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets_p = jnp.pad(targets, ((0, 0), (0, pad)))
+    chunks = (length + pad) // chunk_size
+    h = hidden_p.reshape(batch, chunks, chunk_size, dim).transpose(1, 0, 2, 3)
+    t = targets_p.reshape(batch, chunks, chunk_size).transpose(1, 0, 2)
+
+    def one(args):
+        h_c, t_c = args
+        log_p = jax.nn.log_softmax(logits_fn(h_c).astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(log_p, t_c[..., None], axis=-1)[..., 0]
+        entropy = -(jnp.exp(log_p) * log_p).sum(-1)
+        return picked, entropy
+
+    picked, entropy = jax.lax.map(one, (h, t))
+    unchunk = lambda x: x.transpose(1, 0, 2).reshape(batch, chunks * chunk_size)[:, :length]
+    return unchunk(picked), unchunk(entropy)

@@ -48,8 +48,9 @@ class ClassicalTool:
         scale = min(1.0, self.config.work_size / max(height, width))
         size = (max(2, round(width * scale)), max(2, round(height * scale)))
         small = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1.0 else image
-        # Lab is closer to perceived difference than RGB; a light blur keeps noise from walls.
-        lab = cv2.cvtColor(cv2.GaussianBlur(small, (3, 3), 0), cv2.COLOR_RGB2LAB).astype(np.float64) / 255.0
+        # Lab is closer to perceived difference than RGB. No smoothing: a blur turns a one-pixel
+        # step edge into two weaker ones and the walker's cut lands a pixel inside the object.
+        lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float64) / 255.0
         self._images[episode_id] = (image, lab, self._edge_room(lab))
 
     def segment(self, episode_id: str, points: np.ndarray, labels: np.ndarray,

@@ -8,15 +8,16 @@ __all__ = ["SegmentResult", "SegmentationTool", "ToolError", "tool_session"]
 def make_tool(spec: str) -> SegmentationTool:
     """A tool by name, as the command lines take it.
 
-    - ``classical``: the weight-free random-walker tool, in process;
+    - ``classical``: the weight-free random-walker tool, in process, for objects with boundaries;
+      ``classical-tissue``: the same with the seeds' colour model, for tissue-class targets;
     - ``HOST:PORT[,HOST:PORT...]`` (optionally ``grpc://``-prefixed): a ``tool_bridge`` server, or
       several for load balancing, through the replaying bridge client;
     - ``module:factory``: any zero-argument callable returning a ``SegmentationTool``.
     """
-    if spec == "classical":
-        from ibis_jax.tools.classical import ClassicalTool
+    if spec in ("classical", "classical-tissue"):
+        from ibis_jax.tools.classical import TISSUE, ClassicalTool, ClassicalToolConfig
 
-        return ClassicalTool()
+        return ClassicalTool(TISSUE if spec == "classical-tissue" else ClassicalToolConfig())
     addresses = [a.removeprefix("grpc://") for a in spec.split(",")]
     if all(a.rsplit(":", 1)[-1].isdigit() for a in addresses) and ":" in spec:
         from tool_bridge.client import BridgeClient

@@ -1,0 +1,1 @@
+"""Flax NNX ports of the policy models (see `qwen2_5_vl`)."""

@@ -1,0 +1,347 @@
+"""Hugging Face checkpoint <-> Flax NNX parameters for Qwen2.5-VL.
+
+`RULES` is the single table HF key <-> NNX path (with `{i}` for layer numbers) and the tensor
+transform; `load_hf` and `save_hf` both walk it, so a name can only be wrong in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .config import Qwen25VLConfig, ShardingConfig
+from .layers import DType
+from .modeling import Qwen25VL
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str  # HF key, `{i}` = layer / block number
+    nnx: str  # NNX path, dot-separated, `{i}` likewise
+    transform: str  # "id" | "T" (Linear [out,in] <-> kernel [in,out]) | "patch" (Conv3d <-> matmul)
+    per: str = ""  # "" once, "vision" per vision block, "text" per decoder layer
+
+
+_V = "model.visual."
+_T = "model.language_model."
+RULES: tuple[Rule, ...] = (
+    Rule(_V + "patch_embed.proj.weight", "visual.patch_embed", "patch"),
+    *[
+        Rule(_V + f"blocks.{{i}}.{hf}", f"visual.blocks.{{i}}.{nx}", tr, "vision")
+        for hf, nx, tr in [
+            ("norm1.weight", "norm1.weight", "id"),
+            ("norm2.weight", "norm2.weight", "id"),
+            ("attn.qkv.weight", "attn.qkv.kernel", "T"),
+            ("attn.qkv.bias", "attn.qkv.bias", "id"),
+            ("attn.proj.weight", "attn.proj.kernel", "T"),
+            ("attn.proj.bias", "attn.proj.bias", "id"),
+            *[
+                (f"mlp.{p}.{w}", f"mlp.{p}.{'kernel' if w == 'weight' else 'bias'}", "T" if w == "weight" else "id")
+                for p in ("gate_proj", "up_proj", "down_proj")
+                for w in ("weight", "bias")
+            ],
+        ]
+    ],
+    Rule(_V + "merger.ln_q.weight", "visual.merger.ln_q.weight", "id"),
+    Rule(_V + "merger.mlp.0.weight", "visual.merger.mlp_0.kernel", "T"),
+    Rule(_V + "merger.mlp.0.bias", "visual.merger.mlp_0.bias", "id"),
+    Rule(_V + "merger.mlp.2.weight", "visual.merger.mlp_2.kernel", "T"),
+    Rule(_V + "merger.mlp.2.bias", "visual.merger.mlp_2.bias", "id"),
+    Rule(_T + "embed_tokens.weight", "language_model.embed_tokens.embedding", "id"),
+    *[
+        Rule(_T + f"layers.{{i}}.{hf}", f"language_model.layers.{{i}}.{nx}", tr, "text")
+        for hf, nx, tr in [
+            ("input_layernorm.weight", "input_layernorm.weight", "id"),
+            ("post_attention_layernorm.weight", "post_attention_layernorm.weight", "id"),
+            *[(f"self_attn.{p}.weight", f"self_attn.{p}.kernel", "T") for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
+            *[(f"self_attn.{p}.bias", f"self_attn.{p}.bias", "id") for p in ("q_proj", "k_proj", "v_proj")],
+            *[(f"mlp.{p}.weight", f"mlp.{p}.kernel", "T") for p in ("gate_proj", "up_proj", "down_proj")],
+        ]
+    ],
+    Rule(_T + "norm.weight", "language_model.norm.weight", "id"),
+    Rule("lm_head.weight", "lm_head", "T"),
+)
+
+
+def expand_rules(config: Qwen25VLConfig) -> list[tuple[str, tuple[str | int, ...], str]]:
+    """Concrete (hf_key, nnx_path, transform) for every parameter of `config`."""
+    out = []
+    for r in RULES:
+        if r.hf == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        n = {"": 1, "vision": config.vision.depth, "text": config.text.num_hidden_layers}[r.per]
+        for i in range(n):
+            hf = r.hf.format(i=i)
+            path = tuple(int(p) if p.isdigit() else p for p in r.nnx.format(i=i).split("."))
+            out.append((hf, path, r.transform))
+    return out
+
+
+def hf_to_nnx(x: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "id":
+        return x
+    if transform == "T":
+        return x.T
+    if transform == "patch":  # Conv3d weight [E, C, T, P, P] with stride = kernel == matmul
+        return x.reshape(x.shape[0], -1).T
+    raise ValueError(f"unknown transform {transform!r}")
+
+
+def nnx_to_hf(x: np.ndarray, transform: str, config: Qwen25VLConfig) -> np.ndarray:
+    if transform == "id":
+        return x
+    if transform == "T":
+        return x.T
+    if transform == "patch":
+        v = config.vision
+        return x.T.reshape(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    raise ValueError(f"unknown transform {transform!r}")
+
+
+def canonical_hf_key(key: str) -> str:
+    """Map the pre-transformers-4.52 layout (`model.layers...`, `visual...`) to the current one
+    (`model.language_model.layers...`, `model.visual...`)."""
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model.") and not key.startswith((_V, _T)):
+        return _T + key[len("model."):]
+    return key
+
+
+def legacy_hf_key(key: str) -> str:
+    """The inverse of `canonical_hf_key`: the layout `save_pretrained` writes (transformers 5.x
+    converts back to the original Qwen release names on save) and every version reads."""
+    if key.startswith(_V):
+        return key[len("model."):]
+    if key.startswith(_T):
+        return "model." + key[len(_T):]
+    return key
+
+
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class _Checkpoint:
+    """Lazy reader over `model.safetensors` or an index of shards."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.exists(single):
+            with safe_open(single, framework="np") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"{directory}: neither model.safetensors nor model.safetensors.index.json found "
+                "(PyTorch .bin checkpoints are not supported: re-save with safe_serialization=True)"
+            )
+        self.files = {canonical_hf_key(k): (v, k) for k, v in weight_map.items()}
+        self._open: dict[str, Any] = {}
+
+    def get(self, key: str) -> np.ndarray:
+        fname, raw_key = self.files[key]
+        if fname not in self._open:
+            path = os.path.join(self.dir, fname)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: listed in the index for {raw_key} but missing")
+            self._open[fname] = safe_open(path, framework="np")
+        return self._open[fname].get_tensor(raw_key)
+
+    def where(self, key: str) -> str:
+        return os.path.join(self.dir, self.files[key][0])
+
+
+def load_hf(
+    directory: str | os.PathLike,
+    dtype: DType = jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    compute_dtype: DType | None = None,
+    sharding: ShardingConfig | None = None,
+    remat: bool = False,
+    freeze_vision: bool = False,
+) -> Qwen25VL:
+    """Load a Hugging Face Qwen2.5-VL directory (config.json + safetensors) into `Qwen25VL`.
+
+    dtype: parameter dtype (compute_dtype defaults to it). mesh: when given, every parameter is
+    placed with `NamedSharding(mesh, spec)` from `sharding` (default `ShardingConfig.fsdp_tensor()`).
+    The model is never materialised at random: its shapes come from `nnx.eval_shape` and each
+    tensor is read, transformed and placed one at a time.
+    """
+    directory = os.fspath(directory)
+    config = Qwen25VLConfig.from_hf_config(directory)
+    if sharding is None:
+        sharding = ShardingConfig.fsdp_tensor() if mesh is not None else ShardingConfig.no_sharding()
+    compute_dtype = compute_dtype or dtype
+    abstract = nnx.eval_shape(
+        lambda: Qwen25VL(
+            config,
+            dtype=compute_dtype,
+            param_dtype=dtype,
+            sharding=sharding,
+            remat=remat,
+            freeze_vision=freeze_vision,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    graphdef, state = nnx.split(abstract)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state)) if mesh is not None else None
+    pure = nnx.to_pure_dict(state)
+    ckpt = _Checkpoint(directory)
+    rules = expand_rules(config)
+    missing = [hf for hf, _, _ in rules if hf not in ckpt.files]
+    used = {hf for hf, _, _ in rules}
+    unexpected = [
+        k
+        for k in ckpt.files
+        if k not in used and not _IGNORED.match(k) and not (k == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory}: checkpoint does not match config.json.\n"
+            f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+            f"  unexpected keys ({len(unexpected)}): "
+            + ", ".join(f"{k} (in {os.path.basename(ckpt.where(k))})" for k in unexpected[:20])
+        )
+    for hf, path, transform in rules:
+        leaf = _get(pure, path)
+        x = hf_to_nnx(ckpt.get(hf), transform)
+        if tuple(x.shape) != tuple(leaf.shape):
+            raise ValueError(
+                f"{ckpt.where(hf)}: {hf} has shape {x.shape} after transform {transform!r}, "
+                f"model path {'.'.join(map(str, path))} expects {leaf.shape}: config.json and weights disagree"
+            )
+        x = np.asarray(x).astype(leaf.dtype)
+        if mesh is not None:
+            # Each device (of every host) takes only its slice of the host tensor.
+            sharding_ = jax.sharding.NamedSharding(mesh, _get(specs, path))
+            value = jax.make_array_from_callback(x.shape, sharding_, lambda idx, x=x: x[idx])
+        else:
+            value = jnp.asarray(x)
+        _set(pure, path, value)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _get(tree: dict, path: tuple) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree[p]
+    tree[path[-1]] = value
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size, re.I)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: use bytes or e.g. '5GB', '500MB'")
+    unit = m.group(2).upper()
+    mult = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def hf_tensors(model: Qwen25VL, legacy_keys: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF key, numpy tensor in HF layout) for every parameter, in table order.
+
+    legacy_keys: name them as `save_pretrained` writes them (`model.layers.*`, `visual.*`);
+    False gives the in-memory names of transformers >= 4.52 (`model.language_model.*`, ...).
+    """
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for hf, path, transform in expand_rules(model.config):
+        x = np.asarray(jax.device_get(_get(pure, path)))
+        key = legacy_hf_key(hf) if legacy_keys else hf
+        yield key, np.ascontiguousarray(nnx_to_hf(x, transform, model.config))
+
+
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+def save_hf(
+    model: Qwen25VL,
+    directory: str | os.PathLike,
+    source_dir: str | os.PathLike | None = None,
+    max_shard_size: int | str = "5GB",
+    dtype: DType | None = None,
+    legacy_keys: bool = True,
+) -> None:
+    """Write `model` as a Hugging Face directory: safetensors shards (+ index when more than
+    one), `config.json`, and the tokenizer/processor files of `source_dir` if given.
+
+    dtype: storage dtype of the written tensors (default: the parameters' own dtype).
+    legacy_keys: write `model.layers.*` / `visual.*` names, as transformers' own
+    `save_pretrained` does (5.x included); both layouts load in `load_hf` and transformers.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    total = 0
+    stored_dtype = None
+    for key, x in hf_tensors(model, legacy_keys):
+        if dtype is not None:
+            x = x.astype(dtype)
+        stored_dtype = stored_dtype or x.dtype
+        if shards[-1] and size + x.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = x
+        size += x.nbytes
+        total += x.nbytes
+    for old in os.listdir(directory):  # stale shards of an earlier save would confuse loaders
+        if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
+            os.remove(os.path.join(directory, old))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards, 1):
+            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf_config = model.config.to_hf_dict()
+    hf_config["dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(stored_dtype), "float32")
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if source_dir is not None:
+        source_dir = os.fspath(source_dir)
+        for name in PROCESSOR_FILES:
+            src = os.path.join(source_dir, name)
+            if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(directory, name)):
+                shutil.copy2(src, os.path.join(directory, name))

@@ -1,0 +1,200 @@
+"""Qwen2-VL / Qwen2.5-VL input processing in numpy (no torch at run time).
+
+- `smart_resize`, `preprocess_images`: the image processor (resize to multiples of 28 within
+  [min_pixels, max_pixels], rescale, CLIP normalisation, 14 px patches duplicated over the
+  temporal patch of 2, laid out in 2x2 merge blocks) -> `pixel_values` [patches, 1176] and
+  `image_grid_thw` [images, 3], as transformers' `Qwen2VLImageProcessor` produces.
+- `Qwen25VLProcessor`: a local tokenizer directory + the chat template; expands every
+  `<|image_pad|>` to one token per merged patch and returns numpy model inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_PAD = "<|image_pad|>"
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect
+    ratio kept as closely as possible (Qwen2-VL's rule)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image {height}x{width}: aspect ratio must be below 200")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _to_rgb_uint8(image: Any) -> np.ndarray:
+    """PIL image or array [H, W], [H, W, 1|3|4] -> uint8 [H, W, 3]."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image array must be uint8 [H, W, 3], got dtype {arr.dtype}: scale to 0..255 first")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, -1)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image array must be [H, W] or [H, W, 1|3|4], got {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, -1)
+    return arr[..., :3]
+
+
+def patchify(
+    image: np.ndarray, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2
+) -> np.ndarray:
+    """image [C, H, W] float32 -> patches [(H/P)*(W/P), C*T*P*P], rows ordered by 2x2 merge block
+    (block row, block col, row in block, col in block), each row (C, T, P, P) with the frame
+    repeated T times."""
+    c, h, w = image.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = image.reshape(c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (bh, bw, mh, mw, C, P, P)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, *x.shape[5:]))
+    return np.ascontiguousarray(x).reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
+
+
+def preprocess_images(
+    images: Sequence[Any],
+    *,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+    patch_size: int = 14,
+    temporal_patch_size: int = 2,
+    merge_size: int = 2,
+    image_mean: Sequence[float] = CLIP_MEAN,
+    image_std: Sequence[float] = CLIP_STD,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (PIL or uint8 [H, W, 3]) -> pixel_values [sum patches, 3*T*P*P] float32 and
+    image_grid_thw [images, 3] int64. Resizing uses PIL bicubic (transformers' PIL backend;
+    its torchvision backend differs by interpolation rounding only when a resize happens)."""
+    from PIL import Image
+
+    all_patches, grids = [], []
+    mean = np.asarray(image_mean, np.float32)[:, None, None]
+    std = np.asarray(image_std, np.float32)[:, None, None]
+    for image in images:
+        rgb = _to_rgb_uint8(image)
+        h, w = rgb.shape[:2]
+        rh, rw = smart_resize(h, w, patch_size * merge_size, min_pixels, max_pixels)
+        if (rh, rw) != (h, w):
+            rgb = np.asarray(Image.fromarray(rgb).resize((rw, rh), resample=Image.Resampling.BICUBIC))
+        x = rgb.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
+        x = (x - mean) / std
+        all_patches.append(patchify(x, patch_size, merge_size, temporal_patch_size))
+        grids.append([1, rh // patch_size, rw // patch_size])
+    return np.concatenate(all_patches).astype(np.float32), np.asarray(grids, np.int64)
+
+
+def _images_in(messages: Sequence[dict]) -> list[Any]:
+    found = []
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            for part in m["content"]:
+                if part.get("type") == "image" or "image" in part:
+                    if part.get("image") is None:
+                        raise ValueError("message image part has no 'image' (PIL image or uint8 array)")
+                    found.append(part["image"])
+    return found
+
+
+class Qwen25VLProcessor:
+    """Tokenizer (from a LOCAL directory) + numpy image processor with the directory's settings."""
+
+    def __init__(self, directory: str | os.PathLike, padding_side: str | None = None):
+        from transformers import AutoTokenizer
+
+        directory = os.fspath(directory)
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        if padding_side is not None:
+            self.tokenizer.padding_side = padding_side
+        cfg: dict[str, Any] = {}
+        path = os.path.join(directory, "preprocessor_config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                cfg = json.load(f)
+        size = cfg.get("size") or {}
+        self.image_kwargs = dict(
+            min_pixels=int(size.get("shortest_edge", cfg.get("min_pixels", 56 * 56))),
+            max_pixels=int(size.get("longest_edge", cfg.get("max_pixels", 28 * 28 * 1280))),
+            patch_size=int(cfg.get("patch_size", 14)),
+            temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
+            merge_size=int(cfg.get("merge_size", 2)),
+            image_mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(cfg.get("image_std", CLIP_STD)),
+        )
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    def images(self, images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """See `preprocess_images`."""
+        return preprocess_images(images, **self.image_kwargs)
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The chat template applied to `messages`, one `<|image_pad|>` per image."""
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def expand_image_pads(self, text: str, image_grid_thw: np.ndarray) -> str:
+        """Replace the k-th `<|image_pad|>` by t*h*w/merge^2 copies (one per visual token)."""
+        parts = text.split(IMAGE_PAD)
+        if len(parts) - 1 != len(image_grid_thw):
+            raise ValueError(f"text has {len(parts) - 1} {IMAGE_PAD} but {len(image_grid_thw)} images were given")
+        m2 = self.image_kwargs["merge_size"] ** 2
+        out = [parts[0]]
+        for grid, rest in zip(image_grid_thw, parts[1:]):
+            out.append(IMAGE_PAD * int(np.prod(grid) // m2) + rest)
+        return "".join(out)
+
+    def __call__(
+        self, text: str | Sequence[str], images: Sequence[Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Tokenize already-rendered text(s); images in order of their `<|image_pad|>` across the
+        batch. Returns input_ids / attention_mask [B, S] int32 (padded per tokenizer.padding_side),
+        mm_token_type_ids [B, S] (1 at image tokens), and pixel_values / image_grid_thw if any."""
+        texts = [text] if isinstance(text, str) else list(text)
+        out: dict[str, np.ndarray] = {}
+        if images:
+            pixel_values, grid = self.images(images)
+            counts = [t.count(IMAGE_PAD) for t in texts]
+            starts = np.cumsum([0] + counts)
+            texts = [self.expand_image_pads(t, grid[starts[i]:starts[i + 1]]) for i, t in enumerate(texts)]
+            out.update(pixel_values=pixel_values, image_grid_thw=grid)
+        elif any(IMAGE_PAD in t for t in texts):
+            raise ValueError(f"text contains {IMAGE_PAD} but no images were given")
+        enc = self.tokenizer(texts, padding=True, return_tensors="np", add_special_tokens=False)
+        ids = enc["input_ids"].astype(np.int32)
+        out["input_ids"] = ids
+        out["attention_mask"] = enc["attention_mask"].astype(np.int32)
+        out["mm_token_type_ids"] = (ids == self.image_token_id).astype(np.int32)
+        return out
+
+    def apply_chat_template(
+        self, conversations: Sequence[dict] | Sequence[Sequence[dict]], add_generation_prompt: bool = False
+    ) -> dict[str, np.ndarray]:
+        """One conversation (list of messages) or a batch of them -> model inputs as `__call__`.
+        Images are taken from `{"type": "image", "image": ...}` content parts."""
+        convs = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
+        texts = [self.render(c, add_generation_prompt) for c in convs]
+        images = [im for c in convs for im in _images_in(c)]
+        return self(texts, images or None)

@@ -1,0 +1,292 @@
+"""Offline fixtures: a small Qwen-style tokenizer/processor directory and tiny random HF models.
+
+Used by the tests and by demos that need a complete local "model directory" without the hub:
+
+    tok_dir = make_tokenizer_dir(tmp / "tok")              # tokenizer + chat template + processor
+    cfg = tiny_config(tok_dir)                             # Qwen25VLConfig with matching token ids
+    make_hf_model_dir(tmp / "model", cfg, tokenizer_dir=tok_dir)   # needs torch + transformers
+    model = load_hf(tmp / "model")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from .config import Qwen25VLConfig
+
+# Qwen2/2.5-VL special tokens in their released order (ids follow the base vocabulary here).
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# The Qwen2.5-VL chat template (system default, text and image parts, generation prompt).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = """\
+The policy looks at the image and clicks on the target. A positive point adds a region; a
+negative point removes a region. Segment the liver. Segment the left kidney. Is there a tumor?
+If yes, segment it. Structure: spleen. The mask missed a part of the object, place another point.
+<think>
+The green mask covers most of the target but misses the lower part.
+</think>
+<action>
+Positive Point (0.4512, 0.4238)
+</action>
+<action>
+Negative Point (0.1250, 0.9000)
+</action>
+<action>
+Terminate
+</action>
+<answer>
+The liver is segmented.
+</answer>
+You are a helpful assistant. What is shown in this picture? Describe the image in one sentence.
+0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 0.5 0.25 0.75 0.0001 0.9999 1.0000
+the of and to in is it that this with for on as are was be by at an or from not but all
+CT MRI X-ray ultrasound pathology dermoscopy endoscopy fundus OCT brain heart lung kidney
+"""
+
+
+def build_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on a small built-in corpus, plus Qwen's
+    special tokens (appended after the BPE vocabulary). Encodes any text (bytes fall back)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def make_tokenizer_dir(
+    directory: str | os.PathLike,
+    *,
+    vocab_size: int = 400,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+) -> str:
+    """Write an HF tokenizer (tokenizer.json, tokenizer_config.json with the chat template) and
+    a Qwen2-VL `preprocessor_config.json` into `directory`. Needs transformers, not torch."""
+    from transformers import PreTrainedTokenizerFast
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(vocab_size),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        model_max_length=32768,
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+    fast.save_pretrained(directory)
+    with open(os.path.join(directory, "chat_template.jinja"), "w") as f:
+        f.write(CHAT_TEMPLATE)
+    preproc = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "rescale_factor": 1 / 255,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    }
+    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+        json.dump(preproc, f, indent=2)
+    return directory
+
+
+def special_token_ids(tokenizer_dir: str | os.PathLike) -> dict[str, int]:
+    """The config fields image_token_id / video_token_id / vision_start_token_id /
+    vision_end_token_id as assigned by the tokenizer in `tokenizer_dir`."""
+    with open(os.path.join(os.fspath(tokenizer_dir), "tokenizer.json")) as f:
+        added = {t["content"]: t["id"] for t in json.load(f)["added_tokens"]}
+    return {
+        "image_token_id": added["<|image_pad|>"],
+        "video_token_id": added["<|video_pad|>"],
+        "vision_start_token_id": added["<|vision_start|>"],
+        "vision_end_token_id": added["<|vision_end|>"],
+    }
+
+
+def tiny_config(tokenizer_dir: str | os.PathLike | None = None, **overrides: Any) -> Qwen25VLConfig:
+    """`Qwen25VLConfig.tiny()` with the special token ids of `tokenizer_dir` (if given)."""
+    ids = special_token_ids(tokenizer_dir) if tokenizer_dir is not None else {
+        "image_token_id": 500, "video_token_id": 501, "vision_start_token_id": 497, "vision_end_token_id": 498}
+    ids.update(overrides)
+    return Qwen25VLConfig.tiny(**ids)
+
+
+def make_hf_model_dir(
+    directory: str | os.PathLike,
+    config: Qwen25VLConfig,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    randomize: bool = True,
+    dtype: str = "float32",
+):
+    """Build a random transformers `Qwen2_5_VLForConditionalGeneration` for `config`, save it
+    with `save_pretrained` into `directory` (+ tokenizer files) and return the torch model (eval).
+
+    randomize: also draw norm weights and biases at random (HF initialises them to 1 / 0, which
+    would hide a swapped or missing bias in parity tests). Needs torch.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    directory = os.fspath(directory)
+    torch.manual_seed(seed)
+    hf_cfg = Qwen2_5_VLConfig(**config.to_hf_dict())
+    model = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    if randomize:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "layernorm" in name \
+                        or name.endswith("norm.weight") or "ln_q" in name:
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                elif name.endswith("bias"):
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(directory)
+    if tokenizer_dir is not None:
+        for name in os.listdir(tokenizer_dir):
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.isfile(src) and name != "config.json":
+                shutil.copy2(src, os.path.join(directory, name))
+    return model
+
+
+def image_sequence(cfg, rng: np.random.Generator, grids, text_lens, vocab: int = 400) -> np.ndarray:
+    """input_ids [S] with text chunks and <|vision_start|> pad*n <|vision_end|> per image grid."""
+    parts = [rng.integers(0, vocab, text_lens[0])]
+    for g, tl in zip(grids, text_lens[1:]):
+        n = int(np.prod(g)) // 4
+        parts += [[cfg.vision_start_token_id], np.full(n, cfg.image_token_id), [cfg.vision_end_token_id]]
+        parts.append(rng.integers(0, vocab, tl))
+    return np.concatenate(parts).astype(np.int64)
+
+
+def pad_batch(seqs, side: str, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stack 1-D id arrays into input_ids / attention_mask [B, S] padded on `side`."""
+    s = max(len(x) for x in seqs)
+    ids = np.full((len(seqs), s), pad_id, np.int64)
+    mask = np.zeros((len(seqs), s), np.int64)
+    for i, x in enumerate(seqs):
+        sl = slice(s - len(x), s) if side == "left" else slice(0, len(x))
+        ids[i, sl] = x
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def hf_logits(
+    model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None
+) -> np.ndarray:
+    """Logits of the torch model as numpy (mm_token_type_ids built so HF computes 3D positions)."""
+    import torch
+
+    cfg = model.config
+    kw = dict(input_ids=torch.tensor(input_ids))
+    if attention_mask is not None:
+        kw["attention_mask"] = torch.tensor(attention_mask)
+    if pixel_values is not None:
+        kw["pixel_values"] = torch.tensor(pixel_values)
+        kw["image_grid_thw"] = torch.tensor(image_grid_thw)
+        kw["mm_token_type_ids"] = torch.tensor((input_ids == cfg.image_token_id).astype(np.int64))
+    if position_ids is not None:
+        kw["position_ids"] = torch.tensor(np.asarray(position_ids), dtype=torch.long)
+    with torch.no_grad():
+        return model(**kw).logits.float().numpy()
+
+
+def flax_logits(
+    model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None
+) -> np.ndarray:
+    """Jitted forward of a `Qwen25VL` (vision layout computed on the host) as numpy.
+
+    One XLA compile per input shape is several times cheaper than eager op-by-op dispatch."""
+    from .vision import vision_layout
+
+    layout = None if image_grid_thw is None else vision_layout(np.asarray(image_grid_thw), model.config.vision)
+    return np.asarray(_jit_forward(model, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, layout))
+
+
+def _jit_forward_impl(model, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, layout):
+    return model(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_layout=layout)
+
+
+def _lazy_jit():
+    from flax import nnx
+
+    return nnx.jit(_jit_forward_impl)
+
+
+class _JitForward:
+    fn = None
+
+    def __call__(self, *args):
+        if self.fn is None:
+            self.fn = _lazy_jit()
+        return self.fn(*args)
+
+
+_jit_forward = _JitForward()

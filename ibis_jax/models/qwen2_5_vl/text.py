@@ -1,0 +1,204 @@
+"""The Qwen2 decoder of Qwen2.5-VL: GQA with q/k/v biases, multimodal RoPE, RMSNorm, SwiGLU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from .config import ShardingConfig, TextConfig
+from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, dot_attention, linear, partitioned
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys/values of every decoder layer for `max_len` slots.
+
+    k, v [layers, batch, max_len, kv_heads, head_dim]; `end` (int32 scalar) is the first free slot:
+    a call with S new tokens writes slots [end, end + S) and returns a cache with end + S.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def init(cls, cfg: TextConfig, batch: int, max_len: int, dtype: DType = jnp.float32) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def mrope_cos_sin(
+    position_ids: jax.Array, cfg: TextConfig, dtype: DType
+) -> tuple[jax.Array, jax.Array]:
+    """position_ids [3, B, S] (temporal, height, width) -> cos, sin [B, S, head_dim] in `dtype`.
+
+    Frequency band i of the half head_dim takes its position from axis 0/1/2 according to
+    `mrope_section` (e.g. 16 temporal, 24 height, 24 width bands), as HF's Qwen2_5_VLRotaryEmbedding.
+    The angle product stays in fp32 (positions reach 1e5; bf16 angles would be useless).
+    """
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
+    axis_of_band = np.repeat(np.arange(3) % 3, cfg.mrope_section)  # [half]
+    pos = position_ids.astype(jnp.float32)  # [3, B, S]
+    pos_per_band = jnp.take(pos, jnp.asarray(axis_of_band), axis=0)  # [half, B, S]
+    freqs = jnp.moveaxis(pos_per_band, 0, -1) * jnp.asarray(inv_freq[:half])  # [B, S, half]
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        d, dh = cfg.hidden_size, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+        self.q_proj = linear(d, cfg.num_attention_heads * dh, bias=True, kernel_spec=sh.q_weight_dq,
+                             bias_spec=sh.qkv_bias_q, **kw)
+        self.k_proj = linear(d, cfg.num_key_value_heads * dh, bias=True, kernel_spec=sh.kv_weight_dk,
+                             bias_spec=sh.qkv_bias_q, **kw)
+        self.v_proj = linear(d, cfg.num_key_value_heads * dh, bias=True, kernel_spec=sh.kv_weight_dk,
+                             bias_spec=sh.qkv_bias_q, **kw)
+        self.o_proj = linear(cfg.num_attention_heads * dh, d, bias=False, kernel_spec=sh.o_weight_qd,
+                             bias_spec=sh.qkv_bias_q, **kw)
+        self.kv_heads = cfg.num_key_value_heads
+        self.groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        self.head_dim = dh
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        bias: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        kv_end: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, S, D]; cos/sin [B, S, head_dim]; bias [B, S, T] additive (T = S, or the cache
+        length); kv: this layer's cache (k, v) [B, T, KV, head_dim] written at slot kv_end.
+        Returns ([B, S, D], updated (k, v) or None)."""
+        b, s, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(b, s, -1, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(b, s, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, s, self.kv_heads, self.head_dim)
+        if kv is not None:
+            zero = jnp.zeros((), jnp.int32)
+            start = (zero, jnp.asarray(kv_end, jnp.int32), zero, zero)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            kv = (k, v)
+            k, v = k.astype(x.dtype), v.astype(x.dtype)
+        q = q.reshape(b, s, self.kv_heads, self.groups, self.head_dim)
+        out = dot_attention(q, k, v, bias[:, None, None], self.head_dim**-0.5)
+        return self.o_proj(out.reshape(b, s, -1)), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range,
+                  bias_spec=sh.qkv_bias_q)
+        self.gate_proj = linear(d, f, kernel_spec=sh.mlp_up_df, **kw)
+        self.up_proj = linear(d, f, kernel_spec=sh.mlp_up_df, **kw)
+        self.down_proj = linear(f, d, kernel_spec=sh.mlp_down_fd, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, sh, dtype, param_dtype, rngs)
+        self.mlp = MLP(cfg, sh, dtype, param_dtype, rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, spec=sh.norm_d, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, spec=sh.norm_d, param_dtype=param_dtype
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        bias: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        kv_end: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Pre-norm residual block; same arguments as `Attention.__call__`."""
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, kv, kv_end)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class TextModel(nnx.Module):
+    """Embedding, decoder layers and final norm (HF `model.language_model`)."""
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        sh: ShardingConfig,
+        *,
+        dtype: DType,
+        param_dtype: DType,
+        remat: bool,
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=partitioned(nnx.initializers.normal(cfg.initializer_range), sh.emb_vd),
+            rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderLayer(cfg, sh, dtype, param_dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, spec=sh.norm_d, param_dtype=param_dtype)
+        self.act_spec = sh.act_btd
+        self.dtype = dtype
+        self.remat = remat
+
+    def _constrain(self, x: jax.Array) -> jax.Array:
+        # Activation sharding [batch, seq, d]; a no-op unless the spec names mesh axes, in which
+        # case the caller runs under `jax.set_mesh(mesh)`.
+        if self.act_spec == P():
+            return x
+        return jax.lax.with_sharding_constraint(x, self.act_spec)
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        position_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """inputs_embeds [B, S, D]; position_ids [3, B, S]; attention_mask [B, S] (no cache) or
+        [B, max_len] over cache slots (with cache; 1 = a real token) -> (normed hidden [B, S, D], cache)."""
+        x = inputs_embeds.astype(self.dtype)
+        b, s, _ = x.shape
+        cos, sin = mrope_cos_sin(position_ids, self.cfg, self.dtype)
+        offset = jnp.zeros((), jnp.int32) if cache is None else cache.end
+        t = s if cache is None else cache.k.shape[2]
+        key_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        q_slot = offset + jnp.arange(s)
+        allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # [B, S, T]
+        bias = jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
+        x = self._constrain(x)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            if self.remat:
+                x, kv = nnx.remat(lambda l, *a: l(*a))(layer, x, cos, sin, bias, kv, offset)
+            else:
+                x, kv = layer(x, cos, sin, bias, kv, offset)
+            x = self._constrain(x)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = self.norm(x)
+        if cache is not None:
+            cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.end + s)
+        return x, cache

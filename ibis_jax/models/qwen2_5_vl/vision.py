@@ -1,0 +1,232 @@
+"""The Qwen2.5-VL vision tower: patch embedding, windowed/full attention blocks, 2x2 patch merger.
+
+All images of a batch are packed along one token axis, like HF's `pixel_values` [patches, C*T*P*P].
+Which token may attend to which is data-dependent (image sizes), so it is computed on the host
+by `vision_layout(image_grid_thw, config)` into a `VisionLayout` of plain integer arrays; under
+`jax.jit` pass the layout as an argument (its shapes depend only on the number of patches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ShardingConfig, VisionConfig
+from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, dot_attention, linear, partitioned
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionLayout:
+    """Host-computed index arrays for one packed batch of images (L patches, L/4 merged tokens).
+
+    window_index [L/4]: merged-token order used inside the tower (window by window, HF's
+        `get_vision_window_index`); reverse_index [L/4] undoes it after the merger.
+    rope_hw [L, 2]: (row, col) patch position of each token, already in window order.
+    window_segments [L]: id of the attention window of each token (window order).
+    image_segments [L]: id of the image/frame of each token (window order), for full attention.
+    window_gather [num_windows, window_len]: token indices of each window, padded with L;
+        image_gather [num_frames, frame_len] likewise per image frame. Attention runs on these
+        padded groups, so its cost is O(L * group_len), never O(L^2) over the packed batch.
+    """
+
+    window_index: jax.Array
+    reverse_index: jax.Array
+    rope_hw: jax.Array
+    window_segments: jax.Array
+    image_segments: jax.Array
+    window_gather: jax.Array
+    image_gather: jax.Array
+
+
+def _segment_gather(segments: np.ndarray) -> np.ndarray:
+    """Contiguous segment ids [L] -> indices [num_segments, max_len], padded with L."""
+    n = len(segments)
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(segments)) + 1, [n]])
+    lengths = np.diff(bounds)
+    gather = np.full((len(lengths), int(lengths.max())), n, np.int32)
+    for i, (start, length) in enumerate(zip(bounds[:-1], lengths)):
+        gather[i, :length] = np.arange(start, start + length)
+    return gather
+
+
+def vision_layout(image_grid_thw: np.ndarray, config: VisionConfig) -> VisionLayout:
+    """Compute the `VisionLayout` of images with grids `image_grid_thw` [num_images, 3] (t, h, w
+    in patches). Mirrors transformers' get_vision_position_ids / get_vision_window_index /
+    get_vision_cu_seqlens (Qwen2.5-VL), as numpy."""
+    grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+    m = config.spatial_merge_size
+    unit = m * m
+    win = config.window_size // m // config.patch_size  # window side in merged tokens
+    window_index, window_ids, image_ids, rope_hw = [], [], [], []
+    merged_offset = 0
+    window_count = 0
+    frame_count = 0
+    for t, h, w in grid.tolist():
+        if h % m or w % m:
+            raise ValueError(f"image_grid_thw ({t},{h},{w}): h and w must be multiples of merge size {m}")
+        gh, gw = h // m, w // m
+        # (row, col) of each patch in the processor's block-major order: merged-token blocks of m x m.
+        hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        hpos = hpos.reshape(gh, m, gw, m).transpose(0, 2, 1, 3).reshape(-1)
+        wpos = wpos.reshape(gh, m, gw, m).transpose(0, 2, 1, 3).reshape(-1)
+        hw = np.tile(np.stack([hpos, wpos], -1), (t, 1))  # [t*h*w, 2]
+        index = np.arange(t * gh * gw).reshape(t, gh, gw)
+        nwh, nww = -(-gh // win), -(-gw // win)
+        padded = np.full((t, nwh * win, nww * win), -1, np.int64)
+        padded[:, :gh, :gw] = index
+        padded = padded.reshape(t, nwh, win, nww, win).transpose(0, 1, 3, 2, 4).reshape(t, nwh * nww, win * win)
+        order, wid = [], []
+        for f in range(t):
+            for j in range(nwh * nww):
+                members = padded[f, j][padded[f, j] >= 0]
+                if len(members):  # empty (all-padding) windows vanish, as with unique_consecutive
+                    order.append(members)
+                    wid.append(np.full(len(members) * unit, window_count))
+                    window_count += 1
+        local = np.concatenate(order)
+        window_index.append(local + merged_offset)
+        window_ids.append(np.concatenate(wid))
+        # Frame of each merged token: window order keeps frames contiguous.
+        image_ids.append(np.repeat(local // (gh * gw) + frame_count, unit))
+        patch_order = (local[:, None] * unit + np.arange(unit)[None]).reshape(-1)
+        rope_hw.append(hw[patch_order])
+        merged_offset += t * gh * gw
+        frame_count += t
+    window_index = np.concatenate(window_index).astype(np.int32)
+    window_segments = np.concatenate(window_ids).astype(np.int32)
+    image_segments = np.concatenate(image_ids).astype(np.int32)
+    return VisionLayout(
+        window_index=window_index,
+        reverse_index=np.argsort(window_index).astype(np.int32),
+        rope_hw=np.concatenate(rope_hw).astype(np.int32),
+        window_segments=window_segments,
+        image_segments=image_segments,
+        window_gather=_segment_gather(window_segments),
+        image_gather=_segment_gather(image_segments),
+    )
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        e = cfg.hidden_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+        self.qkv = linear(e, 3 * e, bias=True, kernel_spec=sh.vis_qkv_e3e, bias_spec=sh.vis_bias_e, **kw)
+        self.proj = linear(e, e, bias=True, kernel_spec=sh.vis_proj_ee, bias_spec=sh.vis_bias_e, **kw)
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, gather: jax.Array) -> jax.Array:
+        """x [L, E]; cos/sin [L, head_dim] fp32; gather [groups, len] token indices of each
+        attention group (window or frame), padded with L -> [L, E]."""
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        # HF rotates in fp32 whatever the compute dtype.
+        q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)
+        k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
+        q, k, v = (jnp.take(t, gather, axis=0, mode="fill", fill_value=0) for t in (q, k, v))  # [G, N, H, D]
+        bias = jnp.where(gather < n, 0.0, MASK_VALUE)[:, None, None, None, :]  # padded keys
+        out = dot_attention(q[:, :, :, None], k, v, bias, self.head_dim**-0.5)  # [G, N, H, 1, D]
+        out = jnp.zeros((n, x.shape[1]), out.dtype).at[gather.reshape(-1)].set(
+            out.reshape(-1, x.shape[1]), mode="drop"
+        )
+        return self.proj(out)
+
+
+class VisionMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+        self.gate_proj = linear(e, f, kernel_spec=sh.vis_mlp_up_ef, bias_spec=sh.vis_bias_e, **kw)
+        self.up_proj = linear(e, f, kernel_spec=sh.vis_mlp_up_ef, bias_spec=sh.vis_bias_e, **kw)
+        self.down_proj = linear(f, e, kernel_spec=sh.vis_mlp_down_fe, bias_spec=sh.vis_bias_e, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6, spec=sh.norm_d, param_dtype=param_dtype)
+        self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6, spec=sh.norm_d, param_dtype=param_dtype)
+        self.attn = VisionAttention(cfg, sh, dtype, param_dtype, rngs)
+        self.mlp = VisionMLP(cfg, sh, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, gather: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, gather)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then groups of m*m neighbouring patches concatenated -> MLP(GELU) -> text width."""
+
+    def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        inner = cfg.hidden_size * cfg.spatial_merge_size**2
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+        self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6, spec=sh.norm_d, param_dtype=param_dtype)
+        self.mlp_0 = linear(inner, inner, kernel_spec=sh.merger_up_mm, bias_spec=sh.vis_bias_e, **kw)
+        self.mlp_2 = linear(inner, cfg.out_hidden_size, kernel_spec=sh.merger_down_md, bias_spec=sh.vis_bias_e, **kw)
+        self.inner = inner
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [L, E] -> [L / m^2, out_hidden_size]."""
+        x = self.ln_q(x).reshape(-1, self.inner)
+        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+
+
+class VisionTransformer(nnx.Module):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        sh: ShardingConfig,
+        *,
+        dtype: DType,
+        param_dtype: DType,
+        remat: bool,
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        self.patch_embed = nnx.Param(
+            partitioned(nnx.initializers.normal(cfg.initializer_range), sh.patch_pe)(
+                rngs.params(), (cfg.patch_dim, cfg.hidden_size), param_dtype
+            )
+        )
+        self.blocks = nnx.List([VisionBlock(cfg, sh, dtype, param_dtype, rngs) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, sh, dtype, param_dtype, rngs)
+        self.dtype = dtype
+        self.remat = remat
+
+    def rope(self, rope_hw: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """rope_hw [L, 2] -> cos, sin [L, head_dim] in fp32: (h freqs, w freqs) repeated twice."""
+        half = self.cfg.head_dim // 2
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (np.arange(0, half, 2, dtype=np.float32) / half))
+        freqs = jnp.asarray(rope_hw).astype(jnp.float32)[..., None] * inv_freq  # [L, 2, head_dim/4]
+        freqs = freqs.reshape(freqs.shape[0], -1)
+        freqs = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(freqs), jnp.sin(freqs)
+
+    def encode(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
+        """pixel_values [L, C*T*P*P] -> hidden states before the merger [L, E], in window order."""
+        m2 = self.cfg.spatial_merge_size**2
+        x = jnp.asarray(pixel_values).astype(self.dtype) @ self.patch_embed[...].astype(self.dtype)
+        n, e = x.shape
+        x = x.reshape(n // m2, m2, e)[layout.window_index].reshape(n, e)
+        cos, sin = self.rope(layout.rope_hw)
+        # Block-diagonal attention: within windows for most blocks, within whole frames for
+        # `fullatt_block_indexes` (HF's cu_window_seqlens / cu_seqlens).
+        for i, blk in enumerate(self.blocks):
+            gather = layout.image_gather if i in self.cfg.fullatt_block_indexes else layout.window_gather
+            if self.remat:
+                x = nnx.remat(lambda b, *a: b(*a))(blk, x, cos, sin, gather)
+            else:
+                x = blk(x, cos, sin, gather)
+        return x
+
+    def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
+        """pixel_values [L, C*T*P*P] -> visual tokens [L / m^2, out_hidden_size] in input order."""
+        return self.merger(self.encode(pixel_values, layout))[layout.reverse_index]

@@ -1,0 +1,46 @@
+"""Fixtures for the Qwen2.5-VL port: a local tokenizer dir, a tiny random HF model, its Flax load."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir
+
+    return make_tokenizer_dir(tmp_path_factory.mktemp("qwen_tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tok_dir):
+    from ibis_jax.models.qwen2_5_vl.testing import tiny_config
+
+    return tiny_config(tok_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_dir_and_model(tmp_path_factory, tiny_cfg, tok_dir):
+    """(directory saved by transformers' save_pretrained, the torch model)."""
+    pytest.importorskip("torch")
+    from ibis_jax.models.qwen2_5_vl.testing import make_hf_model_dir
+
+    d = str(tmp_path_factory.mktemp("qwen_hf"))
+    model = make_hf_model_dir(d, tiny_cfg, tokenizer_dir=tok_dir, seed=0)
+    return d, model
+
+
+@pytest.fixture(scope="session")
+def torch_model(hf_dir_and_model):
+    return hf_dir_and_model[1]
+
+
+@pytest.fixture(scope="session")
+def flax_model(hf_dir_and_model):
+    from ibis_jax.models.qwen2_5_vl import load_hf
+
+    return load_hf(hf_dir_and_model[0])

@@ -70,3 +70,16 @@ def turn_messages(
             messages += [user(t), assistant_turns[t]]
     messages.append(user(step_index))
     return messages
+
+
+def to_chat(messages: Sequence[Message]) -> list[dict]:
+    """Messages in the Hugging Face chat format the Qwen2.5-VL processor renders: user images as
+    ``{"type": "image", "image": array}`` parts before the text."""
+    chat = []
+    for m in messages:
+        content: list[dict] = []
+        if m.image is not None:
+            content.append({"type": "image", "image": m.image})
+        content.append({"type": "text", "text": m.text})
+        chat.append({"role": m.role, "content": content})
+    return chat

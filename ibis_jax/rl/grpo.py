@@ -137,3 +137,13 @@ def chunked_token_logprobs(
     picked, entropy = jax.lax.map(one, (h, t))
     unchunk = lambda x: x.transpose(1, 0, 2).reshape(batch, chunks * chunk_size)[:, :length]
     return unchunk(picked), unchunk(entropy)
+
+
+def policy_logprobs(model, batch, vision_layout=None, chunk_size: int = 256) -> tuple[jax.Array, jax.Array]:
+    """Log-probs and entropy ``[B, S]`` of ``batch.targets`` under ``model`` (a ``Qwen25VL``),
+    from its final hidden states chunk by chunk (``[B, S, vocab]`` is never built whole)."""
+    hidden = model.hidden_states(
+        batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw,
+        vision_layout=vision_layout,
+    )
+    return chunked_token_logprobs(model.logits, hidden, batch.targets, chunk_size)

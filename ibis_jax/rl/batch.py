@@ -1,0 +1,91 @@
+"""From finished rollouts to the GRPO training batch.
+
+Each policy turn becomes one training sequence (history ``none``, the released model's view): the
+prompt is the chat template of the turn's conversation with the generation prompt, tokenized by
+the processor; the continuation is the sampler's own token ids, appended as they were sampled
+(never decoded and re-encoded). Only those ids carry loss: ``loss_mask`` is 1 exactly on the
+positions whose *next* token is a sampled one, so the system prompt, the user turns and the image
+tokens never enter the loss or the ratio. Every turn of a trajectory shares that trajectory's
+advantage.
+
+Arrays are padded to a bucketed length so the jitted step sees few shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from ibis_jax.agent.conversation import to_chat
+from ibis_jax.agent.loop import PolicyTurn
+
+
+@dataclasses.dataclass
+class TurnExample:
+    """One policy turn ready to tokenize: its conversation and what the sampler produced."""
+
+    messages: list  # list[Message]
+    turn: PolicyTurn
+    advantage: float
+
+
+@dataclasses.dataclass
+class GRPOBatch:
+    input_ids: np.ndarray  # int32 [B, S]
+    attention_mask: np.ndarray  # int32 [B, S]
+    targets: np.ndarray  # int32 [B, S]: input_ids shifted left (the token each position predicts)
+    loss_mask: np.ndarray  # float32 [B, S]: 1 where targets[b, s] is a sampled policy token
+    advantages: np.ndarray  # float32 [B]
+    sampler_logprobs: np.ndarray  # float32 [B, S]: the sampler's log-probs at the masked positions
+    pixel_values: np.ndarray | None  # float32 [patches, C*T*P*P]
+    image_grid_thw: np.ndarray | None  # int [images, 3]
+
+    @property
+    def num_policy_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that fits ``length``; raises if none does (raise ``max_len``)."""
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(f"a sequence of {length} tokens exceeds the largest bucket {max(buckets)}; "
+                     "raise the config's max sequence length or lower max_new_tokens")
+
+
+def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequence[int] = (512, 1024, 2048, 4096)) -> GRPOBatch:
+    """Tokenizes the prompts, appends the sampled ids and builds the masks (right padding)."""
+    rows, images = [], []
+    for ex in examples:
+        if ex.turn.token_ids is None:
+            raise ValueError("GRPO needs the sampler's token ids for every turn (PolicyTurn.token_ids is None)")
+        chat = to_chat(ex.messages)
+        encoded = processor.apply_chat_template(chat, add_generation_prompt=True)
+        prompt = encoded["input_ids"][0][encoded["attention_mask"][0] > 0]
+        sampled = np.asarray(ex.turn.token_ids, dtype=np.int32)
+        logprobs = (np.zeros(len(sampled), np.float32) if ex.turn.logprobs is None
+                    else np.asarray(ex.turn.logprobs, np.float32))
+        rows.append((prompt, sampled, logprobs))
+        images += [m.image for m in ex.messages if m.image is not None]
+    length = bucket_length(max(len(p) + len(s) for p, s, _ in rows), buckets)
+    b = len(rows)
+    input_ids = np.zeros((b, length), np.int32)
+    attention = np.zeros((b, length), np.int32)
+    loss_mask = np.zeros((b, length), np.float32)
+    sampler_lp = np.zeros((b, length), np.float32)
+    for i, (prompt, sampled, lp) in enumerate(rows):
+        n_p, n_s = len(prompt), len(sampled)
+        input_ids[i, :n_p + n_s] = np.concatenate([prompt, sampled])
+        attention[i, :n_p + n_s] = 1
+        # Position p predicts token p + 1: the sampled tokens are predicted from n_p - 1 onwards.
+        loss_mask[i, n_p - 1:n_p - 1 + n_s] = 1.0
+        sampler_lp[i, n_p - 1:n_p - 1 + n_s] = lp
+    targets = np.concatenate([input_ids[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
+    pixel_values = grid = None
+    if images:
+        pixel_values, grid = processor.images(images)
+    return GRPOBatch(input_ids, attention, targets, loss_mask,
+                     np.asarray([ex.advantage for ex in examples], np.float32), sampler_lp, pixel_values, grid)

@@ -1,0 +1,71 @@
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ibis_jax.agent.conversation import turn_messages
+from ibis_jax.agent.loop import PolicyTurn
+from ibis_jax.models.qwen2_5_vl import Qwen25VL
+from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
+from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir, tiny_config
+from ibis_jax.rl.batch import TurnExample, build_grpo_batch, bucket_length
+from ibis_jax.rl.grpo import policy_logprobs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok_dir = make_tokenizer_dir(tmp_path_factory.mktemp("tok"), min_pixels=28 * 28, max_pixels=56 * 56)
+    processor = Qwen25VLProcessor(tok_dir)
+    model = Qwen25VL(tiny_config(tok_dir), rngs=nnx.Rngs(0))
+    return processor, model
+
+
+def _examples(processor):
+    rng = np.random.default_rng(0)
+    examples = []
+    for i, text in enumerate(["<think>\nleft lobe\n</think>\n<action>\nPositive Point (0.2000, 0.3000)\n</action>",
+                              "<think>\nok\n</think>\n<action>\nTerminate\n</action>"]):
+        obs = [rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)]
+        ids = tuple(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        lp = -np.arange(1, len(ids) + 1, dtype=np.float32) / 10
+        examples.append(TurnExample(turn_messages(0, f"Segment organ {i}.", obs), PolicyTurn(text, ids, lp), float(i) - 0.5))
+    return examples
+
+
+def test_loss_mask_covers_exactly_the_sampled_tokens(setup):
+    processor, _ = setup
+    examples = _examples(processor)
+    batch = build_grpo_batch(examples, processor, buckets=(512, 1024))
+    for i, ex in enumerate(examples):
+        positions = np.flatnonzero(batch.loss_mask[i])
+        # The token each masked position predicts is exactly the sampler's id sequence.
+        assert batch.targets[i, positions].tolist() == list(ex.turn.token_ids)
+        assert batch.input_ids[i, positions + 1].tolist() == list(ex.turn.token_ids)
+        np.testing.assert_allclose(batch.sampler_logprobs[i, positions], ex.turn.logprobs)
+        # Nothing before the assistant span (system, user text, image tokens) is in the loss.
+        assert batch.loss_mask[i, : positions[0]].sum() == 0
+        assert batch.attention_mask[i].sum() == positions[-1] + 2
+    assert batch.advantages.tolist() == [-0.5, 0.5]
+    assert batch.image_grid_thw.shape == (2, 3) and batch.input_ids.shape[1] == 1024
+    assert (batch.input_ids == processor.image_token_id).sum() == batch.image_grid_thw.prod(-1).sum() // 4
+
+
+def test_policy_logprobs_equal_full_forward(setup):
+    processor, model = setup
+    batch = build_grpo_batch(_examples(processor), processor, buckets=(512, 1024))
+    logp, entropy = policy_logprobs(model, batch, chunk_size=32)
+    logits = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw)
+    full = jax.nn.log_softmax(logits, -1)
+    expected = np.take_along_axis(np.asarray(full), batch.targets[..., None], -1)[..., 0]
+    mask = batch.loss_mask > 0
+    np.testing.assert_allclose(np.asarray(logp)[mask], expected[mask], atol=1e-5)
+
+
+def test_turn_without_token_ids_and_overlong_are_refused(setup):
+    processor, _ = setup
+    ex = _examples(processor)[0]
+    bad = TurnExample(ex.messages, PolicyTurn("x"), 0.0)
+    with pytest.raises(ValueError, match="token ids"):
+        build_grpo_batch([bad], processor)
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        bucket_length(5000, (512, 1024))

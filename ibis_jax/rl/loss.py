@@ -1,0 +1,43 @@
+"""GRPO as a registered loss of the shared train step (``ibis_jax.train.step``).
+
+``grpo`` reads a micro-batch of :class:`~ibis_jax.rl.batch.GRPOBatch` fields plus
+``old_logprobs`` (recomputed by the trainer under the parameters that generated the rollouts) and
+returns ``(loss_sum, denominator, aux)`` like every loss, so gradient accumulation, the optimizer,
+checkpointing and logging are SFT's.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, grpo_loss
+from ibis_jax.train.loss import register_loss
+
+
+def make_grpo_loss(config: GRPOConfig, chunk_size: int = 256):
+    """``loss_fn(model, micro_batch) -> (loss_sum, denominator, aux)`` for ``config``."""
+
+    def loss_fn(model, batch):
+        hidden = model.hidden_states(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
+            vision_layout=batch["vision_layout"],
+        )
+        logp, entropy = chunked_token_logprobs(model.logits, hidden, batch["targets"], chunk_size)
+        ref = batch.get("ref_logprobs")
+        loss_sum, denom, m = grpo_loss(logp, batch["old_logprobs"], batch["advantages"], batch["loss_mask"],
+                                       config, ref_logprobs=ref)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        n = mask.sum()
+        aux = {
+            "clip_fraction": (m["clip_fraction"] * n, n),
+            "ratio_mean": (m["ratio_mean"] * n, n),
+            "kl": (m["kl"] * n, n),
+            "entropy": ((entropy * mask).sum(), n),
+            "policy_tokens": n,
+        }
+        return loss_sum, denom, aux
+
+    return loss_fn
+
+
+register_loss("grpo")(make_grpo_loss(GRPOConfig()))

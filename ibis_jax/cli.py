@@ -16,7 +16,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ibis_jax.commands.demo", "oracle episodes with the classical tool on sample images"),
     "synth": ("ibis_jax.commands.synth", "synthesize cold-start click trajectories from a dataset"),
+    "grpo": ("ibis_jax.commands.grpo", "agentic GRPO from an SFT checkpoint with a tool in the loop"),
     "tool": ("tool_bridge.cli", "serve or ping a segmentation tool over gRPC"),
+    "eval": ("ibis_jax.commands.eval", "evaluate a policy (oracle or a model) with a tool on a test source"),
+    "segment": ("ibis_jax.commands.segment", "run the agent on one image; write the mask and an HTML report"),
 }
 
 

@@ -53,6 +53,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--overwrite", action="store_true", help="start over if OUT holds other settings")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    add_source_arguments(parser)
+    parser.set_defaults(run=run_command)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--source`` options (folder / nifti / dicom / demo) that :func:`build_source` reads;
+    shared by ``synth`` and ``eval`` (the caller adds ``--source`` and ``--seed`` itself)."""
     src = parser.add_argument_group("sources (folder / nifti / dicom / demo)")
     src.add_argument("--root", help="folder: dataset root holding SPLIT/ and SPLIT_mask/")
     src.add_argument("--split", default="train", help="folder: split sub-folder (default train)")
@@ -78,7 +85,6 @@ def register(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--nuclei-tile", type=int, default=128, help="demo: nuclei tile side")
     src.add_argument("--nuclei-tiles", type=int, default=6, help="demo: number of nuclei tiles")
     src.add_argument("--num-shapes", type=int, default=8, help="demo: synthetic-shapes samples")
-    parser.set_defaults(run=run_command)
 
 
 def build_source(args: argparse.Namespace):

@@ -38,7 +38,6 @@ from scipy import ndimage
 
 from ibis_jax.agent.episode import Episode, EpisodeConfig
 from ibis_jax.agent.grammar import Click
-from ibis_jax.agent.overlay import draw_clicks, render_overlay
 from ibis_jax.agent.prompts import user_turn
 from ibis_jax.data.clicks import SimulatedClick, next_click
 from ibis_jax.data.images import ImageError
@@ -54,6 +53,7 @@ from ibis_jax.data.records import (
 )
 from ibis_jax.data.sources.base import Item, Sample, Source, SourceError, stable_seed
 from ibis_jax.data.windowing import WindowError
+from ibis_jax.report.pictures import trajectory_picture
 from ibis_jax.tools import make_tool
 from ibis_jax.tools.protocol import SegmentationTool, ToolError, tool_session
 
@@ -459,38 +459,6 @@ def format_table(stats: dict[str, Any]) -> str:
 
 
 # -- pictures --------------------------------------------------------------------------------------
-
-def trajectory_picture(record: TrajectoryRecord, max_panels: int = 6, panel_height: int = 192) -> np.ndarray:
-    """A strip of panels: ground truth, then the overlay after selected clicks with the clicks so
-    far marked (blue positive, red negative); RGB ``uint8 [panel_height + 18, W_total, 3]``."""
-    image = record.image()
-    gt = record.gt()
-    clicks_so_far: list[Click] = []
-    panels = []
-    if gt is not None:
-        panels.append((render_overlay(image, gt, (255, 200, 0), 0.45), "ground truth"))
-    click_steps = [s for s in record.steps if s.kind == "click"]
-    chosen = click_steps
-    if len(click_steps) > max_panels - 1:
-        picks = np.linspace(0, len(click_steps) - 1, max_panels - 1).round().astype(int)
-        chosen = [click_steps[i] for i in sorted(set(picks.tolist()))]
-    chosen_ids = {s.index for s in chosen}
-    for step in click_steps:
-        clicks_so_far.append(Click(step.x, step.y, bool(step.positive)))
-        if step.index in chosen_ids:
-            overlay = draw_clicks(render_overlay(image, decode_mask(step.mask)), list(clicks_so_far))
-            label = f"t={step.index + 1} IoU {step.iou:.2f}" + (" (wrong)" if step.tag == "wrong" else "")
-            panels.append((overlay, label))
-    out = []
-    for panel, label in panels:
-        scale = panel_height / panel.shape[0]
-        panel = cv2.resize(panel, (max(1, round(panel.shape[1] * scale)), panel_height), interpolation=cv2.INTER_NEAREST)
-        header = np.full((18, panel.shape[1], 3), 255, dtype=np.uint8)
-        cv2.putText(header, label, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
-        out.append(np.concatenate([header, panel], axis=0))
-        out.append(np.full((panel_height + 18, 4, 3), 255, dtype=np.uint8))
-    return np.concatenate(out[:-1], axis=1) if out else image
-
 
 def decode_mask(rle: dict[str, Any]) -> np.ndarray:
     from ibis_jax.data.rle import decode_rle

@@ -1,0 +1,97 @@
+"""``ibis-jax eval``: a policy with a tool over a test source, scored like the paper.
+
+Examples::
+
+    ibis-jax eval --policy oracle --tool classical --source demo --demo-parts shapes --out runs/eval-oracle
+    ibis-jax eval --policy ckpt/hf --tool localhost:50051 --source folder --root BiomedParseData/amos22 \\
+        --split test --out runs/eval-amos --history full
+    ibis-jax eval --policy ckpt/hf --vqa slake/test.json --image-root slake/imgs --out runs/vqa-slake
+
+Writes ``OUT/metrics.json``, ``OUT/metrics.md`` (the paper's table layout), ``OUT/cases.jsonl``,
+one trajectory record per episode (``OUT/trajectories-00000-of-00001.array_record``, the shape
+``synth`` writes) and ``OUT/examples/`` (pictures and HTML reports). With ``--vqa``: closed-ended
+VQA exact-match accuracy in ``OUT/vqa_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ibis_jax.agent.conversation import HISTORY_MODES
+from ibis_jax.commands.synth import add_source_arguments, build_source
+from ibis_jax.data.clicks import CLICK_RULES
+from ibis_jax.data.queries import QUERY_STYLES
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__.split("\n\n", 1)[1] if __doc__ else None
+    parser.add_argument("--policy", required=True, help="'oracle' (click simulator, upper bound) or a model dir")
+    parser.add_argument("--tool", default="classical", help="'classical', a bridge HOST:PORT, or module:factory")
+    parser.add_argument("--source", choices=("folder", "nifti", "dicom", "demo"), help="test data (not with --vqa)")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--history", default="none", choices=HISTORY_MODES, help="turns the policy sees (SPEC 1)")
+    parser.add_argument("--max-steps", type=int, default=20, help="actions per episode (default 20)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--batch-size", type=int, default=8, help="episodes per batched policy call")
+    parser.add_argument("--query-style", default="direct", choices=QUERY_STYLES, help="first-turn query style")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad source items")
+    parser.add_argument("--examples", type=int, default=4, help="example episodes drawn under OUT/examples")
+    oracle = parser.add_argument_group("oracle policy and interactive metrics")
+    oracle.add_argument("--rule", default="ritm", choices=CLICK_RULES, help="oracle click rule (SPEC 3)")
+    oracle.add_argument("--oracle-stop-iou", type=float, default=0.9,
+                        help="the oracle terminates at this IoU in the agent run (0 = never; default 0.9); the "
+                             "NoC/mIoU curves always run with early stop off")
+    oracle.add_argument("--curve-clicks", type=int, default=20, help="clicks of the NoC/mIoU curves (default 20)")
+    vqa = parser.add_argument_group("closed-ended VQA")
+    vqa.add_argument("--vqa", default=None, help="JSON list of {image, question, answer} (SLAKE/VQA-RAD/PathVQA)")
+    vqa.add_argument("--image-root", default=None, help="folder the VQA image paths are relative to")
+    add_source_arguments(parser)
+    parser.set_defaults(run=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from ibis_jax.data.sources import SourceError
+    from ibis_jax.eval import EvalConfig, PolicyUnavailable, evaluate, load_policy
+    from ibis_jax.eval.report import comparison_markdown, interactive_markdown
+    from ibis_jax.tools import make_tool
+
+    try:
+        if (args.vqa is None) == (args.source is None):
+            raise ValueError("give exactly one of --source (segmentation) or --vqa FILE (closed-ended VQA)")
+        policy = load_policy(args.policy, rule=args.rule, stop_iou=args.oracle_stop_iou or None,
+                             max_clicks=args.max_steps)
+        tool = make_tool(args.tool)
+        policy_name = "oracle" if args.policy.strip().lower() == "oracle" else args.policy
+        if args.vqa:
+            from ibis_jax.eval.vqa import evaluate_vqa, load_vqa
+
+            items = load_vqa(args.vqa, args.image_root)[: args.limit]
+            metrics = evaluate_vqa(policy, tool, items, history=args.history, max_steps=args.max_steps,
+                                   batch_size=args.batch_size, out_dir=args.out, policy_name=policy_name)
+            print(f"closed-ended VQA: {metrics['questions']} questions, exact-match accuracy "
+                  f"{100 * metrics['accuracy']:.2f}% -> {args.out}/vqa_metrics.json")
+            return 0
+        source = build_source(args)
+        config = EvalConfig(
+            history=args.history, max_steps=args.max_steps, batch_size=args.batch_size, limit=args.limit,
+            query_style=args.query_style, seed=args.seed, curve_clicks=args.curve_clicks, on_error=args.on_error,
+            num_examples=args.examples, policy_name=policy_name, tool_name=args.tool, source_name=args.source,
+        )
+        metrics = evaluate(policy, tool, source, config=config, out_dir=args.out, show_progress=True)
+    except (SourceError, PolicyUnavailable, ValueError, FileNotFoundError) as e:
+        print(f"ibis-jax eval: error: {e}", file=sys.stderr)
+        return 1
+    print(comparison_markdown([metrics]))
+    print()
+    print(f"Interactive ({metrics['interactive']['curve']}):")
+    print(interactive_markdown([metrics]))
+    overall = metrics["overall"]
+    print(f"\nend reasons {overall['end_reasons']}, parse failures {100 * overall['parse_failure_rate']:.1f}%, "
+          f"per case: generation {overall['generate_seconds_per_case']:.3f} s, tool "
+          f"{overall['tool_seconds_per_case']:.3f} s; {metrics['seconds']} s in all")
+    print(f"wrote {args.out}/metrics.json, metrics.md, cases.jsonl, {metrics['records']} and "
+          f"{len(metrics['examples'])} example files")
+    return 0

@@ -1,0 +1,329 @@
+"""Evaluation: a policy with a tool over a source's samples, scored like the paper (SPEC section 6).
+
+:func:`evaluate` runs the agent loop (:func:`ibis_jax.agent.loop.run_agent`, batched) on every
+sample, then reports mean IoU / Dice overall, per modality and per target, average steps,
+termination reasons, the parse-failure rate and time per case (generation and tool apart). It also
+reports the interactive-segmentation metrics NoC@85/@90, NoF@90 and mIoU@k over click IoU curves:
+
+- for the oracle (the click simulator) the curves come from *fixed-click* episodes with early stop
+  off (SPEC section 3): ``curve_clicks`` clicks unless nothing is left to click, the curve padded
+  with its last value, exactly as ``run_oracle_episode`` + ``oracle_iou_curve`` produce them;
+- for a model policy they are its own clicks (a curve that ended early keeps its last IoU).
+
+Samples whose target is absent (empty ground truth) count in IoU / Dice (an empty answer scores
+1.0) but not in the curves, which need something to click.
+
+Outputs (``out_dir``): ``metrics.json``, ``metrics.md`` (tables laid out like the paper's),
+``cases.jsonl`` (one line per episode), ``trajectories-00000-of-00001.array_record`` (one
+``TrajectoryRecord`` per episode, the shape synthesis writes) and ``examples/`` (pictures and
+HTML reports of a few episodes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ibis_jax.agent.conversation import HistoryMode
+from ibis_jax.agent.episode import END_REASONS, Episode, EpisodeConfig
+from ibis_jax.agent.loop import EpisodeTrace, OraclePolicy, Policy, run_agent
+from ibis_jax.agent.oracle import oracle_iou_curve
+from ibis_jax.agent.prompts import user_turn
+from ibis_jax.data.queries import make_query, query_rng
+from ibis_jax.data.records import ShardWriter, TrajectoryRecord, record_from_episode, shard_name, write_json_atomic
+from ibis_jax.data.sources.base import Sample, Source, SourceError
+from ibis_jax.metrics import dice, interactive_summary
+from ibis_jax.tools.protocol import SegmentationTool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """How an evaluation runs.
+
+    Attributes:
+      history: what the policy sees each turn (``none``: the current overlay; ``full``: every turn).
+      max_steps: actions per episode (the episode's ``max_actions``; SPEC: 20).
+      batch_size: episodes per batched ``run_agent`` call (one policy call per round).
+      limit: evaluate only the first N samples.
+      query_style: first-turn query style (``direct``: "Segment the liver in this CT scan.").
+      curve_clicks: clicks of the interactive curves (NoC budget); ks: the mIoU@k points.
+      on_error: a bad source item stops the run (``raise``) or is counted and skipped (``skip``).
+      num_examples: episodes drawn under ``examples/`` (one per modality first).
+      policy_name, tool_name, source_name: labels written into the metrics and tables.
+    """
+
+    history: HistoryMode = "none"
+    max_steps: int = 20
+    batch_size: int = 8
+    limit: int | None = None
+    query_style: str = "direct"
+    seed: int = 0
+    curve_clicks: int = 20
+    ks: tuple[int, ...] = (1, 3, 5)
+    on_error: str = "raise"
+    num_examples: int = 4
+    policy_name: str = "policy"
+    tool_name: str = "tool"
+    source_name: str = ""
+
+
+@dataclasses.dataclass
+class CaseResult:
+    """One evaluated episode. ``curve`` is the click IoU curve the interactive metrics read."""
+
+    sample_id: str
+    target: str
+    modality: str
+    query: str
+    iou: float
+    dice: float
+    clicks: int
+    turns: int
+    end_reason: str
+    parse_failure: bool
+    generate_seconds: float
+    tool_seconds: float
+    empty_gt: bool
+    curve: list[float] = dataclasses.field(default_factory=list)
+
+
+# -- samples -------------------------------------------------------------------------------------
+
+def iter_samples(source: Source, *, limit: int | None = None, on_error: str = "raise",
+                 skipped: Counter | None = None) -> Iterator[Sample]:
+    """The source's samples in order, at most ``limit``; bad items raise or are counted by reason."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    count = 0
+    for item in source.items():
+        try:
+            for sample in source.load(item):
+                if limit is not None and count >= limit:
+                    return
+                count += 1
+                yield sample
+        except SourceError as e:
+            if on_error == "raise":
+                raise
+            if skipped is not None:
+                skipped[e.reason] += 1
+        if limit is not None and count >= limit:
+            return
+
+
+def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    batch: list[Sample] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def sample_query(sample: Sample, style: str, seed: int) -> str:
+    """The first-turn query for a sample (a "question" query when the target is absent)."""
+    rng = query_rng(seed, sample.sample_id)
+    return make_query(sample.target, sample.modality, rng, style=style, absent=not sample.mask.any()).text
+
+
+# -- running -------------------------------------------------------------------------------------
+
+def _case(sample: Sample, episode: Episode, trace: EpisodeTrace, curve: list[float]) -> CaseResult:
+    final = episode.current_mask
+    return CaseResult(
+        sample_id=sample.sample_id, target=sample.target, modality=sample.modality, query=episode.query,
+        iou=float(episode.ious[-1]), dice=float(dice(final, episode.gt_mask)), clicks=len(episode.clicks),
+        turns=len(episode.steps), end_reason=episode.end_reason or "",
+        parse_failure=any(s.parse_error is not None for s in episode.steps),
+        generate_seconds=float(trace.generate_seconds),
+        tool_seconds=float(sum(s.tool_seconds for s in episode.steps)),
+        empty_gt=not bool(episode.gt_mask.any()), curve=[float(v) for v in curve],
+    )
+
+
+def fixed_click_curves(policy: OraclePolicy, tool: SegmentationTool, samples: Sequence[Sample],
+                       curve_clicks: int) -> list[list[float]]:
+    """Oracle IoU curves with early stop off: ``curve_clicks`` clicks (fewer only when nothing is
+    left to click), padded with the last value, as ``run_oracle_episode`` + ``oracle_iou_curve``."""
+    oracle = OraclePolicy(rule=policy.rule, stop_iou=None, max_clicks=curve_clicks)
+    config = EpisodeConfig(max_actions=curve_clicks + 1)  # room for the clicks, like run_oracle_episode
+    episodes = [Episode(s.image, "", s.mask, config=config, episode_id=f"curve-{i}-{s.sample_id}")
+                for i, s in enumerate(samples)]
+    run_agent(oracle, tool, episodes)
+    return [oracle_iou_curve(e, curve_clicks) for e in episodes]
+
+
+def _curve_kind(policy: Policy, config: EvalConfig) -> tuple[str, bool]:
+    """(description, whether the main episodes already are the fixed-click oracle curves)."""
+    if isinstance(policy, OraclePolicy):
+        reuse = policy.stop_iou is None and policy.max_clicks == config.curve_clicks \
+            and config.max_steps >= config.curve_clicks
+        return "oracle fixed clicks, early stop off (SPEC section 3)", reuse
+    return "policy clicks (a curve that ended early keeps its last IoU)", False
+
+
+def evaluate(
+    policy: Policy,
+    tool: SegmentationTool,
+    source: Source,
+    *,
+    config: EvalConfig = EvalConfig(),
+    out_dir: str | Path | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluates ``policy`` with ``tool`` on ``source``; returns the metrics dict (see the module
+    docstring) and, with ``out_dir``, writes it with the tables, cases, records and examples."""
+    start = time.perf_counter()
+    out = Path(out_dir) if out_dir is not None else None
+    writer = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        writer = ShardWriter(out / shard_name(0, 1))
+    curve_kind, reuse = _curve_kind(policy, config)
+    skipped: Counter = Counter()
+    cases: list[CaseResult] = []
+    records: list[TrajectoryRecord] = []
+    progress = None
+    if show_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(desc="eval episodes", unit="episode")
+    episode_config = EpisodeConfig(max_actions=config.max_steps)
+    samples = iter_samples(source, limit=config.limit, on_error=config.on_error, skipped=skipped)
+    try:
+        for batch in _batches(samples, max(1, config.batch_size)):
+            episodes = [
+                Episode(s.image, sample_query(s, config.query_style, config.seed), s.mask, config=episode_config,
+                        episode_id=f"eval-{len(cases) + i}")
+                for i, s in enumerate(batch)
+            ]
+            traces = run_agent(policy, tool, episodes, history=config.history)
+            clickable = [s for s in batch if s.mask.any()]
+            if isinstance(policy, OraclePolicy) and not reuse and clickable:
+                curves = iter(fixed_click_curves(policy, tool, clickable, config.curve_clicks))
+            else:
+                curves = iter([oracle_iou_curve(e, config.curve_clicks) if reuse else e.click_iou_curve
+                               for s, e in zip(batch, episodes) if s.mask.any()])
+            for sample, episode, trace in zip(batch, episodes, traces):
+                curve = next(curves) if sample.mask.any() else []
+                case = _case(sample, episode, trace, curve)
+                cases.append(case)
+                record = record_from_episode(
+                    episode, record_id=sample.sample_id, target=sample.target, modality=sample.modality,
+                    user_turns=[user_turn(t, episode.query) for t in range(len(episode.steps))],
+                    tags=["oracle" if isinstance(policy, OraclePolicy) else "policy"] * len(episode.steps),
+                    query_style=config.query_style, source=sample.source, sample_id=sample.sample_id,
+                    meta={"policy": config.policy_name, "tool": config.tool_name, "history": config.history,
+                          "generate_seconds": case.generate_seconds, "tool_seconds": case.tool_seconds,
+                          "provenance": _jsonable(sample.provenance)},
+                )
+                if writer is not None:
+                    writer.write(record)
+                if len(records) < 200:  # enough to pick examples from, bounded memory
+                    records.append(record)
+            if progress is not None:
+                progress.update(len(batch))
+        if writer is not None:
+            writer.commit()
+    finally:
+        if progress is not None:
+            progress.close()
+        if writer is not None and writer.tmp.exists():
+            writer.abort()
+    if not cases:
+        raise ValueError(f"source {config.source_name or type(source).__name__!r} yielded no samples to evaluate "
+                         f"(skipped: {dict(skipped) or 'none'}); check the source arguments and --limit")
+    metrics = summarize_cases(cases, config=config, curve_kind=curve_kind)
+    metrics["skipped"] = dict(skipped)
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    if out is not None:
+        from ibis_jax.eval.report import format_markdown, write_examples
+
+        metrics["records"] = str(out / shard_name(0, 1))
+        metrics["examples"] = [str(p) for p in write_examples(records, out / "examples", config.num_examples)]
+        with open(out / "cases.jsonl", "w") as handle:
+            for case in cases:
+                handle.write(json.dumps(dataclasses.asdict(case)) + "\n")
+        write_json_atomic(out / "metrics.json", metrics)
+        (out / "metrics.md").write_text(format_markdown(metrics))
+    return metrics
+
+
+# -- aggregation ---------------------------------------------------------------------------------
+
+def _mean(values: Sequence[float]) -> float:
+    return float(statistics.fmean(values)) if values else float("nan")
+
+
+def segmentation_summary(cases: Sequence[CaseResult]) -> dict[str, Any]:
+    """Mean IoU / Dice, steps, end reasons, parse failures and time per case of a group."""
+    reasons = Counter(c.end_reason for c in cases)
+    turns = sum(c.turns for c in cases)
+    return {
+        "samples": len(cases),
+        "mean_iou": _mean([c.iou for c in cases]),
+        "mean_dice": _mean([c.dice for c in cases]),
+        "median_iou": float(np.median([c.iou for c in cases])) if cases else float("nan"),
+        # Steps = click actions (tool calls); the terminate turn is counted in avg_turns.
+        "avg_steps": _mean([c.clicks for c in cases]),
+        "avg_turns": _mean([c.turns for c in cases]),
+        "end_reasons": {r: reasons[r] for r in END_REASONS if reasons[r]},
+        # Per episode: a turn that does not parse ends the episode, so at most one per case.
+        "parse_failure_rate": _mean([float(c.parse_failure) for c in cases]),
+        "parse_failures_per_turn": (sum(c.parse_failure for c in cases) / turns) if turns else 0.0,
+        "generate_seconds_per_case": _mean([c.generate_seconds for c in cases]),
+        "tool_seconds_per_case": _mean([c.tool_seconds for c in cases]),
+    }
+
+
+def summarize_cases(cases: Sequence[CaseResult], *, config: EvalConfig, curve_kind: str) -> dict[str, Any]:
+    """The metrics dict of an evaluation (the content of ``metrics.json``)."""
+    by_modality: dict[str, list[CaseResult]] = defaultdict(list)
+    by_target: dict[str, list[CaseResult]] = defaultdict(list)
+    for case in cases:
+        by_modality[case.modality].append(case)
+        by_target[f"{case.modality}/{case.target}"].append(case)
+    ks = tuple(k for k in config.ks if k <= config.curve_clicks)
+
+    def interactive(group: Sequence[CaseResult]) -> dict[str, float]:
+        curves = [c.curve for c in group if not c.empty_gt]
+        return {"samples": len(curves), **(interactive_summary(curves, config.curve_clicks, ks) if curves else {})}
+
+    return {
+        "policy": config.policy_name,
+        "tool": config.tool_name,
+        "source": config.source_name,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+        "samples": len(cases),
+        "overall": segmentation_summary(cases),
+        "per_modality": {m: segmentation_summary(g) for m, g in sorted(by_modality.items())},
+        "per_target": {t: segmentation_summary(g) for t, g in sorted(by_target.items())},
+        "interactive": {
+            "curve": curve_kind,
+            "max_clicks": config.curve_clicks,
+            "overall": interactive(cases),
+            "per_modality": {m: interactive(g) for m, g in sorted(by_modality.items())},
+        },
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,38 @@
+"""Policies by name, as ``eval`` and ``segment`` take them: ``oracle`` or a model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ibis_jax.agent.loop import OraclePolicy, Policy
+from ibis_jax.data.clicks import ClickRule
+
+
+class PolicyUnavailable(RuntimeError):
+    """The named policy cannot be loaded in this installation."""
+
+
+def is_oracle(spec: str) -> bool:
+    return spec.strip().lower() == "oracle"
+
+
+def load_policy(
+    spec: str, *, rule: ClickRule = "ritm", stop_iou: float | None = 0.9, max_clicks: int = 20
+) -> Policy:
+    """``oracle`` (the click simulator; reads the ground truth) or a checkpoint / HF directory.
+
+    ``rule``, ``stop_iou`` and ``max_clicks`` configure the oracle only; a model decides itself.
+    """
+    if is_oracle(spec):
+        return OraclePolicy(rule=rule, stop_iou=stop_iou, max_clicks=max_clicks)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{spec!r}: no such checkpoint or model directory (or use 'oracle')")
+    try:
+        from ibis_jax.generate.policy import ModelPolicy
+    except ImportError as e:
+        raise PolicyUnavailable(
+            f"{spec}: model policy not available yet (ibis_jax.generate.policy does not import: {e}); "
+            "use the oracle ('oracle', which needs ground-truth masks) until the model policy lands"
+        ) from None
+    return ModelPolicy.from_pretrained_dir(str(path))

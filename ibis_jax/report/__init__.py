@@ -1,0 +1,1 @@
+"""Human-facing pictures and reports of trajectory records (PNG strips, GIFs, HTML)."""

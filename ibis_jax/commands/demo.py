@@ -21,7 +21,7 @@ from ibis_jax.agent.oracle import oracle_iou_curve, run_oracle_episode
 from ibis_jax.data.clicks import CLICK_RULES
 from ibis_jax.data.records import record_from_episode
 from ibis_jax.data.sources.demo import DemoSource
-from ibis_jax.data.synth import trajectory_picture
+from ibis_jax.report.pictures import trajectory_picture
 from ibis_jax.metrics import interactive_summary
 from ibis_jax.tools.classical import TISSUE, ClassicalTool, ClassicalToolConfig
 

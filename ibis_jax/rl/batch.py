@@ -1,14 +1,17 @@
 """From finished rollouts to the GRPO training batch.
 
-Each policy turn becomes one training sequence (history ``none``, the released model's view): the
-prompt is the chat template of the turn's conversation with the generation prompt, tokenized by
-the processor; the continuation is the sampler's own token ids, appended as they were sampled
+Each policy turn becomes one training sequence: the prompt is the turn's conversation encoded
+exactly as the model policy encoded it (``ibis_jax.generate.policy.encode_messages``); the
+continuation is the sampler's own token ids, appended as they were sampled
 (never decoded and re-encoded). Only those ids carry loss: ``loss_mask`` is 1 exactly on the
 positions whose *next* token is a sampled one, so the system prompt, the user turns and the image
 tokens never enter the loss or the ratio. Every turn of a trajectory shares that trajectory's
 advantage.
 
-Arrays are padded to a bucketed length so the jitted step sees few shapes.
+Arrays are padded to a bucketed length, and the number of rows to a power of two (at least
+``pad_rows``), so the jitted steps see few shapes although the number of turns changes from step
+to step. Padding rows repeat the last real turn with an empty loss mask and advantage 0: they
+carry no loss and leave the sequence count of the loss denominator unchanged.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ibis_jax.agent.conversation import to_chat
 from ibis_jax.agent.loop import PolicyTurn
+from ibis_jax.generate.policy import encode_messages
 
 
 @dataclasses.dataclass
@@ -56,22 +59,36 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
                      "raise the config's max sequence length or lower max_new_tokens")
 
 
-def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequence[int] = (512, 1024, 2048, 4096)) -> GRPOBatch:
-    """Tokenizes the prompts, appends the sampled ids and builds the masks (right padding)."""
+def row_bucket(rows: int, min_rows: int = 8) -> int:
+    """The padded number of rows: the next power of two, at least ``min_rows``."""
+    return max(min_rows, 1 << max(0, rows - 1).bit_length())
+
+
+def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequence[int] = (512, 1024, 2048, 4096),
+                     eos_ids: Sequence[int] = (), pad_rows: int | None = 8) -> GRPOBatch:
+    """Tokenizes the prompts as the policy did, appends the sampled ids, builds the masks (right
+    padding). Works for both history modes: with ``full`` each turn's prompt holds the earlier
+    turns as their sampled ids. pad_rows: pad the rows to ``row_bucket(n, pad_rows)``; None keeps n."""
     rows, images = [], []
     for ex in examples:
         if ex.turn.token_ids is None:
             raise ValueError("GRPO needs the sampler's token ids for every turn (PolicyTurn.token_ids is None)")
-        chat = to_chat(ex.messages)
-        encoded = processor.apply_chat_template(chat, add_generation_prompt=True)
-        prompt = encoded["input_ids"][0][encoded["attention_mask"][0] > 0]
+        # The exact ids the sampler was prompted with (earlier turns' sampled ids spliced in).
+        prompt, _ = encode_messages(ex.messages, processor, eos_ids)
         sampled = np.asarray(ex.turn.token_ids, dtype=np.int32)
         logprobs = (np.zeros(len(sampled), np.float32) if ex.turn.logprobs is None
                     else np.asarray(ex.turn.logprobs, np.float32))
         rows.append((prompt, sampled, logprobs))
         images += [m.image for m in ex.messages if m.image is not None]
+    if not rows:
+        raise ValueError("build_grpo_batch: no turns (every episode ended before its first turn?)")
     length = bucket_length(max(len(p) + len(s) for p, s, _ in rows), buckets)
-    b = len(rows)
+    real = len(rows)
+    b = real if pad_rows is None else row_bucket(real, pad_rows)
+    last_images = [m.image for m in examples[-1].messages if m.image is not None]
+    for _ in range(b - real):
+        rows.append((rows[-1][0], rows[-1][1], rows[-1][2]))
+        images += last_images
     input_ids = np.zeros((b, length), np.int32)
     attention = np.zeros((b, length), np.int32)
     loss_mask = np.zeros((b, length), np.float32)
@@ -81,11 +98,12 @@ def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequen
         input_ids[i, :n_p + n_s] = np.concatenate([prompt, sampled])
         attention[i, :n_p + n_s] = 1
         # Position p predicts token p + 1: the sampled tokens are predicted from n_p - 1 onwards.
-        loss_mask[i, n_p - 1:n_p - 1 + n_s] = 1.0
+        loss_mask[i, n_p - 1:n_p - 1 + n_s] = 1.0 if i < real else 0.0
         sampler_lp[i, n_p - 1:n_p - 1 + n_s] = lp
     targets = np.concatenate([input_ids[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
     pixel_values = grid = None
     if images:
         pixel_values, grid = processor.images(images)
     return GRPOBatch(input_ids, attention, targets, loss_mask,
-                     np.asarray([ex.advantage for ex in examples], np.float32), sampler_lp, pixel_values, grid)
+                     np.asarray([ex.advantage for ex in examples] + [0.0] * (b - real), np.float32),
+                     sampler_lp, pixel_values, grid)

@@ -35,7 +35,7 @@ def _examples(processor):
 def test_loss_mask_covers_exactly_the_sampled_tokens(setup):
     processor, _ = setup
     examples = _examples(processor)
-    batch = build_grpo_batch(examples, processor, buckets=(512, 1024))
+    batch = build_grpo_batch(examples, processor, buckets=(512, 1024), pad_rows=None)
     for i, ex in enumerate(examples):
         positions = np.flatnonzero(batch.loss_mask[i])
         # The token each masked position predicts is exactly the sampler's id sequence.
@@ -52,13 +52,43 @@ def test_loss_mask_covers_exactly_the_sampled_tokens(setup):
 
 def test_policy_logprobs_equal_full_forward(setup):
     processor, model = setup
-    batch = build_grpo_batch(_examples(processor), processor, buckets=(512, 1024))
+    batch = build_grpo_batch(_examples(processor), processor, buckets=(512, 1024), pad_rows=None)
     logp, entropy = policy_logprobs(model, batch, chunk_size=32)
     logits = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw)
     full = jax.nn.log_softmax(logits, -1)
     expected = np.take_along_axis(np.asarray(full), batch.targets[..., None], -1)[..., 0]
     mask = batch.loss_mask > 0
     np.testing.assert_allclose(np.asarray(logp)[mask], expected[mask], atol=1e-5)
+
+
+def test_padding_rows_carry_no_loss(setup):
+    """3 turns -> 8 rows (power of two, min_rows 8); padded rows change neither loss nor gradient."""
+    import jax.numpy as jnp
+
+    from ibis_jax.rl.grpo import GRPOConfig, grpo_loss
+
+    processor, _ = setup
+    examples = _examples(processor) + _examples(processor)[:1]
+    small = build_grpo_batch(examples, processor, buckets=(512, 1024), pad_rows=None)
+    padded = build_grpo_batch(examples, processor, buckets=(512, 1024))
+    assert small.input_ids.shape[0] == 3 and padded.input_ids.shape[0] == 8
+    assert padded.loss_mask[3:].sum() == 0 and padded.advantages[3:].tolist() == [0.0] * 5
+    assert (padded.input_ids == processor.image_token_id).sum() == padded.image_grid_thw.prod(-1).sum() // 4
+    rng = np.random.default_rng(1)
+    new = jnp.asarray(rng.normal(-1.0, 0.3, padded.loss_mask.shape).astype(np.float32))
+    old = jnp.asarray(rng.normal(-1.0, 0.3, padded.loss_mask.shape).astype(np.float32))
+    for aggregation in ("sequence_mean", "token_mean"):
+        cfg = GRPOConfig(aggregation=aggregation)
+
+        def loss(new_lp, batch, rows):
+            total, denom, _ = grpo_loss(new_lp[:rows], old[:rows], jnp.asarray(batch.advantages),
+                                        jnp.asarray(batch.loss_mask), cfg)
+            return total / denom
+
+        np.testing.assert_allclose(loss(new, small, 3), loss(new, padded, 8), rtol=1e-6)
+        g_small = jax.grad(loss)(new, small, 3)
+        g_padded = jax.grad(loss)(new, padded, 8)
+        np.testing.assert_allclose(g_small, g_padded, rtol=1e-6, atol=1e-9)
 
 
 def test_turn_without_token_ids_and_overlong_are_refused(setup):

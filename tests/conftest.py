@@ -1,12 +1,9 @@
-"""Fixtures for the Qwen2.5-VL port: a local tokenizer dir, a tiny random HF model, its Flax load."""
+"""Session fixtures shared by the model, sampler and training tests: a local tokenizer dir, a tiny
+random HF Qwen2.5-VL saved by transformers, its Flax load and the processor (built once per run)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +41,10 @@ def flax_model(hf_dir_and_model):
     from ibis_jax.models.qwen2_5_vl import load_hf
 
     return load_hf(hf_dir_and_model[0])
+
+
+@pytest.fixture(scope="session")
+def processor(hf_dir_and_model):
+    from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
+
+    return Qwen25VLProcessor(hf_dir_and_model[0])

@@ -1,0 +1,453 @@
+"""A jitted KV-cache sampler for the Flax Qwen2.5-VL: multimodal prefill, while-loop decode,
+continuation of a cached conversation.
+
+Layout. One `DecodeState` holds a batch of conversations: per decoder layer a preallocated cache
+k/v [B, T, kv_heads, head_dim], `slot_valid` [B, T] (which cache slots hold real tokens), `end`
+(the first free slot, shared by the batch), `next_pos` [B] (the mRoPE position of each row's next
+text token) and the next-token `logits` [B, V]. Every call appends a chunk of S slots at `end`:
+prompts and new user turns are *left-padded* to S per row, padding slots stay invalid, so rows of
+different lengths share one `end` and attention simply masks the holes.
+
+Positions. A chunk's 3D positions are `get_rope_index` of the chunk alone plus the row's
+`next_pos` (the rule is a running sum, so this equals `get_rope_index` of the whole
+conversation); the row's next text position is then max(chunk positions) + 1 (transformers'
+`rope_deltas`). Generated tokens take `next_pos`, `next_pos + 1`, ... on all three axes.
+
+Compilation. Prefill/extend are jitted per (batch bucket, chunk bucket, cache bucket, visual-token
+bucket); the vision tower per image-size set; decode per (batch bucket, cache bucket, sampling
+options). The cache is donated to every call, so it is updated in place.
+
+The decode loop feeds every sampled token back (also the last one), so after `generate` the cache
+holds prompt + generated tokens of every row (tokens after a row's stop are marked invalid) and a
+new user turn can be appended with `extend` without re-encoding the conversation.
+
+The cached forward calls the model's own modules (embedding, decoder layers with their
+`kv`/`kv_end` arguments, final norm, LM head): one set of parameters serves training and sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ibis_jax.generate.stop import StopAutomaton
+from ibis_jax.models.qwen2_5_vl import Qwen25VL, get_rope_index, vision_layout
+from ibis_jax.models.qwen2_5_vl.layers import MASK_VALUE
+from ibis_jax.models.qwen2_5_vl.text import mrope_cos_sin
+
+STOP_REASONS = ("", "eos", "stop_string", "max_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Decoding options (hashable: part of the decode compile key).
+
+    temperature 0 = greedy. top_k 0 = off; top_p 1.0 = off. eos_token_ids None = the tokenizer's
+    eos plus the model config's. Buckets: the padded sizes of batch, chunk (prompt or new turn)
+    and cache; a length beyond the last bucket is rounded up to a multiple of it.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ("</action>", "</answer>")
+    eos_token_ids: tuple[int, ...] | None = None
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    chunk_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+    cache_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+    visual_buckets: tuple[int, ...] = (64, 256, 1024, 4096, 16384)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"SamplerConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplerConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.max_new_tokens < 1:
+            raise ValueError("SamplerConfig.top_k must be >= 0 and max_new_tokens >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n; past the last one, the next multiple of the last bucket."""
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    last = max(buckets)
+    return -(-n // last) * last
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """A batch of cached conversations (see the module docstring). B and T are bucketed."""
+
+    k: tuple[jax.Array, ...]  # per layer [B, T, kv_heads, head_dim]
+    v: tuple[jax.Array, ...]
+    slot_valid: jax.Array  # bool [B, T]
+    end: jax.Array  # int32 []: first free slot
+    next_pos: jax.Array  # int32 [B]: mRoPE position of each row's next text token
+    logits: jax.Array  # float32 [B, V]: next-token logits
+
+    @property
+    def batch(self) -> int:
+        return self.slot_valid.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.slot_valid.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One row's generation. token_ids exactly as sampled (the stop token included);
+    logprobs float32 [n] under the sampling distribution (0 for greedy: it is deterministic);
+    model_logprobs float32 [n] under the unmodified model (temperature 1, no truncation)."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: np.ndarray
+    model_logprobs: np.ndarray
+    stop_reason: str  # "eos" | "stop_string" | "max_tokens"
+
+
+# ---------------------------------------------------------------------------- the cached forward
+def _constrain(x: jax.Array, spec: P | None) -> jax.Array:
+    return x if spec is None or spec == P() else jax.lax.with_sharding_constraint(x, spec)
+
+
+def _forward_chunk(
+    model: Qwen25VL,
+    state: DecodeState,
+    embeds: jax.Array,
+    positions: jax.Array,
+    chunk_valid: jax.Array,
+    cache_spec: P | None,
+) -> tuple[DecodeState, jax.Array]:
+    """Append a chunk at `state.end`: embeds [B, S, D], positions [3, B, S], chunk_valid bool
+    [B, S]. Returns (state with k/v/slot_valid/end updated, final-normed hidden [B, S, D]).
+
+    Mirrors `TextModel.__call__` with a cache, but keeps one cache array per layer so the
+    donated buffers are updated in place (no per-step stack of all layers)."""
+    lm = model.language_model
+    x = embeds.astype(lm.dtype)
+    s = x.shape[1]
+    t = state.max_len
+    cos, sin = mrope_cos_sin(positions, lm.cfg, lm.dtype)
+    slot_valid = jax.lax.dynamic_update_slice(state.slot_valid, chunk_valid, (jnp.int32(0), state.end))
+    q_slot = state.end + jnp.arange(s)
+    allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None] & slot_valid[:, None, :]  # [B, S, T]
+    bias = jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
+    act_spec = lm.act_spec
+    x = _constrain(x, act_spec)
+    ks, vs = [], []
+    for i, layer in enumerate(lm.layers):
+        x, (k, v) = layer(x, cos, sin, bias, (state.k[i], state.v[i]), state.end)
+        ks.append(_constrain(k, cache_spec))
+        vs.append(_constrain(v, cache_spec))
+        x = _constrain(x, act_spec)
+    x = lm.norm(x)
+    new = dataclasses.replace(state, k=tuple(ks), v=tuple(vs), slot_valid=slot_valid, end=state.end + s)
+    return new, x
+
+
+def _embed_chunk(model: Qwen25VL, input_ids: jax.Array, features: jax.Array | None) -> jax.Array:
+    """Token embeddings [B, S, D] with visual features [N, D] (N >= number of image tokens,
+    padded) scattered at the image tokens in row-major order (as `Qwen25VL.embed`)."""
+    emb = model.language_model.embed_tokens(input_ids)
+    if features is None:
+        return emb
+    is_img = input_ids == model.config.image_token_id
+    src = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, features.shape[0] - 1).reshape(is_img.shape)
+    return jnp.where(is_img[..., None], features.astype(emb.dtype)[src], emb)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_images(graphdef, params, pixel_values, layout):
+    model = nnx.merge(graphdef, params)
+    return model.image_features(pixel_values, layout)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_spec"), donate_argnames=("state",))
+def _extend(graphdef, params, state: DecodeState, input_ids, chunk_valid, positions, next_pos, features,
+            cache_spec):
+    """Prefill / continuation: append the chunk, set next_pos, logits of each row's last slot."""
+    model = nnx.merge(graphdef, params)
+    embeds = _embed_chunk(model, input_ids, features)
+    state, hidden = _forward_chunk(model, state, embeds, positions, chunk_valid, cache_spec)
+    logits = model.logits(hidden[:, -1])  # left padding: the last slot is every row's last token
+    return dataclasses.replace(state, next_pos=next_pos, logits=logits.astype(jnp.float32))
+
+
+def _sample(logits: jax.Array, keys: jax.Array, cfg: SamplerConfig) -> tuple[jax.Array, jax.Array]:
+    """logits float32 [B, V], keys [B] -> (token int32 [B], log-prob under the sampling
+    distribution float32 [B])."""
+    if cfg.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[0], jnp.float32)
+    x = logits / cfg.temperature
+    if cfg.top_k > 0 and cfg.top_k < x.shape[-1]:
+        kth = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if cfg.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (ties at the
+        # threshold kept; the most likely token is always kept).
+        sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = before < cfg.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < cutoff, -jnp.inf, x)
+    token = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token, logp
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "cache_spec"), donate_argnames=("state",))
+def _decode(graphdef, params, state: DecodeState, key, row_live, stop_table, eos_ids, cfg: SamplerConfig,
+            cache_spec):
+    """The while-loop decode. row_live bool [B] (False for batch padding); stop_table int32
+    [states, V]; eos_ids int32 [E]. Returns (state, tokens int32 [B, M], logp [B, M],
+    model_logp [B, M], lengths int32 [B] (tokens up to and including the stop token),
+    reason int32 [B] indexing STOP_REASONS)."""
+    model = nnx.merge(graphdef, params)
+    b, m = state.batch, cfg.max_new_tokens
+    match_state = stop_table.shape[0] - 1
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b))
+    zeros_f = jnp.zeros((b, m), jnp.float32)
+
+    def body(carry):
+        i, st, tokens, logp, model_logp, done, reason, stop_q, lengths = carry
+        live = ~done
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys)
+        token, lp = _sample(st.logits, keys, cfg)
+        mlp = jnp.take_along_axis(jax.nn.log_softmax(st.logits, axis=-1), token[:, None], axis=-1)[:, 0]
+        tokens = tokens.at[:, i].set(jnp.where(live, token, 0))
+        logp = logp.at[:, i].set(jnp.where(live, lp, 0.0))
+        model_logp = model_logp.at[:, i].set(jnp.where(live, mlp, 0.0))
+        stop_q = stop_table[stop_q, token]
+        hit_stop = stop_q == match_state
+        hit_eos = jnp.isin(token, eos_ids)
+        hit_len = i + 1 >= m
+        new_reason = jnp.where(hit_eos, 1, jnp.where(hit_stop, 2, jnp.where(hit_len, 3, 0)))
+        reason = jnp.where(live & (reason == 0), new_reason, reason)
+        # Feed the token back even on the last step: the cache then holds the whole turn.
+        pos = jnp.broadcast_to(st.next_pos[None, :, None], (3, b, 1))
+        embeds = model.language_model.embed_tokens(token[:, None])
+        st, hidden = _forward_chunk(model, st, embeds, pos, live[:, None], cache_spec)
+        logits = model.logits(hidden[:, -1]).astype(jnp.float32)
+        st = dataclasses.replace(st, logits=logits, next_pos=st.next_pos + live.astype(jnp.int32))
+        done = done | (reason != 0)
+        return i + 1, st, tokens, logp, model_logp, done, reason, stop_q, lengths + live.astype(jnp.int32)
+
+    def cond(carry):
+        i, done = carry[0], carry[5]
+        return (i < m) & ~jnp.all(done)
+
+    init = (jnp.int32(0), state, jnp.zeros((b, m), jnp.int32), zeros_f, zeros_f, ~row_live,
+            jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32))
+    _, state, tokens, logp, model_logp, _, reason, _, lengths = jax.lax.while_loop(cond, body, init)
+    return state, tokens, logp, model_logp, lengths, reason
+
+
+# ---------------------------------------------------------------------------- host side
+@dataclasses.dataclass
+class Chunk:
+    """Host arrays of one appended chunk (left-padded): input_ids/valid [B, S], positions
+    [3, B, S], next_pos [B], features [N, D] or None."""
+
+    input_ids: np.ndarray
+    valid: np.ndarray
+    positions: np.ndarray
+    next_pos: np.ndarray
+
+
+class Sampler:
+    """Prefill, decode and continue batches of multimodal conversations with a `Qwen25VL`.
+
+    model: the Flax model (its parameters are read at each call, so a trainer may update them);
+    tokenizer: the HF tokenizer (decoding text, stop strings, eos); mesh: when given, the cache
+    is sharded over kv heads on the mesh's "tensor" axis and over the batch on ("data", "fsdp")
+    when those divide; every call runs under `jax.set_mesh(mesh)`.
+    """
+
+    def __init__(self, model: Qwen25VL, tokenizer, config: SamplerConfig = SamplerConfig(), *,
+                 mesh: jax.sharding.Mesh | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.mesh = mesh
+        vocab = model.config.text.vocab_size
+        self.stop = StopAutomaton.for_tokenizer(tokenizer, config.stop_strings, vocab)
+        eos = config.eos_token_ids
+        if eos is None:
+            eos = set()
+            if getattr(tokenizer, "eos_token_id", None) is not None:
+                eos.add(int(tokenizer.eos_token_id))
+            cfg_eos = model.config.text.eos_token_id
+            if cfg_eos is not None:
+                eos |= set([cfg_eos] if isinstance(cfg_eos, int) else cfg_eos)
+            eos = tuple(sorted(eos))
+        self.eos_ids = tuple(eos)
+        self._stop_table = jnp.asarray(self.stop.table)
+        self._eos = jnp.asarray(np.asarray(self.eos_ids or (-1,), np.int32))
+
+    # -------------------------------------------------------------- pieces
+    def _split(self):
+        return nnx.split(self.model)
+
+    def _cache_spec(self, batch: int) -> P | None:
+        if self.mesh is None:
+            return None
+        shape = dict(self.mesh.shape)
+        kv = self.model.config.text.num_key_value_heads
+        heads = "tensor" if shape.get("tensor", 1) > 1 and kv % shape["tensor"] == 0 else None
+        bax = tuple(a for a in ("data", "fsdp") if shape.get(a, 1) > 1)
+        ways = int(np.prod([shape[a] for a in bax])) if bax else 1
+        batch_ax = bax if bax and batch % ways == 0 else None
+        return P(batch_ax, None, heads, None)
+
+    def init_state(self, batch: int, max_len: int) -> DecodeState:
+        """An empty cache for `batch` rows and `max_len` slots (both already bucketed)."""
+        t = self.model.config.text
+        dtype = self.model.language_model.dtype
+        shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
+        spec = self._cache_spec(batch)
+
+        def zeros():
+            z = jnp.zeros(shape, dtype)
+            return z if spec is None else jax.device_put(z, NamedSharding(self.mesh, spec))
+
+        return DecodeState(
+            k=tuple(zeros() for _ in range(t.num_hidden_layers)),
+            v=tuple(zeros() for _ in range(t.num_hidden_layers)),
+            slot_valid=jnp.zeros((batch, max_len), bool),
+            end=jnp.zeros((), jnp.int32),
+            next_pos=jnp.zeros(batch, jnp.int32),
+            logits=jnp.zeros((batch, t.vocab_size), jnp.float32),
+        )
+
+    def _features(self, graphdef, params, pixel_values, image_grid_thw) -> jax.Array | None:
+        if pixel_values is None:
+            return None
+        grid = np.asarray(image_grid_thw)
+        layout = vision_layout(grid, self.model.config.vision)
+        feats = _encode_images(graphdef, params, jnp.asarray(pixel_values), layout)
+        n = bucket(feats.shape[0], self.config.visual_buckets)
+        return jnp.pad(feats, ((0, n - feats.shape[0]), (0, 0)))
+
+    def _chunk(self, rows: Sequence[np.ndarray], batch: int, next_pos: np.ndarray,
+               image_grid_thw: np.ndarray | None) -> Chunk:
+        """Left-pad `rows` (1-D id arrays; missing rows of the batch bucket are empty) to a chunk
+        bucket and compute the 3D positions offset by each row's next_pos."""
+        s = bucket(max(max((len(r) for r in rows), default=1), 1), self.config.chunk_buckets)
+        ids = np.zeros((batch, s), np.int32)
+        valid = np.zeros((batch, s), bool)
+        for i, r in enumerate(rows):
+            if len(r):
+                ids[i, s - len(r):] = r
+                valid[i, s - len(r):] = True
+        cfg = self.model.config
+        pos, deltas = get_rope_index(ids, valid.astype(np.int32), image_grid_thw,
+                                     image_token_id=cfg.image_token_id,
+                                     spatial_merge_size=cfg.vision.spatial_merge_size)
+        pos = np.asarray(pos) + next_pos[None, :, None] * valid[None]
+        # transformers' rope_deltas: the next text position is max(position) + 1 of the row.
+        n_valid = valid.sum(-1)
+        new_next = np.where(n_valid > 0, next_pos + n_valid + np.asarray(deltas)[:, 0], next_pos)
+        return Chunk(ids, valid, pos.astype(np.int32), new_next.astype(np.int32))
+
+    def _run(self, fn, *args, **kw):
+        if self.mesh is None:
+            return fn(*args, **kw)
+        with jax.set_mesh(self.mesh):
+            return fn(*args, **kw)
+
+    # -------------------------------------------------------------- public API
+    def prefill(self, prompts: Sequence[np.ndarray], pixel_values: np.ndarray | None = None,
+                image_grid_thw: np.ndarray | None = None, *, reserve: int | None = None) -> DecodeState:
+        """Encode prompts (1-D id arrays, `<|image_pad|>` already expanded) with their images
+        (pixel_values [patches, C*T*P*P], image_grid_thw [images, 3] in row-major order of the
+        prompts). The cache gets room for the prompt chunk + `reserve` (default max_new_tokens)
+        slots, bucketed."""
+        b = bucket(len(prompts), self.config.batch_buckets)
+        reserve = self.config.max_new_tokens if reserve is None else reserve
+        chunk = self._chunk(prompts, b, np.zeros(b, np.int32), image_grid_thw)
+        state = self.init_state(b, bucket(chunk.input_ids.shape[1] + reserve, self.config.cache_buckets))
+        return self._append(state, chunk, pixel_values, image_grid_thw)
+
+    def extend(self, state: DecodeState, turns: Sequence[np.ndarray], pixel_values: np.ndarray | None = None,
+               image_grid_thw: np.ndarray | None = None, *, reserve: int | None = None) -> DecodeState:
+        """Continue cached conversations: append `turns[i]` (1-D ids, e.g. the end of the
+        assistant turn + a new user turn with its image + the generation prompt) to row i.
+        The cache grows to the next bucket when the turn + `reserve` new tokens do not fit.
+        `state` is donated: use the returned one."""
+        if len(turns) > state.batch:
+            raise ValueError(f"extend got {len(turns)} turns for a state of {state.batch} rows")
+        chunk = self._chunk(turns, state.batch, np.asarray(state.next_pos), image_grid_thw)
+        reserve = self.config.max_new_tokens if reserve is None else reserve
+        need = int(state.end) + chunk.input_ids.shape[1] + reserve
+        if need > state.max_len:
+            state = self._grow(state, bucket(need, self.config.cache_buckets))
+        return self._append(state, chunk, pixel_values, image_grid_thw)
+
+    def _grow(self, state: DecodeState, max_len: int) -> DecodeState:
+        extra = max_len - state.max_len
+        spec = self._cache_spec(state.batch)
+
+        def pad(x):
+            y = jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
+            return y if spec is None or x.ndim != 4 else jax.device_put(y, NamedSharding(self.mesh, spec))
+
+        return dataclasses.replace(state, k=tuple(map(pad, state.k)), v=tuple(map(pad, state.v)),
+                                   slot_valid=pad(state.slot_valid))
+
+    def _append(self, state, chunk: Chunk, pixel_values, image_grid_thw) -> DecodeState:
+        graphdef, params = self._split()
+        feats = self._run(self._features, graphdef, params, pixel_values, image_grid_thw)
+        return self._run(_extend, graphdef, params, state, jnp.asarray(chunk.input_ids), jnp.asarray(chunk.valid),
+                         jnp.asarray(chunk.positions), jnp.asarray(chunk.next_pos), feats,
+                         cache_spec=self._cache_spec(state.batch))
+
+    def decode(self, state: DecodeState, num_rows: int, key: jax.Array | None = None
+               ) -> tuple[DecodeState, list[Completion]]:
+        """Sample up to max_new_tokens for the first `num_rows` rows (the rest is batch padding).
+        `key` (a jax PRNG key) is required unless greedy; the same key gives the same tokens.
+        `state` is donated: use the returned one."""
+        if key is None:
+            if not self.config.greedy:
+                raise ValueError("SamplerConfig.temperature > 0 needs an explicit PRNG key: decode(..., key=jax.random.key(seed))")
+            key = jax.random.key(0)
+        if int(state.end) + self.config.max_new_tokens > state.max_len:
+            state = self._grow(state, bucket(int(state.end) + self.config.max_new_tokens, self.config.cache_buckets))
+        graphdef, params = self._split()
+        live = np.arange(state.batch) < num_rows
+        state, tokens, logp, model_logp, lengths, reason = self._run(
+            _decode, graphdef, params, state, key, jnp.asarray(live), self._stop_table, self._eos,
+            cfg=self.config, cache_spec=self._cache_spec(state.batch))
+        tokens, logp, model_logp, lengths, reason = jax.device_get((tokens, logp, model_logp, lengths, reason))
+        out = []
+        for r in range(num_rows):
+            n = int(lengths[r])
+            ids = tuple(int(t) for t in tokens[r, :n])
+            text_ids = [t for t in ids if t not in self.eos_ids]
+            out.append(Completion(ids, self.tokenizer.decode(text_ids, skip_special_tokens=False),
+                                  np.asarray(logp[r, :n], np.float32), np.asarray(model_logp[r, :n], np.float32),
+                                  STOP_REASONS[int(reason[r])]))
+        return state, out
+
+    def generate(self, prompts: Sequence[np.ndarray], pixel_values: np.ndarray | None = None,
+                 image_grid_thw: np.ndarray | None = None, key: jax.Array | None = None) -> list[Completion]:
+        """prefill + decode; one `Completion` per prompt."""
+        state = self.prefill(prompts, pixel_values, image_grid_thw)
+        return self.decode(state, len(prompts), key)[1]

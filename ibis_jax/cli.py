@@ -14,9 +14,11 @@ import sys
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("ibis_jax.commands.quickstart", "synth -> SFT -> GRPO -> eval on the demo data, with a report"),
     "demo": ("ibis_jax.commands.demo", "oracle episodes with the classical tool on sample images"),
     "synth": ("ibis_jax.commands.synth", "synthesize cold-start click trajectories from a dataset"),
     "grpo": ("ibis_jax.commands.grpo", "agentic GRPO from an SFT checkpoint with a tool in the loop"),
+    "sft": ("ibis_jax.commands.sft", "supervised fine-tuning (cold start) on trajectory records"),
     "tool": ("tool_bridge.cli", "serve or ping a segmentation tool over gRPC"),
     "eval": ("ibis_jax.commands.eval", "evaluate a policy (oracle or a model) with a tool on a test source"),
     "segment": ("ibis_jax.commands.segment", "run the agent on one image; write the mask and an HTML report"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -85,20 +85,25 @@ CT MRI X-ray ultrasound pathology dermoscopy endoscopy fundus OCT brain heart lu
 """
 
 
-def build_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE `tokenizers.Tokenizer` trained on a small built-in corpus, plus Qwen's
-    special tokens (appended after the BPE vocabulary). Encodes any text (bytes fall back)."""
+def build_tokenizer(vocab_size: int = 400, corpus: Iterable[str] = ()):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on a small built-in corpus (plus `corpus`,
+    e.g. a dataset's texts, so that they encode compactly), then Qwen's special tokens (appended
+    after the BPE vocabulary). Encodes any text (bytes fall back)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one by one, as Qwen2's tokenizer splits them: coordinates are learnable digit-wise.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    lines = [line for text in (_CORPUS, *corpus) for line in text.splitlines()]
+    tok.train_from_iterator(lines, trainer=trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
 
@@ -107,6 +112,7 @@ def make_tokenizer_dir(
     directory: str | os.PathLike,
     *,
     vocab_size: int = 400,
+    corpus: Iterable[str] = (),
     min_pixels: int = 56 * 56,
     max_pixels: int = 28 * 28 * 1280,
 ) -> str:
@@ -117,7 +123,7 @@ def make_tokenizer_dir(
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(vocab_size),
+        tokenizer_object=build_tokenizer(vocab_size, corpus),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
@@ -166,11 +172,26 @@ def special_token_ids(tokenizer_dir: str | os.PathLike) -> dict[str, int]:
 
 
 def tiny_config(tokenizer_dir: str | os.PathLike | None = None, **overrides: Any) -> Qwen25VLConfig:
-    """`Qwen25VLConfig.tiny()` with the special token ids of `tokenizer_dir` (if given)."""
-    ids = special_token_ids(tokenizer_dir) if tokenizer_dir is not None else {
-        "image_token_id": 500, "video_token_id": 501, "vision_start_token_id": 497, "vision_end_token_id": 498}
+    """`Qwen25VLConfig.tiny()` with the special token ids of `tokenizer_dir` (if given) and a
+    vocabulary that holds all of its tokens (at least 512, rounded up to a multiple of 128)."""
+    if tokenizer_dir is None:
+        ids: dict[str, int] = {"image_token_id": 500, "video_token_id": 501, "vision_start_token_id": 497,
+                               "vision_end_token_id": 498}
+        vocab = 512
+    else:
+        ids = special_token_ids(tokenizer_dir)
+        vocab = max(512, -(-tokenizer_size(tokenizer_dir) // 128) * 128)
+    vocab = overrides.pop("vocab_size", vocab)
     ids.update(overrides)
-    return Qwen25VLConfig.tiny(**ids)
+    return Qwen25VLConfig.tiny(vocab_size=vocab, **ids)
+
+
+def tokenizer_size(tokenizer_dir: str | os.PathLike) -> int:
+    """Number of token ids `tokenizer.json` in `tokenizer_dir` can produce (BPE vocab + added)."""
+    with open(os.path.join(os.fspath(tokenizer_dir), "tokenizer.json")) as f:
+        data = json.load(f)
+    ids = list(data["model"]["vocab"].values()) + [t["id"] for t in data["added_tokens"]]
+    return max(ids) + 1
 
 
 def make_hf_model_dir(

@@ -1,0 +1,40 @@
+"""Qwen2.5-VL-3B-Instruct, full fine-tuning of LLM + merger (vision tower frozen), one GPU node.
+
+8 x H100 80 GB: FSDP over all 8 GPUs (params, grads and Adam moments sharded: 3.8B params x
+16 bytes / 8 = 7.6 GB per GPU), bf16 compute, fp32 master weights, remat on.
+Global batch 256 (paper) = 32 per step x 8 accumulation steps.
+
+    ibis-jax sft --config configs/qwen2_5_vl_3b_gpu.py --data data/sft --workdir runs/3b \\
+        hf_dir=/models/Qwen2.5-VL-3B-Instruct
+
+One process drives all GPUs of the node (no jax.distributed needed). For several nodes, start one
+process per node with IBIS_NUM_PROCESSES=<nodes> and the JAX coordinator variables
+(JAX_COORDINATOR_ADDRESS, JAX_PROCESS_COUNT... or SLURM), and set mesh_shape=<nodes>,8,1.
+"""
+
+from ibis_jax.train.config import TrainConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        model="qwen2_5_vl_3b",
+        hf_dir="/models/Qwen2.5-VL-3B-Instruct",
+        param_dtype="float32",
+        compute_dtype="bfloat16",
+        remat=True,
+        freeze_vision=True,
+        mesh_shape=(1, -1, 1),
+        image_size=504,  # 324 visual tokens (SPEC section 5: images capped at 512 px)
+        seq_buckets=(1024, 2048, 4096),
+        history="none",
+        batch_size=256,
+        grad_accum=8,
+        num_epochs=10.0,
+        lr=1e-5,
+        warmup_frac=0.1,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        num_workers=8,
+        checkpoint_every=500,
+        keep_checkpoints=3,
+    )

@@ -1,0 +1,87 @@
+"""LoRA as the released IBISAgent SFT config used it (rank 8 on the decoder projections).
+
+The adapters live outside the model: for a target kernel W [d_in, d_out] we train
+A [d_in, r] (normal init) and B [r, d_out] (zeros, so step 0 equals the base model), and the
+step builds W + (alpha / r) A @ B before the forward. That keeps the Qwen module untouched,
+makes "merge into the weights for save_hf" the same function as training uses, and gives
+LoRA's optimizer-state saving (the point of LoRA at 7B); the backward still forms dL/dW
+(as full fine-tuning does) before contracting it into dA, dB.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+Path = tuple  # nnx path: ("language_model", "layers", 0, "self_attn", "q_proj", "kernel")
+
+
+def key_of(path: Path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def lora_targets(params: dict, targets: Sequence[str]) -> list[Path]:
+    """Paths of decoder kernels whose module name is in `targets` (vision tower excluded)."""
+    paths = [
+        p for p in _flat(params)
+        if p[0] == "language_model" and p[-1] == "kernel" and len(p) >= 2 and p[-2] in targets
+    ]
+    if not paths:
+        raise ValueError(f"config lora_targets {list(targets)} match no decoder kernel (e.g. q_proj, up_proj)")
+    return sorted(paths, key=key_of)
+
+
+def init_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    """{path key: {"a": [d_in, r], "b": [r, d_out]}} for every target kernel (b = 0)."""
+    flat = _flat(params)
+    out = {}
+    for i, path in enumerate(lora_targets(params, targets)):
+        w = flat[path]
+        d_in, d_out = w.shape
+        a = jax.random.normal(jax.random.fold_in(key, i), (d_in, rank), jnp.float32) / jnp.sqrt(d_in)
+        out[key_of(path)] = {"a": a.astype(w.dtype), "b": jnp.zeros((rank, d_out), w.dtype)}
+    return out
+
+
+def lora_specs(param_specs: dict, lora: dict) -> dict:
+    """A inherits the kernel's input-dim sharding, B its output-dim sharding."""
+    flat = {key_of(p): s for p, s in _flat(param_specs).items()}
+    out = {}
+    for k in lora:
+        spec = tuple(flat[k]) + (None, None)
+        out[k] = {"a": P(spec[0], None), "b": P(None, spec[1])}
+    return out
+
+
+def merge_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:
+    """params with W += (alpha / rank) A @ B at every adapted kernel (a new nested dict)."""
+    scale = alpha / rank
+
+    def walk(tree: dict, prefix: tuple) -> dict:
+        out = {}
+        for k, v in tree.items():
+            path = prefix + (k,)
+            if isinstance(v, dict):
+                out[k] = walk(v, path)
+            elif key_of(path) in lora:
+                ab = lora[key_of(path)]
+                delta = jnp.einsum("ir,ro->io", ab["a"], ab["b"], preferred_element_type=jnp.float32)
+                out[k] = (v.astype(jnp.float32) + scale * delta).astype(v.dtype)
+            else:
+                out[k] = v
+        return out
+
+    return walk(params, ())

@@ -1,0 +1,67 @@
+"""The device mesh (axes data, fsdp, tensor) and the shardings of parameters and batches.
+
+Parameters carry PartitionSpecs from the model's `ShardingConfig` (`nnx.get_partition_spec`);
+a batch is split along its batch dimension over (data, fsdp): FSDP is data parallelism whose
+parameters are sharded too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with at most one -1 filled in so the product is `num_devices`."""
+    shape = list(shape)
+    if len(shape) != 3:
+        raise ValueError(f"config mesh_shape must have 3 entries (data, fsdp, tensor), got {shape}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"config mesh_shape {shape}: at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"config mesh_shape {shape} does not divide {num_devices} devices")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(f"config mesh_shape {shape} uses {int(np.prod(shape))} devices, {num_devices} are present")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default all), ICI-aware via jax.make_mesh."""
+    devices = list(devices if devices is not None else jax.devices())
+    dims = resolve_mesh_shape(shape, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(dims, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(dims), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def named(mesh: Mesh, specs: Any) -> Any:
+    """A tree of PartitionSpecs -> NamedShardings on `mesh`."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_specs(batch: dict[str, Any], mesh: Mesh) -> dict[str, P]:
+    """Specs of the pipeline's batch: [accum, batch, ...] arrays split on the batch dim over
+    (data, fsdp); the packed patches [accum, patches, ...] likewise when they divide evenly
+    (else replicated); image grids and counts replicated."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    specs = {}
+    for k, v in batch.items():
+        if not hasattr(v, "shape"):  # e.g. the VisionLayout: small host-computed index arrays
+            specs[k] = jax.tree.map(lambda _: P(), v)
+            continue
+        shape = np.shape(v)
+        if k in ("num_images", "image_grid_thw") or len(shape) < 2 or shape[1] % ways:
+            specs[k] = P()
+        else:
+            specs[k] = P(None, BATCH_AXES, *([None] * (len(shape) - 2)))
+    return specs

@@ -1,0 +1,254 @@
+"""Cold-start SFT (SPEC section 5): one linear `train(config, data_dir, workdir)`.
+
+Sections: distributed + mesh, model config and tokenizer, input pipeline, optimizer, init or
+restore, the update step, the loop (metrics, checkpoints, SIGTERM), export. The same code runs
+on a laptop CPU, a GPU node and a TPU pod slice; only the config differs (see configs/).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, load_hf, vision_layout
+from ibis_jax.train import lora as lora_lib
+from ibis_jax.train import mesh as mesh_lib
+from ibis_jax.train.checkpoint import Checkpointer, abstract_with_shardings, export_hf
+from ibis_jax.train.config import TrainConfig, to_dict
+from ibis_jax.train.loss import LOSSES
+from ibis_jax.train.metrics import MetricsWriter, peak_flops_per_device, step_flops
+from ibis_jax.train.optim import make_optimizer
+from ibis_jax.train.pipeline import make_pipeline
+from ibis_jax.train.state import ModelDef, TrainState, init_fn_for, make_model, split_model, state_specs, _dtype
+from ibis_jax.train.step import jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+StepHook = Callable[[int, dict[str, float]], None]
+
+
+TINY_VOCAB = 2048  # BPE merges fitted to the dataset's texts: the system prompt takes ~100 tokens
+
+
+def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None) -> tuple[Qwen25VLConfig, str]:
+    """(model config, tokenizer dir). Tiny without a model dir: a byte-level BPE tokenizer is
+    fitted once to the system prompt and the texts of `data_dir` and written to
+    `workdir/tokenizer` (later stages reuse it, and the HF export copies it)."""
+    if config.hf_dir:
+        return Qwen25VLConfig.from_hf_config(config.hf_dir), config.tokenizer_dir or config.hf_dir
+    if config.model == "tiny":
+        from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir, tiny_config
+
+        tok = config.tokenizer_dir or os.path.join(workdir, "tokenizer")
+        if not os.path.exists(os.path.join(tok, "tokenizer.json")) and jax.process_index() == 0:
+            make_tokenizer_dir(tok, vocab_size=TINY_VOCAB, corpus=_dataset_texts(data_dir))
+        return tiny_config(tok), tok
+    presets = {"qwen2_5_vl_3b": Qwen25VLConfig.qwen2_5_vl_3b, "qwen2_5_vl_7b": Qwen25VLConfig.qwen2_5_vl_7b}
+    if config.model not in presets:
+        raise ValueError(f"config model {config.model!r}: use tiny, {', '.join(presets)} or set hf_dir")
+    if not config.tokenizer_dir:
+        raise ValueError(f"config model {config.model!r} without hf_dir needs tokenizer_dir (a local HF dir)")
+    return presets[config.model](), config.tokenizer_dir
+
+
+def _dataset_texts(data_dir: str | None):
+    """The conversation texts a tiny model will see: system prompt, queries, user turns, replies."""
+    from ibis_jax.agent.prompts import SYSTEM_PROMPT
+    from ibis_jax.data.records import TrajectoryDataSource
+
+    yield SYSTEM_PROMPT
+    if data_dir is None:
+        return
+    for record in TrajectoryDataSource(data_dir):
+        yield record.query
+        for step in record.steps:
+            yield step.user
+            yield step.text
+
+
+def with_vision_layout(batch: dict[str, np.ndarray], vision_cfg, cache: dict) -> dict[str, Any]:
+    """Add the host-computed `VisionLayout` (stacked over the micro-batch axis) to a batch."""
+    grid = batch["image_grid_thw"][0]
+    key = grid.tobytes()
+    if key not in cache:
+        lay = vision_layout(grid, vision_cfg)
+        a = batch["image_grid_thw"].shape[0]
+        cache[key] = jax.tree.map(lambda x: np.broadcast_to(x, (a, *x.shape)).copy(), lay)
+    return {**batch, "vision_layout": cache[key]}
+
+
+def to_global(batch: dict[str, Any], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global jax arrays laid out by `shardings`."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), batch, shardings)
+
+
+def fingerprint(batch: dict[str, np.ndarray]) -> int:
+    """crc32 of the batch's token ids: logged per step to check the data order across resumes."""
+    return zlib.crc32(np.ascontiguousarray(batch["input_ids"]).tobytes())
+
+
+def train(
+    config: TrainConfig,
+    data_dir: str,
+    workdir: str,
+    *,
+    progress: bool = False,
+    hooks: Sequence[StepHook] = (),
+    stop_at_step: int | None = None,
+    devices: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Train; resume from `workdir/checkpoints` if there is one. Returns a summary dict.
+
+    stop_at_step: save and return after this step, as a preemption would (tests).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    # ---------------------------------------------------------------- distributed + mesh
+    if int(os.environ.get("IBIS_NUM_PROCESSES", "1")) > 1 and not jax.distributed.is_initialized():
+        jax.distributed.initialize()  # coordinator and ids from the cluster environment
+    mesh = mesh_lib.make_mesh(config.mesh_shape, devices)
+    log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+
+    # ---------------------------------------------------------------- model config, tokenizer
+    model_config, tokenizer_dir = resolve_model(config, workdir, data_dir)
+
+    # ---------------------------------------------------------------- input pipeline
+    pipeline = make_pipeline(
+        data_dir, tokenizer_dir, config, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * pipeline.steps_per_epoch))
+    data_iter = pipeline.iterator()
+
+    # ---------------------------------------------------------------- model and optimizer
+    tx, schedule = make_optimizer(config, total_steps)
+    key = jax.random.key(config.seed)
+    init_fn = init_fn_for(config, model_config, tx)
+    abstract_model = nnx.eval_shape(lambda: make_model(config, model_config, key))
+    graphdef, _, _, param_specs = split_model(abstract_model, config)
+    model_def = ModelDef(graphdef, model_config, config.lora_rank, config.lora_alpha)
+    abstract = jax.eval_shape(init_fn, key)
+    specs = state_specs(abstract, param_specs, tx, config)
+    shardings = mesh_lib.named(mesh, specs)
+
+    # ---------------------------------------------------------------- init or restore
+    ckpt = Checkpointer(workdir, config.keep_checkpoints)
+    if ckpt.latest_step is not None:
+        state, data_state, _, start = ckpt.restore(abstract_with_shardings(abstract, shardings))
+        data_iter.set_state(data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+    elif config.hf_dir:
+        model = load_hf(config.hf_dir, _dtype(config.param_dtype), mesh, compute_dtype=_dtype(config.compute_dtype),
+                        remat=config.remat, freeze_vision=config.freeze_vision)
+        _, trainable, frozen, _ = split_model(model, config)
+        del model
+
+        def from_loaded(trainable, frozen, key):
+            if config.lora_rank:
+                trainable = lora_lib.init_lora(frozen, config.lora_targets, config.lora_rank, jax.random.fold_in(key, 1))
+            return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
+
+        state = jax.jit(from_loaded, out_shardings=shardings)(trainable, frozen, key)
+        start = 0
+    else:
+        state = jax.jit(init_fn, out_shardings=shardings)(key)
+        start = 0
+
+    # ---------------------------------------------------------------- the update step
+    train_step = make_train_step(model_def, LOSSES["sft"], tx, schedule)
+    layout_cache: dict = {}
+    first = with_vision_layout(next(data_iter), model_config.vision, layout_cache)
+    batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(first, mesh))
+    step_fn = jit_train_step(train_step, shardings, batch_shardings, mesh)
+    peak = peak_flops_per_device(config.compute_dtype, config.peak_flops) * mesh.size
+
+    # ---------------------------------------------------------------- the loop
+    preempted = {"flag": False}
+
+    def on_sigterm(signum, frame):
+        preempted["flag"] = True  # finish the step, checkpoint, exit
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    writer = MetricsWriter(workdir)
+    bar = _progress(progress, start, total_steps)
+    last = time.perf_counter()
+    batch = first
+    metrics_out: dict[str, float] = {}
+    step = start
+    try:
+        while step < total_steps:
+            if batch is None:
+                batch = with_vision_layout(next(data_iter), model_config.vision, layout_cache)
+            fp = fingerprint(batch)
+            state, metrics = step_fn(state, to_global(batch, batch_shardings))
+            step += 1
+            shapes = batch["input_ids"].shape
+            patches = batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]
+            batch = None
+            if step % config.log_every == 0 or step == total_steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                dt = (now - last) / config.log_every if step - start > 0 else now - last
+                last = now
+                m["step_time_s"] = dt
+                m["text_tokens_per_s"] = m["text_tokens"] / dt
+                m["image_tokens_per_s"] = m["image_tokens"] / dt
+                flops = step_flops(
+                    model_config, tokens=shapes[0] * shapes[1] * shapes[2] * jax.process_count(), seq_len=shapes[2],
+                    sequences=shapes[0] * shapes[1] * jax.process_count(), patches=patches * jax.process_count(),
+                    freeze_vision=config.freeze_vision, image_size=config.image_size,
+                )
+                m["mfu"] = flops / dt / peak
+                m["data_fingerprint"] = float(fp)
+                writer.write(step, m)
+                metrics_out = m
+                for hook in hooks:
+                    hook(step, m)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['text_tokens_per_s']:.0f}",
+                                    img_tok_s=f"{m['image_tokens_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            stop = preempted["flag"] or step == stop_at_step
+            if step % config.checkpoint_every == 0 or step == total_steps or stop:
+                ckpt.save(step, state, data_iter.get_state(), to_dict(config))
+            if stop:
+                log.info("stopping at step %d (%s); checkpoint saved", step, "SIGTERM" if preempted["flag"] else "stop_at_step")
+                break
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    finished = step >= total_steps
+    # ---------------------------------------------------------------- export
+    if finished and config.export_hf:
+        export_hf(model_def, state, os.path.join(workdir, "hf"), source_dir=tokenizer_dir)
+    ckpt.close()
+    return {"step": step, "total_steps": total_steps, "finished": finished, "state": state,
+            "model_def": model_def, "metrics": metrics_out, "tokenizer_dir": tokenizer_dir}
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="sft", unit="step", dynamic_ncols=True)
+
+
+__all__ = ["train", "resolve_model", "with_vision_layout", "to_global", "fingerprint"]

@@ -135,6 +135,13 @@ def make_query(
     return Query(_fill(templates[int(rng.integers(len(templates)))], target, modality), style)
 
 
+def sample_query(sample, style: str | None = "direct", seed: int = 0) -> str:
+    """The first-turn query for a ``Sample`` (a "question" query when its mask is empty),
+    deterministic in (seed, sample id): evaluation and GRPO prompts use it."""
+    rng = query_rng(seed, sample.sample_id)
+    return make_query(sample.target, sample.modality, rng, style=style, absent=not sample.mask.any()).text
+
+
 def make_refinement(target: str, modality: str, rng: np.random.Generator, *, style: str | None = None) -> Query:
     """The nudge of a refinement turn (the user turn after a mask is shown)."""
     if style is None:

@@ -37,7 +37,7 @@ from ibis_jax.agent.episode import END_REASONS, Episode, EpisodeConfig
 from ibis_jax.agent.loop import EpisodeTrace, OraclePolicy, Policy, run_agent
 from ibis_jax.agent.oracle import oracle_iou_curve
 from ibis_jax.agent.prompts import user_turn
-from ibis_jax.data.queries import make_query, query_rng
+from ibis_jax.data.queries import sample_query
 from ibis_jax.data.records import ShardWriter, TrajectoryRecord, record_from_episode, shard_name, write_json_atomic
 from ibis_jax.data.sources.base import Sample, Source, SourceError
 from ibis_jax.metrics import dice, interactive_summary
@@ -128,12 +128,6 @@ def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
             batch = []
     if batch:
         yield batch
-
-
-def sample_query(sample: Sample, style: str, seed: int) -> str:
-    """The first-turn query for a sample (a "question" query when the target is absent)."""
-    rng = query_rng(seed, sample.sample_id)
-    return make_query(sample.target, sample.modality, rng, style=style, absent=not sample.mask.any()).text
 
 
 # -- running -------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ import numpy as np
 
 from ibis_jax.agent.episode import Episode, Step
 from ibis_jax.agent.grammar import ActionParseError, Click, Terminate, parse_turn
-from ibis_jax.metrics import iou
 
 PAPER_REWARDS = ("format", "answer", "click", "pseg", "length")
 

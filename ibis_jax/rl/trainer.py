@@ -31,6 +31,7 @@ import numpy as np
 from ibis_jax.agent.conversation import Message, turn_messages
 from ibis_jax.agent.episode import Episode, EpisodeConfig
 from ibis_jax.agent.loop import Policy, run_agent
+from ibis_jax.data.queries import sample_query
 from ibis_jax.data.sources.base import Sample
 from ibis_jax.models.qwen2_5_vl import load_hf
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
@@ -67,6 +68,7 @@ class RLConfig:
     temperature: float = 1.0
     max_new_tokens: int = 96
     seq_buckets: tuple[int, ...] = (1024, 2048)
+    query_style: str | None = "direct"  # first-turn query style; None: drawn per prompt as in synthesis
     seed: int = 0
 
 
@@ -161,7 +163,7 @@ def train_grpo(
                 picked = [samples[(step * rl.prompts_per_step + i) % len(samples)] for i in range(rl.prompts_per_step)]
                 episodes = [
                     Episode(prepare_image(s.image, config.image_size),
-                            f"Segment the {s.target} in this {s.modality} image.",
+                            sample_query(s, rl.query_style, rl.seed),
                             _resize_mask(s.mask, config.image_size), config=episode_config,
                             episode_id=f"grpo-{step}-{i}-{g}")
                     for i, s in enumerate(picked) for g in range(rl.grpo.group_size)

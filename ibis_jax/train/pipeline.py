@@ -23,6 +23,7 @@ N = b * max_images_per_sample images, L = N * patches per image):
 from __future__ import annotations
 
 import dataclasses
+import threading
 import logging
 from typing import Any
 
@@ -64,6 +65,7 @@ class TokenizeSample(grain.transforms.Map):
     def __init__(self, data_dir: str, tokenizer_dir: str, config: TrainConfig):
         self.data_dir, self.tokenizer_dir, self.config = data_dir, tokenizer_dir, config
         self._source = self._tok = None
+        self._lock = threading.Lock()  # grain maps in a thread pool: open once, never half-open
 
     def __getstate__(self):
         return {"data_dir": self.data_dir, "tokenizer_dir": self.tokenizer_dir, "config": self.config}
@@ -72,9 +74,10 @@ class TokenizeSample(grain.transforms.Map):
         self.__init__(**state)
 
     def map(self, pair: np.ndarray) -> Sample:
-        if self._source is None:
-            self._source = TrajectoryDataSource(self.data_dir)
-            self._tok = load_tokenizer(self.tokenizer_dir)
+        with self._lock:
+            if self._tok is None:
+                self._source = TrajectoryDataSource(self.data_dir)
+                self._tok = load_tokenizer(self.tokenizer_dir)
         c = self.config
         rec, step = int(pair[0]), int(pair[1])
         record = self._source[rec]

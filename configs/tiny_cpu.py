@@ -21,7 +21,7 @@ def get_config() -> TrainConfig:
         history="none",
         batch_size=8,
         num_epochs=3.0,
-        lr=1e-3,  # a random-init tiny model needs a large rate to learn the format quickly
+        lr=2e-3,  # a random-init tiny model needs a large rate to learn the format quickly
         warmup_frac=0.05,
         weight_decay=0.0,
         freeze_vision=False,

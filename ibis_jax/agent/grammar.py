@@ -212,6 +212,15 @@ def _parse_lenient(text: str) -> ParsedTurn:
     )
 
 
+def is_well_formed(text: str) -> bool:
+    """Whether a turn passes the strict format check (the format reward, SPEC section 2)."""
+    try:
+        parse_turn(text, strict=True)
+    except ActionParseError:
+        return False
+    return True
+
+
 def parse_turn(text: str, strict: bool = False) -> ParsedTurn:
     """Parses one assistant turn; raises :class:`ActionParseError` on any malformed input."""
     if not isinstance(text, str):

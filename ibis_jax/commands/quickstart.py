@@ -26,9 +26,11 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.py"
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="working and report folder")
     parser.add_argument("--clean", action="store_true", help="delete --out first and start over")
-    parser.add_argument("--sft-steps", type=int, default=60)
-    parser.add_argument("--grpo-steps", type=int, default=6)
-    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--sft-steps", type=int, default=400)
+    parser.add_argument("--grpo-steps", type=int, default=16)
+    parser.add_argument("--grpo-lr", type=float, default=3e-4)
+    parser.add_argument("--train-shapes", type=int, default=48, help="synthetic shapes in the training set")
+    parser.add_argument("--eval-samples", type=int, default=16, help="held-out shapes evaluated")
     parser.add_argument("--config", default=str(CONFIG), help="TrainConfig file for SFT and GRPO")
     parser.set_defaults(run=run)
 
@@ -68,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    config = load_config(args.config, [f"max_steps={args.sft_steps}", "checkpoint_every=20"])
+    config = load_config(args.config, [f"max_steps={args.sft_steps}", "checkpoint_every=100"])
     image = config.image_size
     # Training prompts and held-out evaluation images: different shapes (another seed), same size.
-    train_source = DemoSource(mri_slices=2, nuclei_tiles=4, num_shapes=24, shapes_size=image)
+    train_source = DemoSource(mri_slices=2, nuclei_tiles=4, num_shapes=args.train_shapes, shapes_size=image)
     eval_source = DemoSource(parts=("shapes",), num_shapes=args.eval_samples, shapes_size=image, seed=1000)
 
     with _stage("1. synthesize trajectories", times):
@@ -85,12 +87,12 @@ def run(args: argparse.Namespace) -> int:
                    for s in train_source.load(item)]
         rl = RLConfig(steps=args.grpo_steps, prompts_per_step=2, max_turns=4, max_new_tokens=96,
                       grpo=GRPOConfig(group_size=4), seq_buckets=(max(config.seq_buckets) + 128,))
-        grpo_config = dataclasses.replace(config, lr=2e-5, warmup_frac=0.0, checkpoint_every=1_000_000)
+        grpo_config = dataclasses.replace(config, lr=args.grpo_lr, warmup_frac=0.0, checkpoint_every=1_000_000)
         grpo = train_grpo(grpo_config, rl, samples, ClassicalTool(), str(out / "grpo"), init_dir=str(sft_dir))
         export_hf(grpo["model_def"], grpo["state"], str(out / "grpo" / "hf"), source_dir=str(sft_dir))
     runs = {}
     with _stage("4. evaluate", times):
-        cfg = EvalConfig(max_steps=6, batch_size=8, curve_clicks=6, ks=(1, 3, 5), num_examples=2)
+        cfg = EvalConfig(max_steps=6, batch_size=16, curve_clicks=6, ks=(1, 3, 5), num_examples=2)
         greedy = SamplerConfig(max_new_tokens=96)
         policies = {
             "oracle": OraclePolicy(stop_iou=0.9, max_clicks=6),
@@ -137,11 +139,12 @@ def write_report(out: Path, stats, sft, grpo, runs, times) -> Path:
     lines += [f"| {k} | {v} |" for k, v in times.items()] + [""]
     lines += ["## Evaluation on held-out demo shapes (classical tool)", "",
               comparison_markdown([runs[n] for n in names], names), ""]
-    lines += ["| policy | parse-failure rate | avg. turns | terminated |", "|---|---|---|---|"]
+    lines += ["| policy | well-formed turns | parse-failure rate | avg. turns | end reasons |", "|---|---|---|---|---|"]
     for n in names:
         o = runs[n]["overall"]
-        lines.append(f"| {n} | {o.get('parse_failure_rate', float('nan')):.3f} | {o.get('avg_turns', float('nan')):.2f} "
-                     f"| {o.get('end_reasons', {}).get('terminate', 0)} |")
+        reasons = ", ".join(f"{k} {v}" for k, v in o.get("end_reasons", {}).items())
+        lines.append(f"| {n} | {o.get('well_formed_rate', float('nan')):.3f} | {o.get('parse_failure_rate', float('nan')):.3f} "
+                     f"| {o.get('avg_turns', float('nan')):.2f} | {reasons} |")
     lines.append("")
     if _curve(out / "sft" / "metrics.jsonl", ["loss", "action_accuracy"], out / "sft_curve.png", "SFT"):
         lines += ["## SFT", "", "![SFT curves](sft_curve.png)", ""]

@@ -34,6 +34,7 @@ import numpy as np
 
 from ibis_jax.agent.conversation import HistoryMode
 from ibis_jax.agent.episode import END_REASONS, Episode, EpisodeConfig
+from ibis_jax.agent.grammar import is_well_formed
 from ibis_jax.agent.loop import EpisodeTrace, OraclePolicy, Policy, run_agent
 from ibis_jax.agent.oracle import oracle_iou_curve
 from ibis_jax.agent.prompts import user_turn
@@ -89,6 +90,7 @@ class CaseResult:
     turns: int
     end_reason: str
     parse_failure: bool
+    well_formed_turns: int  # turns that pass the strict format check (the format reward's)
     generate_seconds: float
     tool_seconds: float
     empty_gt: bool
@@ -139,6 +141,7 @@ def _case(sample: Sample, episode: Episode, trace: EpisodeTrace, curve: list[flo
         iou=float(episode.ious[-1]), dice=float(dice(final, episode.gt_mask)), clicks=len(episode.clicks),
         turns=len(episode.steps), end_reason=episode.end_reason or "",
         parse_failure=any(s.parse_error is not None for s in episode.steps),
+        well_formed_turns=sum(is_well_formed(s.text) for s in episode.steps),
         generate_seconds=float(trace.generate_seconds),
         tool_seconds=float(sum(s.tool_seconds for s in episode.steps)),
         empty_gt=not bool(episode.gt_mask.any()), curve=[float(v) for v in curve],
@@ -275,6 +278,7 @@ def segmentation_summary(cases: Sequence[CaseResult]) -> dict[str, Any]:
         # Per episode: a turn that does not parse ends the episode, so at most one per case.
         "parse_failure_rate": _mean([float(c.parse_failure) for c in cases]),
         "parse_failures_per_turn": (sum(c.parse_failure for c in cases) / turns) if turns else 0.0,
+        "well_formed_rate": (sum(c.well_formed_turns for c in cases) / turns) if turns else float("nan"),
         "generate_seconds_per_case": _mean([c.generate_seconds for c in cases]),
         "tool_seconds_per_case": _mean([c.tool_seconds for c in cases]),
     }

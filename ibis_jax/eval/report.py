@@ -63,14 +63,14 @@ def interactive_markdown(runs: Sequence[dict[str, Any]], names: Sequence[str] | 
 
 
 def _group_table(groups: dict[str, dict[str, Any]], label: str) -> str:
-    header = [label, "Samples", "IoU", "Dice", "Avg. steps", "Parse failures", "End reasons",
+    header = [label, "Samples", "IoU", "Dice", "Avg. steps", "Well-formed turns", "Parse failures", "End reasons",
               "Gen. s/case", "Tool s/case"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, g in groups.items():
         reasons = ", ".join(f"{k} {v}" for k, v in g["end_reasons"].items()) or "-"
         lines.append(
             f"| {name} | {g['samples']} | {_pct(g['mean_iou'])} | {_pct(g['mean_dice'])} | {_num(g['avg_steps'])} | "
-            f"{_pct(g['parse_failure_rate'])}% | {reasons} | {_num(g['generate_seconds_per_case'], 3)} | "
+            f"{_pct(g['well_formed_rate'])}% | {_pct(g['parse_failure_rate'])}% | {reasons} | {_num(g['generate_seconds_per_case'], 3)} | "
             f"{_num(g['tool_seconds_per_case'], 3)} |"
         )
     return "\n".join(lines)

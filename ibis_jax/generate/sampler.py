@@ -59,7 +59,10 @@ class SamplerConfig:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    stop_strings: tuple[str, ...] = ("</action>", "</answer>")
+    # A click turn is complete at the ``</action>`` after its point's ")"; a terminate goes on to
+    # its ``<answer>`` (a bare "</action>" stop would cut every answer off and fail the format
+    # reward on every terminate). Well-trained turns end at EOS (``<|im_end|>``) anyway.
+    stop_strings: tuple[str, ...] = (")\n</action>", "</answer>")
     eos_token_ids: tuple[int, ...] | None = None
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     chunk_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -34,7 +34,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from ibis_jax.agent.episode import Episode, Step
-from ibis_jax.agent.grammar import ActionParseError, Click, Terminate, parse_turn
+from ibis_jax.agent.grammar import Click, Terminate, is_well_formed
 
 PAPER_REWARDS = ("format", "answer", "click", "pseg", "length")
 
@@ -73,14 +73,7 @@ def _prev_iou(step: Step, context: RewardContext) -> float:
 
 
 def format_reward(episode: Episode, context: RewardContext) -> np.ndarray:
-    def ok(text: str) -> float:
-        try:
-            parse_turn(text, strict=True)
-        except ActionParseError:
-            return 0.0
-        return 1.0
-
-    return np.array([ok(s.text) for s in episode.steps], dtype=np.float32)
+    return np.array([float(is_well_formed(s.text)) for s in episode.steps], dtype=np.float32)
 
 
 def _normalise_answer(text: str | None) -> str:

@@ -50,7 +50,7 @@ def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None
 
         tok = config.tokenizer_dir or os.path.join(workdir, "tokenizer")
         if not os.path.exists(os.path.join(tok, "tokenizer.json")) and jax.process_index() == 0:
-            make_tokenizer_dir(tok, vocab_size=TINY_VOCAB, corpus=_dataset_texts(data_dir))
+            make_tokenizer_dir(tok, vocab_size=TINY_VOCAB, corpus=_dataset_texts(data_dir), grammar_tokens=True)
         return tiny_config(tok), tok
     presets = {"qwen2_5_vl_3b": Qwen25VLConfig.qwen2_5_vl_3b, "qwen2_5_vl_7b": Qwen25VLConfig.qwen2_5_vl_7b}
     if config.model not in presets:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ibis_jax.generate import Sampler, SamplerConfig, StopAutomaton
 from ibis_jax.generate.stop import token_bytes
@@ -129,6 +130,21 @@ def test_stop_automaton_spans_tokens(processor):
     # A special token resets a partial match.
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert auto.run_tokens([by_bytes[b"<"], by_bytes[b"/"], im_end] + [by_bytes[bytes([c])] for c in b"action>"]) is None
+
+
+@pytest.mark.parametrize("grammar_tokens", [False, True])
+def test_default_stop_strings_end_a_click_at_its_action_and_a_terminate_after_its_answer(tmp_path, grammar_tokens):
+    from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir
+    from ibis_jax.train.pipeline import load_tokenizer
+
+    tok = load_tokenizer(make_tokenizer_dir(tmp_path / "tok", grammar_tokens=grammar_tokens))
+    auto = StopAutomaton(SamplerConfig().stop_strings, token_bytes(tok, len(tok)))
+    click = "<think>\nmiss\n</think>\n<action>\nPositive Point (0.4512, 0.4238)\n</action>"
+    ids = tok.encode(click + "\nmore text")
+    assert tok.decode(ids[: auto.run_tokens(ids) + 1]) == click
+    terminate = "<think>\nfits\n</think>\n<action>\nTerminate\n</action>\n<answer>\nThe liver.\n</answer>"
+    ids = tok.encode(terminate + "\nmore")
+    assert tok.decode(ids[: auto.run_tokens(ids) + 1]) == terminate  # the answer is not cut off
 
 
 def test_decode_stops_on_stop_string_and_eos(flax_model, processor):

@@ -60,3 +60,18 @@ def test_pipeline_batches_shift_pad_and_resume(tmp_path, tok_dir):
         c = next(it2)
         for k in a:
             np.testing.assert_array_equal(a[k], c[k])
+
+
+def test_grammar_tokens_make_the_layout_single_tokens_and_keep_the_text(tmp_path):
+    from ibis_jax.models.qwen2_5_vl.testing import GRAMMAR_TOKENS, make_tokenizer_dir
+
+    tok = load_tokenizer(make_tokenizer_dir(tmp_path / "tok", grammar_tokens=True))
+    rec = make_record(2, clicks=1)
+    for s in record_samples(rec, tok, image_size=56, history="none"):
+        text = rec.steps[s.step].text
+        trained = [tok.convert_ids_to_tokens(int(i)) for i in s.input_ids[s.loss_weights > 0]]
+        assert tok.decode(s.input_ids[s.loss_weights > 0]) == text + "<|im_end|>"
+        assert [t for t in trained if t in GRAMMAR_TOKENS] == [t for t in GRAMMAR_TOKENS if t in text]
+        assert trained[0] == "<think>\n"
+        action = tok.decode(s.input_ids[s.action_mask])
+        assert action.startswith("<action>\n") and action.endswith("\n</action>")

@@ -85,11 +85,22 @@ CT MRI X-ray ultrasound pathology dermoscopy endoscopy fundus OCT brain heart lu
 """
 
 
-def build_tokenizer(vocab_size: int = 400, corpus: Iterable[str] = ()):
+# The agent grammar's tags with the newlines around them (SPEC section 2), as one token each.
+GRAMMAR_TOKENS = ("<think>\n", "\n</think>\n", "<action>\n", "\n</action>", "\n<answer>\n", "\n</answer>")
+
+
+def build_tokenizer(vocab_size: int = 400, corpus: Iterable[str] = (), grammar_tokens: bool = False):
     """A byte-level BPE `tokenizers.Tokenizer` trained on a small built-in corpus (plus `corpus`,
     e.g. a dataset's texts, so that they encode compactly), then Qwen's special tokens (appended
-    after the BPE vocabulary). Encodes any text (bytes fall back)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    after the BPE vocabulary). Encodes any text (bytes fall back).
+
+    grammar_tokens: also add :data:`GRAMMAR_TOKENS` as ordinary (non-special) added tokens, so a
+    canonical turn's layout is a chain of single tokens ("\n</think>\n" -> "<action>\n" -> "Positive"):
+    a two-layer model then learns the layout from next-token statistics alone, where with the tags
+    split into "</", "think", ">", "\n" it must first learn to look several tokens back (the tiny
+    CPU model did not, in 300 steps). They decode to their text, so parsing is unchanged.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     # Digits one by one, as Qwen2's tokenizer splits them: coordinates are learnable digit-wise.
@@ -105,6 +116,9 @@ def build_tokenizer(vocab_size: int = 400, corpus: Iterable[str] = ()):
     lines = [line for text in (_CORPUS, *corpus) for line in text.splitlines()]
     tok.train_from_iterator(lines, trainer=trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    if grammar_tokens:
+        tok.add_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=False)
+                        for t in GRAMMAR_TOKENS])
     return tok
 
 
@@ -113,17 +127,19 @@ def make_tokenizer_dir(
     *,
     vocab_size: int = 400,
     corpus: Iterable[str] = (),
+    grammar_tokens: bool = False,
     min_pixels: int = 56 * 56,
     max_pixels: int = 28 * 28 * 1280,
 ) -> str:
     """Write an HF tokenizer (tokenizer.json, tokenizer_config.json with the chat template) and
-    a Qwen2-VL `preprocessor_config.json` into `directory`. Needs transformers, not torch."""
+    a Qwen2-VL `preprocessor_config.json` into `directory` (`grammar_tokens`: see
+    :func:`build_tokenizer`). Needs transformers, not torch."""
     from transformers import PreTrainedTokenizerFast
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(vocab_size, corpus),
+        tokenizer_object=build_tokenizer(vocab_size, corpus, grammar_tokens),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,

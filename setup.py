@@ -11,6 +11,7 @@ CORE = [
     "scikit-image==0.26.0",
     "pillow==13.0.0",
     "tqdm",
+    "matplotlib==3.11.2",  # quickstart and report curves
     "jax==0.10.2",
     "jaxlib==0.10.2",
     "flax==0.12.8",

@@ -77,7 +77,7 @@ def _token(args: argparse.Namespace) -> str | None:
 def run_serve(args: argparse.Namespace) -> int:
     from ibis_jax.tools.protocol import ToolError
     from tool_bridge.backends import make_backend
-    from tool_bridge.server import BridgeServer, ServerConfig, TLSConfig
+    from tool_bridge.server import ServerConfig, TLSConfig
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):

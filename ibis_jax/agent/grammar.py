@@ -173,6 +173,18 @@ def _parse_action_lenient(content: str) -> tuple[Action, str | None]:
     return Click(_to_unit(xs, "x"), _to_unit(ys, "y"), kind.lower() == "positive"), None
 
 
+_TAG = re.compile(r"</?(think|action|answer)>")
+
+
+def _no_nested_tags(content: str, block: str) -> None:
+    """A strict block holds no grammar tag: a lazy match would otherwise swallow a second turn
+    (``...</answer>`` closing ``<answer>a</think><action>...<answer>b``), which the lenient parser
+    rejects as two actions, so the format reward and the episode would disagree."""
+    tag = _TAG.search(content)
+    if tag:
+        raise ActionParseError("format", f"<{block}> holds the tag {tag.group(0)!r}; write each block once")
+
+
 def _parse_strict(text: str) -> ParsedTurn:
     match = _STRICT_TURN.match(text.lstrip())
     if not match:
@@ -181,10 +193,12 @@ def _parse_strict(text: str) -> ParsedTurn:
         )
     reasoning, content = match.group(1), match.group(2)
     rest = text.lstrip()[match.end():]
+    _no_nested_tags(reasoning, "think")
     if content in ("Terminate", "Termination"):
         answer = _STRICT_ANSWER.fullmatch(rest)
         if not answer:
             raise ActionParseError("missing_answer", "a terminate must be followed by '<answer>\\n...\\n</answer>'")
+        _no_nested_tags(answer.group(1), "answer")
         return ParsedTurn(reasoning, Terminate(), answer.group(1))
     if rest.strip():
         raise ActionParseError("format", "text after </action> (only a terminate is followed by an answer)")

@@ -158,7 +158,7 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
 
 def template_reasoning(facts: StepFacts, rng: np.random.Generator) -> str:
     """The template reasoning for one action (see the module docstring)."""
-    t, target = facts.target, facts.target
+    t = facts.target
     if facts.kind == "absent":
         return _pick(rng, (
             f"I look over the whole image for the {t}, but no structure here has its appearance. "

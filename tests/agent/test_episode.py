@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ibis_jax.agent import ActionParseError, Click, Episode, EpisodeConfig, Terminate, render_overlay
+from ibis_jax.agent import Click, Episode, EpisodeConfig, Terminate, render_overlay
 from ibis_jax.agent.oracle import run_oracle_episode
 from ibis_jax.data.images import ImageError
 from ibis_jax.tools.protocol import SegmentResult, ToolError, tool_session

@@ -1,7 +1,7 @@
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ibis_jax.agent import ActionParseError, Click, Terminate, format_action, format_turn, parse_turn
@@ -96,6 +96,10 @@ def test_lenient_rejections(text, reason):
         # trailing text after a click
         ("<think>\nx\n</think>\n<action>\nPositive Point (0.5, 0.5)\n</action>\nmore", "format"),
         ("<think>\nx\n</think>\n<action>\nPositive Point (1.0001, 0.5)\n</action>", "out_of_range"),
+        # a second turn swallowed by the lazy answer match (GRPO found this one)
+        ("<think>\nx\n</think>\n<action>\nTerminate\n</action>\n<answer>\na\n</think>\n<action>\nTerminate\n"
+         "</action>\n<answer>\nb\n</answer>", "format"),
+        ("<think>\nx\n<think>\ny\n</think>\n<action>\nPositive Point (0.5, 0.5)\n</action>", "format"),
     ],
 )
 def test_strict_rejections(text, reason):
@@ -150,3 +154,18 @@ def test_grammar_shaped_noise_never_escapes(text):
             continue
         if isinstance(turn.action, Click):
             assert 0.0 <= turn.action.x <= 1.0 and 0.0 <= turn.action.y <= 1.0
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_fragments, max_size=20).map("".join))
+@example("Terminate\n</action>\n<answer>\na\n</think>\n<action>\nTerminate\n</action>\n<answer>\nb\n</answer>")
+@example("Terminate\n</action>\n<answer>\nThe liver.\n</answer>")
+@example("Negative Point (0.5, 1)\n</action>")
+def test_a_strictly_valid_turn_parses_leniently_to_the_same_action(text):
+    # The format reward (strict) and the episode (lenient) must never disagree on a turn.
+    try:
+        strict = parse_turn("<think>\nx\n</think>\n<action>\n" + text, strict=True)
+    except ActionParseError:
+        return
+    lenient = parse_turn("<think>\nx\n</think>\n<action>\n" + text)
+    assert lenient.action == strict.action and lenient.answer == strict.answer

@@ -29,6 +29,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sft-steps", type=int, default=400)
     parser.add_argument("--grpo-steps", type=int, default=16)
     parser.add_argument("--grpo-lr", type=float, default=3e-4)
+    parser.add_argument("--max-turns", type=int, default=6, help="actions per episode (GRPO and evaluation)")
+    parser.add_argument("--t-opt", type=int, default=3, help="GRPO length reward: steps without penalty")
     parser.add_argument("--train-parts", default="mri,nuclei,shapes", help="demo parts of the training set")
     parser.add_argument("--train-shapes", type=int, default=48, help="synthetic shapes in the training set")
     parser.add_argument("--eval-samples", type=int, default=16, help="held-out shapes evaluated")
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ibis_jax.generate.sampler import SamplerConfig
     from ibis_jax.rl.trainer import RLConfig, train_grpo
     from ibis_jax.rl.grpo import GRPOConfig
+    from ibis_jax.rl.rewards import RewardConfig
     from ibis_jax.tools.classical import ClassicalTool
     from ibis_jax.train.checkpoint import export_hf
     from ibis_jax.train.config import load_config
@@ -87,17 +90,20 @@ def run(args: argparse.Namespace) -> int:
     with _stage("3. GRPO", times):
         samples = [s for item in train_source.items() if item.item_id.startswith("shapes")
                    for s in train_source.load(item)]
-        rl = RLConfig(steps=args.grpo_steps, prompts_per_step=2, max_turns=4, max_new_tokens=96,
-                      grpo=GRPOConfig(group_size=4), seq_buckets=(max(config.seq_buckets) + 128,))
+        # Episodes as long as the evaluation's; T_opt scaled to that budget (the paper's 5 is for 20
+        # actions), so S_len can tell a short episode from a long one.
+        rl = RLConfig(steps=args.grpo_steps, prompts_per_step=2, max_turns=args.max_turns, max_new_tokens=96,
+                      grpo=GRPOConfig(group_size=4), reward=RewardConfig(t_opt=args.t_opt),
+                      seq_buckets=(max(config.seq_buckets) + 128,))
         grpo_config = dataclasses.replace(config, lr=args.grpo_lr, warmup_frac=0.0, checkpoint_every=1_000_000)
         grpo = train_grpo(grpo_config, rl, samples, ClassicalTool(), str(out / "grpo"), init_dir=str(sft_dir))
         export_hf(grpo["model_def"], grpo["state"], str(out / "grpo" / "hf"), source_dir=str(sft_dir))
     runs = {}
     with _stage("4. evaluate", times):
-        cfg = EvalConfig(max_steps=6, batch_size=16, curve_clicks=6, ks=(1, 3, 5), num_examples=2)
+        cfg = EvalConfig(max_steps=args.max_turns, batch_size=16, curve_clicks=6, ks=(1, 3, 5), num_examples=2)
         greedy = SamplerConfig(max_new_tokens=96)
         policies = {
-            "oracle": OraclePolicy(stop_iou=0.9, max_clicks=6),
+            "oracle": OraclePolicy(stop_iou=0.9, max_clicks=args.max_turns),
             "SFT": ModelPolicy.from_pretrained_dir(str(sft_dir), sampler_config=greedy),
             "SFT + GRPO": ModelPolicy.from_pretrained_dir(str(out / "grpo" / "hf"), sampler_config=greedy),
         }

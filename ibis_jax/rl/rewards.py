@@ -9,7 +9,9 @@ are instances:
 - ``answer``: IoU tiers of the mask after the action (> 0.80: 3, > 0.70: 2, > 0.50: 1, else 0);
   for a closed-ended VQA episode, exact match of the final answer (1/0) on the terminating turn;
 - ``click``: +1 if a positive click lands in FN(M_{t-1}) or a negative click in FP(M_{t-1}), -1
-  otherwise, 0 for a terminate or an unparsed turn;
+  otherwise, 0 for a terminate; an unparsed turn is no terminate, so it takes the "otherwise"
+  (``unparsed_click``, -1; with 0 an unparseable turn scores exactly as a wrong click, and GRPO
+  drifted into malformed terminates on the tiny model);
 - ``pseg``: 1 if IoU(M_t) > IoU(M_{t-1}) strictly, else 0; ``-pseg_drop_penalty`` if it dropped
   (0 by default; the paper's figure draws a penalty);
 - ``length``: 1 if the 1-based step index t <= T_opt, else -0.2 (t - T_opt).
@@ -45,6 +47,7 @@ class RewardConfig:
     t_opt: int = 5
     length_penalty: float = 0.2
     pseg_drop_penalty: float = 0.0
+    unparsed_click: float = -1.0  # S_click of a turn that did not parse
     weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: {k: 1.0 for k in PAPER_REWARDS})
     aggregate: Literal["mean", "sum", "last"] = "mean"
     mode: Literal["multi_turn", "step"] = "multi_turn"
@@ -99,7 +102,7 @@ def click_reward(episode: Episode, context: RewardContext) -> np.ndarray:
     values = []
     for s in episode.steps:
         if not isinstance(s.action, Click):
-            values.append(0.0)
+            values.append(0.0 if isinstance(s.action, Terminate) else context.config.unparsed_click)
             continue
         col, row = s.action.pixel(episode.width, episode.height)
         prev = np.zeros_like(gt) if context.config.mode == "step" else s.prev_mask

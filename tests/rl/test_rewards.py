@@ -93,7 +93,11 @@ def test_vqa_exact_match_and_parse_failure():
     bad = Episode(np.zeros((H, W, 3), np.uint8), "q", GT)
     bad.record_parse_failure("garbage", ActionParseError("no_action", "x"))
     s = score_episode(bad)
-    assert s.components["format"].tolist() == [0] and s.components["click"].tolist() == [0]
+    assert s.components["format"].tolist() == [0] and s.components["click"].tolist() == [-1]
+    # (format 0 + answer 0 + click -1 + pseg 0 + length 1) / 5: below a wrong click's 0.2
+    assert s.score == pytest.approx(0.0)
+    lenient = score_episode(bad, context=RewardContext(RewardConfig(unparsed_click=0.0)))
+    assert lenient.components["click"].tolist() == [0] and lenient.score == pytest.approx(0.2)
 
 
 def test_user_reward_from_file(tmp_path):

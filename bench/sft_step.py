@@ -6,7 +6,9 @@
 Prints the jitted train step time (fwd + bwd + AdamW), the forward-only time of the same model
 and batch measured in the same run (the anchor), their ratio (ideal ~3: backward = 2x forward),
 achieved FLOP/s from the analytic count (`ibis_jax.train.metrics.step_flops`) and MFU against
-`--peak-flops` (default: the table in metrics.py; CPU: a rough 5e10 per device).
+`--peak-flops` (default: the table in metrics.py; CPU: a rough 5e10 per device), and the same
+achieved rate over the rate of one large matmul measured in the same run (the honest anchor on a
+CPU, whose nominal peak XLA does not reach).
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ def timeit(fn, n: int) -> float:
     return float(np.median(times))
 
 
+def matmul_flop_s(dtype: str, n: int = 2048, iters: int = 5) -> float:
+    """FLOP/s of a jitted [n, n] x [n, n] matmul in ``dtype`` (median of ``iters``)."""
+    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n**3 / timeit(lambda: f(a), iters)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
@@ -123,6 +132,7 @@ def main() -> None:
                        patches=batch["pixel_values"].shape[1], freeze_vision=args.freeze_vision,
                        image_size=args.image_size)
     peak = peak_flops_per_device(args.dtype, args.peak_flops) * mesh.size
+    matmul = matmul_flop_s(args.dtype)
     out = {
         "device": jax.devices()[0].device_kind, "devices": mesh.size, "params_M": round(n_params / 1e6, 1),
         "batch": args.batch, "seq": args.seq, "image_size": args.image_size, "dtype": args.dtype,
@@ -130,6 +140,9 @@ def main() -> None:
         "step_over_forward": round(step_s / fwd_s, 2), "train_tflops_per_step": round(flops / 1e12, 4),
         "achieved_tflop_s": round(flops / step_s / 1e12, 4), "peak_tflop_s": peak / 1e12,
         "mfu": round(flops / step_s / peak, 4),
+        # The anchor measured in this run: one large matmul, what XLA reaches on this device.
+        "matmul_tflop_s": round(matmul / 1e12, 4),
+        "step_over_matmul_rate": round(flops / step_s / matmul, 3),
         "tokens_per_s": round(args.batch * args.seq / step_s, 1),
     }
     print(json.dumps(out, indent=1))

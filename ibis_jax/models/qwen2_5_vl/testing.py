@@ -95,10 +95,11 @@ def build_tokenizer(vocab_size: int = 400, corpus: Iterable[str] = (), grammar_t
     after the BPE vocabulary). Encodes any text (bytes fall back).
 
     grammar_tokens: also add :data:`GRAMMAR_TOKENS` as ordinary (non-special) added tokens, so a
-    canonical turn's layout is a chain of single tokens ("\n</think>\n" -> "<action>\n" -> "Positive"):
-    a two-layer model then learns the layout from next-token statistics alone, where with the tags
-    split into "</", "think", ">", "\n" it must first learn to look several tokens back (the tiny
-    CPU model did not, in 300 steps). They decode to their text, so parsing is unchanged.
+    canonical turn's layout is a chain of single tokens (``"\\n</think>\\n"`` -> ``"<action>\\n"`` ->
+    ``"Positive"``): a two-layer model then learns the layout from next-token statistics alone,
+    where with the tags split into ``</``, ``think``, ``>``, newline it must first learn to look
+    several tokens back (the tiny CPU model did not, in 300 steps). They decode to their text, so
+    parsing is unchanged.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 

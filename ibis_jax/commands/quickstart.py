@@ -29,6 +29,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sft-steps", type=int, default=400)
     parser.add_argument("--grpo-steps", type=int, default=16)
     parser.add_argument("--grpo-lr", type=float, default=3e-4)
+    parser.add_argument("--grpo-prompts", type=int, default=2, help="prompts per GRPO step (x 4 rollouts each)")
     parser.add_argument("--max-turns", type=int, default=6, help="actions per episode (GRPO and evaluation)")
     parser.add_argument("--t-opt", type=int, default=3, help="GRPO length reward: steps without penalty")
     parser.add_argument("--train-parts", default="mri,nuclei,shapes", help="demo parts of the training set")
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                    for s in train_source.load(item)]
         # Episodes as long as the evaluation's; T_opt scaled to that budget (the paper's 5 is for 20
         # actions), so S_len can tell a short episode from a long one.
-        rl = RLConfig(steps=args.grpo_steps, prompts_per_step=2, max_turns=args.max_turns, max_new_tokens=96,
+        rl = RLConfig(steps=args.grpo_steps, prompts_per_step=args.grpo_prompts, max_turns=args.max_turns, max_new_tokens=96,
                       grpo=GRPOConfig(group_size=4), reward=RewardConfig(t_opt=args.t_opt),
                       seq_buckets=(max(config.seq_buckets) + 128,))
         grpo_config = dataclasses.replace(config, lr=args.grpo_lr, warmup_frac=0.0, checkpoint_every=1_000_000)

@@ -4,7 +4,9 @@ Same "medium" random config as bench/forward_vs_transformers.py (text 8 layers x
 vocab 32k), batch 8, 64-token text prompts, 128 new tokens, greedy, no stop; fp32 on CPU.
 Decode time: ours = the jitted while-loop decode call (prefill excluded); transformers =
 generate(128 new) - generate(1 new), i.e. its 127 cached decode steps, scaled to 128 tokens.
-Median of --iters runs, the two sides interleaved (the machine is shared).
+Ours runs twice: with the decoder weights packed for skinny matmuls (the CPU default) and with
+the model's own kernels (`SamplerConfig(packed_weights=False)`), to show what packing buys.
+Median of --iters runs, the sides interleaved (the machine is shared).
 
     python bench/generate_vs_transformers.py [--iters 3] [--threads N]
 """
@@ -63,10 +65,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tm = make_hf_model_dir(d, cfg, randomize=False)
         model = load_hf(d)
-    sampler = Sampler(model, _Tok(), SamplerConfig(max_new_tokens=NEW, stop_strings=(), eos_token_ids=()))
+    samplers = {packed: Sampler(model, _Tok(), SamplerConfig(max_new_tokens=NEW, stop_strings=(), eos_token_ids=(),
+                                                             packed_weights=packed))
+                for packed in (True, False)}
     prompts = list(ids)
 
-    def ours():
+    def ours(packed=True):
+        sampler = samplers[packed]
         state = sampler.prefill(prompts)
         state.logits.block_until_ready()
         t = time.perf_counter()
@@ -82,19 +87,24 @@ def main() -> None:
         return time.perf_counter() - t, out
 
     _, ref = hf(NEW)  # warm-up + parity check
-    _, mine = ours()  # compile
-    same = np.array_equal(ref[:, PROMPT:].numpy(), np.array([c.token_ids for c in mine]))
-    t_ours, t_hf = [], []
+    same = {}
+    for packed in (True, False):
+        _, mine = ours(packed)  # compile
+        same[packed] = np.array_equal(ref[:, PROMPT:].numpy(), np.array([c.token_ids for c in mine]))
+    t_ours, t_model, t_hf = [], [], []
     for _ in range(args.iters):
-        t_ours.append(ours()[0])
+        t_ours.append(ours(True)[0])
+        t_model.append(ours(False)[0])
         t_hf.append((hf(NEW)[0] - hf(1)[0]) * NEW / (NEW - 1))
     ours_tps = BATCH * NEW / statistics.median(t_ours)
+    model_tps = BATCH * NEW / statistics.median(t_model)
     hf_tps = BATCH * NEW / statistics.median(t_hf)
     print(f"config: medium (text 8x768, vocab 32k), batch {BATCH}, prompt {PROMPT}, {NEW} new tokens, fp32 CPU")
-    print(f"greedy tokens identical to transformers: {same}")
-    print(f"ibis-jax sampler decode: {ours_tps:8.1f} tokens/s  ({statistics.median(t_ours):.3f} s)")
-    print(f"transformers generate  : {hf_tps:8.1f} tokens/s  ({statistics.median(t_hf):.3f} s)")
-    print(f"ratio (ours / transformers): {ours_tps / hf_tps:.2f}x")
+    print(f"greedy tokens identical to transformers: packed {same[True]}, model kernels {same[False]}")
+    print(f"ibis-jax sampler decode (packed)       : {ours_tps:8.1f} tokens/s  ({statistics.median(t_ours):.3f} s)")
+    print(f"ibis-jax sampler decode (model kernels): {model_tps:8.1f} tokens/s  ({statistics.median(t_model):.3f} s)")
+    print(f"transformers generate                  : {hf_tps:8.1f} tokens/s  ({statistics.median(t_hf):.3f} s)")
+    print(f"ratio (ours / transformers): {ours_tps / hf_tps:.2f}x  (model kernels: {model_tps / hf_tps:.2f}x)")
 
 
 if __name__ == "__main__":

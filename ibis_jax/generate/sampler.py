@@ -2,7 +2,7 @@
 continuation of a cached conversation.
 
 Layout. One `DecodeState` holds a batch of conversations: per decoder layer a preallocated cache
-k/v [B, T, kv_heads, head_dim], `slot_valid` [B, T] (which cache slots hold real tokens), `end`
+k/v [B, kv_heads, T, head_dim] (head-major, the model's `KVCache` layout), `slot_valid` [B, T] (which cache slots hold real tokens), `end`
 (the first free slot, shared by the batch), `next_pos` [B] (the mRoPE position of each row's next
 text token) and the next-token `logits` [B, V]. Every call appends a chunk of S slots at `end`:
 prompts and new user turns are *left-padded* to S per row, padding slots stay invalid, so rows of
@@ -23,6 +23,9 @@ new user turn can be appended with `extend` without re-encoding the conversation
 
 The cached forward calls the model's own modules (embedding, decoder layers with their
 `kv`/`kv_end` arguments, final norm, LM head): one set of parameters serves training and sampling.
+On CPU the decoder's kernels are first packed for skinny matmuls (`models.qwen2_5_vl.packed`: a
+transposed, q/k/v- and gate/up-fused copy made once per call, the layers' `packed` argument),
+which decodes ~1.5x faster there; `SamplerConfig.packed_weights` overrides the choice.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 from ibis_jax.generate.stop import StopAutomaton
 from ibis_jax.models.qwen2_5_vl import Qwen25VL, get_rope_index, vision_layout
 from ibis_jax.models.qwen2_5_vl.layers import MASK_VALUE
+from ibis_jax.models.qwen2_5_vl.packed import PackedText, pack_text, packed_matmul
 from ibis_jax.models.qwen2_5_vl.text import mrope_cos_sin
 
 STOP_REASONS = ("", "eos", "stop_string", "max_tokens")
@@ -68,6 +72,9 @@ class SamplerConfig:
     chunk_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
     cache_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
     visual_buckets: tuple[int, ...] = (64, 256, 1024, 4096, 16384)
+    # Decode with a packed copy of the decoder weights (see the module docstring). None: on a
+    # CPU backend without a multi-device mesh, where it pays; the copy costs weight memory.
+    packed_weights: bool | None = None
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -96,7 +103,7 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
 class DecodeState:
     """A batch of cached conversations (see the module docstring). B and T are bucketed."""
 
-    k: tuple[jax.Array, ...]  # per layer [B, T, kv_heads, head_dim]
+    k: tuple[jax.Array, ...]  # per layer [B, kv_heads, T, head_dim]
     v: tuple[jax.Array, ...]
     slot_valid: jax.Array  # bool [B, T]
     end: jax.Array  # int32 []: first free slot
@@ -137,9 +144,11 @@ def _forward_chunk(
     positions: jax.Array,
     chunk_valid: jax.Array,
     cache_spec: P | None,
+    packed: PackedText | None,
 ) -> tuple[DecodeState, jax.Array]:
     """Append a chunk at `state.end`: embeds [B, S, D], positions [3, B, S], chunk_valid bool
-    [B, S]. Returns (state with k/v/slot_valid/end updated, final-normed hidden [B, S, D]).
+    [B, S]; packed: the decoder's packed weights or None. Returns (state with k/v/slot_valid/end
+    updated, final-normed hidden [B, S, D]).
 
     Mirrors `TextModel.__call__` with a cache, but keeps one cache array per layer so the
     donated buffers are updated in place (no per-step stack of all layers)."""
@@ -156,7 +165,8 @@ def _forward_chunk(
     x = _constrain(x, act_spec)
     ks, vs = [], []
     for i, layer in enumerate(lm.layers):
-        x, (k, v) = layer(x, cos, sin, bias, (state.k[i], state.v[i]), state.end)
+        x, (k, v) = layer(x, cos, sin, bias, (state.k[i], state.v[i]), state.end,
+                          None if packed is None else packed.layers[i])
         ks.append(_constrain(k, cache_spec))
         vs.append(_constrain(v, cache_spec))
         x = _constrain(x, act_spec)
@@ -182,15 +192,27 @@ def _encode_images(graphdef, params, pixel_values, layout):
     return model.image_features(pixel_values, layout)
 
 
+def _logits(model: Qwen25VL, hidden: jax.Array, packed: PackedText | None) -> jax.Array:
+    """hidden [B, D] -> float32 logits [B, V]."""
+    if packed is None:
+        return model.logits(hidden).astype(jnp.float32)
+    return packed_matmul(hidden, packed.lm_head, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _pack(graphdef, params) -> PackedText:
+    return pack_text(nnx.merge(graphdef, params))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_spec"), donate_argnames=("state",))
-def _extend(graphdef, params, state: DecodeState, input_ids, chunk_valid, positions, next_pos, features,
+def _extend(graphdef, params, packed, state: DecodeState, input_ids, chunk_valid, positions, next_pos, features,
             cache_spec):
     """Prefill / continuation: append the chunk, set next_pos, logits of each row's last slot."""
     model = nnx.merge(graphdef, params)
     embeds = _embed_chunk(model, input_ids, features)
-    state, hidden = _forward_chunk(model, state, embeds, positions, chunk_valid, cache_spec)
-    logits = model.logits(hidden[:, -1])  # left padding: the last slot is every row's last token
-    return dataclasses.replace(state, next_pos=next_pos, logits=logits.astype(jnp.float32))
+    state, hidden = _forward_chunk(model, state, embeds, positions, chunk_valid, cache_spec, packed)
+    logits = _logits(model, hidden[:, -1], packed)  # left padding: the last slot is every row's last token
+    return dataclasses.replace(state, next_pos=next_pos, logits=logits)
 
 
 def _sample(logits: jax.Array, keys: jax.Array, cfg: SamplerConfig) -> tuple[jax.Array, jax.Array]:
@@ -217,7 +239,7 @@ def _sample(logits: jax.Array, keys: jax.Array, cfg: SamplerConfig) -> tuple[jax
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "cache_spec"), donate_argnames=("state",))
-def _decode(graphdef, params, state: DecodeState, key, row_live, stop_table, eos_ids, cfg: SamplerConfig,
+def _decode(graphdef, params, packed, state: DecodeState, key, row_live, stop_table, eos_ids, cfg: SamplerConfig,
             cache_spec):
     """The while-loop decode. row_live bool [B] (False for batch padding); stop_table int32
     [states, V]; eos_ids int32 [E]. Returns (state, tokens int32 [B, M], logp [B, M],
@@ -247,8 +269,8 @@ def _decode(graphdef, params, state: DecodeState, key, row_live, stop_table, eos
         # Feed the token back even on the last step: the cache then holds the whole turn.
         pos = jnp.broadcast_to(st.next_pos[None, :, None], (3, b, 1))
         embeds = model.language_model.embed_tokens(token[:, None])
-        st, hidden = _forward_chunk(model, st, embeds, pos, live[:, None], cache_spec)
-        logits = model.logits(hidden[:, -1]).astype(jnp.float32)
+        st, hidden = _forward_chunk(model, st, embeds, pos, live[:, None], cache_spec, packed)
+        logits = _logits(model, hidden[:, -1], packed)
         st = dataclasses.replace(st, logits=logits, next_pos=st.next_pos + live.astype(jnp.int32))
         done = done | (reason != 0)
         return i + 1, st, tokens, logp, model_logp, done, reason, stop_q, lengths + live.astype(jnp.int32)
@@ -304,10 +326,25 @@ class Sampler:
         self.eos_ids = tuple(eos)
         self._stop_table = jnp.asarray(self.stop.table)
         self._eos = jnp.asarray(np.asarray(self.eos_ids or (-1,), np.int32))
+        self._packed: tuple | None = None  # (ids of the param leaves, the leaves, PackedText)
 
     # -------------------------------------------------------------- pieces
     def _split(self):
-        return nnx.split(self.model)
+        """(graphdef, params, packed weights or None) of the model's current parameters."""
+        graphdef, params = nnx.split(self.model)
+        if not self._use_packed():
+            return graphdef, params, None
+        leaves = jax.tree.leaves(params)
+        key = tuple(id(x) for x in leaves)
+        if self._packed is None or self._packed[0] != key:
+            # Keep the leaves alive with the key: their ids cannot be reused while cached.
+            self._packed = (key, leaves, self._run(_pack, graphdef, params))
+        return graphdef, params, self._packed[2]
+
+    def _use_packed(self) -> bool:
+        if self.config.packed_weights is not None:
+            return self.config.packed_weights
+        return jax.default_backend() == "cpu" and (self.mesh is None or self.mesh.size == 1)
 
     def _cache_spec(self, batch: int) -> P | None:
         if self.mesh is None:
@@ -318,13 +355,13 @@ class Sampler:
         bax = tuple(a for a in ("data", "fsdp") if shape.get(a, 1) > 1)
         ways = int(np.prod([shape[a] for a in bax])) if bax else 1
         batch_ax = bax if bax and batch % ways == 0 else None
-        return P(batch_ax, None, heads, None)
+        return P(batch_ax, heads, None, None)
 
     def init_state(self, batch: int, max_len: int) -> DecodeState:
         """An empty cache for `batch` rows and `max_len` slots (both already bucketed)."""
         t = self.model.config.text
         dtype = self.model.language_model.dtype
-        shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
+        shape = (batch, t.num_key_value_heads, max_len, t.head_dim)
         spec = self._cache_spec(batch)
 
         def zeros():
@@ -408,17 +445,20 @@ class Sampler:
         extra = max_len - state.max_len
         spec = self._cache_spec(state.batch)
 
-        def pad(x):
-            y = jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
+        def pad_slots(x, axis):  # the slot axis: 1 of slot_valid [B, T], 2 of k/v [B, KV, T, D]
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, extra)
+            y = jnp.pad(x, widths)
             return y if spec is None or x.ndim != 4 else jax.device_put(y, NamedSharding(self.mesh, spec))
 
-        return dataclasses.replace(state, k=tuple(map(pad, state.k)), v=tuple(map(pad, state.v)),
-                                   slot_valid=pad(state.slot_valid))
+        return dataclasses.replace(state, k=tuple(pad_slots(k, 2) for k in state.k),
+                                   v=tuple(pad_slots(v, 2) for v in state.v),
+                                   slot_valid=pad_slots(state.slot_valid, 1))
 
     def _append(self, state, chunk: Chunk, pixel_values, image_grid_thw) -> DecodeState:
-        graphdef, params = self._split()
+        graphdef, params, packed = self._split()
         feats = self._run(self._features, graphdef, params, pixel_values, image_grid_thw)
-        return self._run(_extend, graphdef, params, state, jnp.asarray(chunk.input_ids), jnp.asarray(chunk.valid),
+        return self._run(_extend, graphdef, params, packed, state, jnp.asarray(chunk.input_ids), jnp.asarray(chunk.valid),
                          jnp.asarray(chunk.positions), jnp.asarray(chunk.next_pos), feats,
                          cache_spec=self._cache_spec(state.batch))
 
@@ -433,10 +473,10 @@ class Sampler:
             key = jax.random.key(0)
         if int(state.end) + self.config.max_new_tokens > state.max_len:
             state = self._grow(state, bucket(int(state.end) + self.config.max_new_tokens, self.config.cache_buckets))
-        graphdef, params = self._split()
+        graphdef, params, packed = self._split()
         live = np.arange(state.batch) < num_rows
         state, tokens, logp, model_logp, lengths, reason = self._run(
-            _decode, graphdef, params, state, key, jnp.asarray(live), self._stop_table, self._eos,
+            _decode, graphdef, params, packed, state, key, jnp.asarray(live), self._stop_table, self._eos,
             cfg=self.config, cache_spec=self._cache_spec(state.batch))
         tokens, logp, model_logp, lengths, reason = jax.device_get((tokens, logp, model_logp, lengths, reason))
         out = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -33,10 +35,12 @@ def _image_batch(cfg, seed=1):
     return prompts, pv, np.stack(grids)
 
 
-def test_greedy_text_batched_matches_transformers(flax_model, torch_model, processor):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "model-kernels"])
+def test_greedy_text_batched_matches_transformers(flax_model, torch_model, processor, packed):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 400, n) for n in (5, 17, 9)]
-    out = Sampler(flax_model, processor.tokenizer, PLAIN).generate(prompts)
+    cfg = dataclasses.replace(PLAIN, packed_weights=packed)
+    out = Sampler(flax_model, processor.tokenizer, cfg).generate(prompts)
     for p, c in zip(prompts, out):
         assert list(c.token_ids) == _hf_greedy(torch_model, p)
         assert c.stop_reason == "max_tokens" and len(c.token_ids) == NEW
@@ -50,9 +54,11 @@ def test_greedy_image_batched_matches_transformers(flax_model, torch_model, proc
     assert [list(c.token_ids) for c in out] == refs
 
 
-def test_model_logprobs_equal_full_forward(flax_model, processor):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "model-kernels"])
+def test_model_logprobs_equal_full_forward(flax_model, processor, packed):
     prompts, pv, grid = _image_batch(flax_model.config, seed=2)
-    cfg = SamplerConfig(max_new_tokens=NEW, temperature=1.3, top_k=20, stop_strings=(), eos_token_ids=())
+    cfg = SamplerConfig(max_new_tokens=NEW, temperature=1.3, top_k=20, stop_strings=(), eos_token_ids=(),
+                        packed_weights=packed)
     import jax
 
     out = Sampler(flax_model, processor.tokenizer, cfg).generate(prompts, pv, grid, key=jax.random.key(3))

@@ -147,3 +147,34 @@ def test_rope_index_matches_hf(torch_model, tiny_cfg, side):
     pos, delta = get_rope_index(ids, mask, grids, image_token_id=tiny_cfg.image_token_id)
     np.testing.assert_array_equal(np.asarray(pos), ref_pos.numpy())
     np.testing.assert_array_equal(np.asarray(delta), ref_delta.numpy())
+
+
+def test_cached_attention_blocks_up_to_the_limit_equal_full_softmax():
+    """The length-bounded (blockwise, online softmax) cache attention equals a plain softmax over
+    the filled slots, with left padding masked and garbage past the limit ignored."""
+    import jax.numpy as jnp
+
+    from ibis_jax.models.qwen2_5_vl.layers import CACHE_BLOCK, MASK_VALUE, cached_attention
+
+    rng = np.random.default_rng(0)
+    b, s, kv, g, d, t = 3, 2, 2, 3, 16, 3 * CACHE_BLOCK
+    limit = CACHE_BLOCK + 37  # two blocks read, the third skipped
+    q = rng.standard_normal((b, s, kv, g, d)).astype(np.float32)
+    k = rng.standard_normal((b, kv, t, d)).astype(np.float32)
+    v = rng.standard_normal((b, kv, t, d)).astype(np.float32)
+    k[:, :, limit:] = 1e4  # never written: masked in the blocks read, and the last block is not read
+    v[:, :, limit:] = 1e4
+    v[:, :, 2 * CACHE_BLOCK:] = np.nan
+    valid = np.zeros((b, s, t), bool)
+    valid[:, :, :limit] = True
+    valid[1, :, :CACHE_BLOCK + 5] = False  # row 1 left-padded past the whole first block
+    valid[2, 0, limit - 1] = False  # causal: the first query does not see the last slot
+    bias = np.where(valid, 0.0, MASK_VALUE).astype(np.float32)
+    out = np.asarray(cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(bias), 0.25,
+                                      limit=jnp.int32(limit)))
+    logits = np.einsum("bskgd,bktd->bskgt", q, k[:, :, :limit]) * 0.25 + bias[:, :, None, None, :limit]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ref = np.einsum("bskgt,bktd->bskgd", probs, v[:, :, :limit])
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, atol=2e-5)

@@ -86,3 +86,54 @@ def dot_attention(
     logits = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgst,btkd->bskgd", probs, v)
+
+
+# Cache slots per block of the length-bounded attention: decode reads only the blocks up to the
+# last written slot, not the whole bucket.
+CACHE_BLOCK = 128
+
+
+def cached_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: float, limit: jax.Array | None = None
+) -> jax.Array:
+    """Grouped-query attention over a head-major cache.
+
+    q [B, S, KV, G, D]; k/v [B, KV, T, D]; bias [B, S, T] additive; limit (int32 scalar): slots
+    at or past it are empty and skipped. fp32 logits and softmax as `dot_attention`; output
+    [B, S, KV, G, D]. The G query heads of a kv head and the S positions are flattened into one
+    row axis, so each (batch, kv head) pair is one plain matmul. With a limit and a cache longer
+    than one block, the slots are visited block by block (online softmax, as flash attention)
+    up to the limit, so a decode step costs the filled length rather than the bucket.
+    """
+    b, s, kv, g, d = q.shape
+    t = k.shape[2]
+    rows = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, d)
+    row_bias = jnp.broadcast_to(bias[:, None, None], (b, 1, g, s, t)).reshape(b, 1, g * s, t)
+
+    def unflatten(out):
+        return out.reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4)
+
+    if limit is None or t <= CACHE_BLOCK or t % CACHE_BLOCK:
+        logits = jnp.einsum("bkqd,bktd->bkqt", rows, k, preferred_element_type=jnp.float32) * scale
+        probs = jax.nn.softmax(logits + row_bias, axis=-1).astype(v.dtype)
+        return unflatten(jnp.einsum("bkqt,bktd->bkqd", probs, v))
+
+    def block(j, carry):
+        m, l, acc = carry  # running max, sum of exp, weighted values: [b, kv, q] / [b, kv, q, d]
+        start = j * CACHE_BLOCK
+        kb = jax.lax.dynamic_slice_in_dim(k, start, CACHE_BLOCK, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, CACHE_BLOCK, axis=2)
+        bb = jax.lax.dynamic_slice_in_dim(row_bias, start, CACHE_BLOCK, axis=3)
+        logits = jnp.einsum("bkqd,bktd->bkqt", rows, kb, preferred_element_type=jnp.float32) * scale + bb
+        m_new = jnp.maximum(m, logits.max(-1))
+        p = jnp.exp(logits - m_new[..., None])
+        rescale = jnp.exp(m - m_new)
+        acc = acc * rescale[..., None] + jnp.einsum("bkqt,bktd->bkqd", p.astype(v.dtype), vb,
+                                                     preferred_element_type=jnp.float32)
+        return m_new, l * rescale + p.sum(-1), acc
+
+    init = (jnp.full((b, kv, g * s), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g * s), jnp.float32),
+            jnp.zeros((b, kv, g * s, d), jnp.float32))
+    n_blocks = jnp.clip((limit + CACHE_BLOCK - 1) // CACHE_BLOCK, 1, t // CACHE_BLOCK)
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, block, init)
+    return unflatten((acc / l[..., None]).astype(v.dtype))

@@ -11,7 +11,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from .config import ShardingConfig, TextConfig
-from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, dot_attention, linear, partitioned
+from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, cached_attention, dot_attention, linear, partitioned
+from .packed import PackedLayer, packed_matmul
 
 
 @jax.tree_util.register_dataclass
@@ -19,8 +20,9 @@ from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, dot_attention, linea
 class KVCache:
     """Keys/values of every decoder layer for `max_len` slots.
 
-    k, v [layers, batch, max_len, kv_heads, head_dim]; `end` (int32 scalar) is the first free slot:
-    a call with S new tokens writes slots [end, end + S) and returns a cache with end + S.
+    k, v [layers, batch, kv_heads, max_len, head_dim] (head-major: a decode step reads each head's
+    slots contiguously, no per-step transpose of the cache); `end` (int32 scalar) is the first free
+    slot: a call with S new tokens writes slots [end, end + S) and returns a cache with end + S.
     """
 
     k: jax.Array
@@ -29,7 +31,7 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: TextConfig, batch: int, max_len: int, dtype: DType = jnp.float32) -> "KVCache":
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
@@ -76,24 +78,37 @@ class Attention(nnx.Module):
         bias: jax.Array,
         kv: tuple[jax.Array, jax.Array] | None = None,
         kv_end: jax.Array | None = None,
+        packed: PackedLayer | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, S, D]; cos/sin [B, S, head_dim]; bias [B, S, T] additive (T = S, or the cache
-        length); kv: this layer's cache (k, v) [B, T, KV, head_dim] written at slot kv_end.
+        length); kv: this layer's cache (k, v) [B, KV, T, head_dim] written at slot kv_end;
+        packed: this layer's decode-packed weights, used instead of the module's kernels.
         Returns ([B, S, D], updated (k, v) or None)."""
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).reshape(b, s, -1, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, s, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, s, self.kv_heads, self.head_dim)
-        if kv is not None:
-            zero = jnp.zeros((), jnp.int32)
-            start = (zero, jnp.asarray(kv_end, jnp.int32), zero, zero)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-            kv = (k, v)
-            k, v = k.astype(x.dtype), v.astype(x.dtype)
+        q, k, v = self._qkv(x, packed)
+        q = apply_rope(q.reshape(b, s, -1, self.head_dim), cos, sin)
+        k = apply_rope(k.reshape(b, s, self.kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(b, s, self.kv_heads, self.head_dim)
         q = q.reshape(b, s, self.kv_heads, self.groups, self.head_dim)
-        out = dot_attention(q, k, v, bias[:, None, None], self.head_dim**-0.5)
-        return self.o_proj(out.reshape(b, s, -1)), kv
+        if kv is None:
+            out = dot_attention(q, k, v, bias[:, None, None], self.head_dim**-0.5)
+        else:
+            zero = jnp.zeros((), jnp.int32)
+            start = (zero, zero, jnp.asarray(kv_end, jnp.int32), zero)
+            k = jax.lax.dynamic_update_slice(kv[0], k.swapaxes(1, 2).astype(kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv[1], v.swapaxes(1, 2).astype(kv[1].dtype), start)
+            kv = (k, v)
+            out = cached_attention(q, k.astype(x.dtype), v.astype(x.dtype), bias, self.head_dim**-0.5,
+                                   limit=start[2] + s)
+        out = out.reshape(b, s, -1)
+        return (self.o_proj(out) if packed is None else packed_matmul(out, packed.o)), kv
+
+    def _qkv(self, x: jax.Array, packed: PackedLayer | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if packed is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        qkv = packed_matmul(x, packed.qkv) + packed.qkv_bias
+        n_q, n_kv = self.kv_heads * self.groups * self.head_dim, self.kv_heads * self.head_dim
+        return qkv[..., :n_q], qkv[..., n_q:n_q + n_kv], qkv[..., n_q + n_kv:]
 
 
 class MLP(nnx.Module):
@@ -105,8 +120,11 @@ class MLP(nnx.Module):
         self.up_proj = linear(d, f, kernel_spec=sh.mlp_up_df, **kw)
         self.down_proj = linear(f, d, kernel_spec=sh.mlp_down_fd, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, packed: PackedLayer | None = None) -> jax.Array:
+        if packed is None:
+            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = jnp.split(packed_matmul(x, packed.gate_up), 2, axis=-1)
+        return packed_matmul(jax.nn.silu(gate) * up, packed.down)
 
 
 class DecoderLayer(nnx.Module):
@@ -126,11 +144,12 @@ class DecoderLayer(nnx.Module):
         bias: jax.Array,
         kv: tuple[jax.Array, jax.Array] | None = None,
         kv_end: jax.Array | None = None,
+        packed: PackedLayer | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Pre-norm residual block; same arguments as `Attention.__call__`."""
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, kv, kv_end)
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, kv, kv_end, packed)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x), packed), kv
 
 
 class TextModel(nnx.Module):
@@ -181,7 +200,7 @@ class TextModel(nnx.Module):
         b, s, _ = x.shape
         cos, sin = mrope_cos_sin(position_ids, self.cfg, self.dtype)
         offset = jnp.zeros((), jnp.int32) if cache is None else cache.end
-        t = s if cache is None else cache.k.shape[2]
+        t = s if cache is None else cache.k.shape[3]
         key_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         q_slot = offset + jnp.arange(s)
         allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # [B, S, T]

@@ -1,0 +1,83 @@
+"""Decoder weights packed for skinny matmuls: the decode-time layout of the text model.
+
+A decode step multiplies a handful of rows (one token per sequence) by every weight matrix, so
+it is bound by how fast the kernels stream the weights. On XLA:CPU that depends on the layout and
+on which operand is the left one: a kernel stored ``[out, in]`` (contraction dim minor, the
+Hugging Face layout) and multiplied as ``W @ x^T`` streams at ~1.6x the rate of the trained
+layout ``x @ W`` with ``W [in, out]`` (``bench/generate_vs_transformers.py`` and the numbers in
+the README). Packing also fuses q/k/v into one matmul and gate/up into another, so a layer runs
+four weight matmuls instead of seven.
+
+Packing copies the weights, so it is for backends where that pays (CPU); on GPU/TPU the sampler
+uses the model's own kernels (``SamplerConfig.packed_weights``). LoRA is already merged when a
+trainer builds the model it samples with, so packing sees plain kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# Up to this many rows, the weight is the left operand (streaming it); above it (prefill of long
+# chunks) the usual `x @ W^T` is as fast and needs no transpose of a large output.
+SKINNY_ROWS = 64
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedLayer:
+    """One decoder layer: kernels ``[out, in]`` in the compute dtype."""
+
+    qkv: jax.Array  # [(heads + 2 kv_heads) * head_dim, D]: q, k, v rows stacked
+    qkv_bias: jax.Array  # [(heads + 2 kv_heads) * head_dim]
+    o: jax.Array  # [D, heads * head_dim]
+    gate_up: jax.Array  # [2 F, D]: gate rows, then up rows
+    down: jax.Array  # [D, F]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedText:
+    layers: tuple[PackedLayer, ...]
+    lm_head: jax.Array  # [vocab, D] (the embedding itself when tied)
+
+
+def packed_matmul(x: jax.Array, w_out_in: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., in] @ w_out_in.T -> [..., out], with the weight as the left operand for few rows;
+    out_dtype: the accumulation/output dtype (default: the inputs')."""
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d_in)
+    if rows.shape[0] <= SKINNY_ROWS:
+        # The barrier keeps XLA from folding the transpose into the dot's output layout, which
+        # would select the slow `x @ W` kernel again.
+        out = jax.lax.optimization_barrier(jnp.einsum("od,nd->on", w_out_in, rows, preferred_element_type=out_dtype)).T
+    else:
+        out = jnp.einsum("nd,od->no", rows, w_out_in, preferred_element_type=out_dtype)
+    return out.reshape(*lead, w_out_in.shape[0])
+
+
+def pack_text(model) -> PackedText:
+    """The packed copy of a `Qwen25VL`'s decoder weights (call under `jax.jit`)."""
+    lm = model.language_model
+    dtype = lm.dtype
+
+    def t(linear) -> jax.Array:
+        return linear.kernel[...].astype(dtype).T
+
+    layers = []
+    for layer in lm.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(PackedLayer(
+            qkv=jnp.concatenate([t(attn.q_proj), t(attn.k_proj), t(attn.v_proj)], axis=0),
+            qkv_bias=jnp.concatenate([p.bias[...] for p in (attn.q_proj, attn.k_proj, attn.v_proj)]).astype(dtype),
+            o=t(attn.o_proj),
+            gate_up=jnp.concatenate([t(mlp.gate_proj), t(mlp.up_proj)], axis=0),
+            down=t(mlp.down_proj),
+        ))
+    if model.config.tie_word_embeddings:
+        head = lm.embed_tokens.embedding[...].astype(dtype)
+    else:
+        head = model.lm_head[...].astype(dtype).T
+    return PackedText(tuple(layers), head)

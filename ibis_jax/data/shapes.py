@@ -53,15 +53,21 @@ def _shape_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"unknown shape kind {kind!r}; choose one of {SHAPE_KINDS}")
 
 
-def make_shape_sample(size: int, rng: np.random.Generator, index: int = 0) -> ShapeSample:
-    """One image with 2-4 shapes; the first drawn is the target, later ones may occlude it."""
+def make_shape_sample(size: int, rng: np.random.Generator, index: int = 0,
+                      shapes_per_image: tuple[int, int] = (2, 4)) -> ShapeSample:
+    """One image with ``shapes_per_image`` (min, max) shapes; the first drawn is the target, later
+    ones (distractors, told apart from it by kind and intensity) may occlude it. ``(1, 1)`` gives
+    the easy variant: one shape on the shaded background, a pure localisation task."""
+    lo, hi = shapes_per_image
+    if not 1 <= lo <= hi:
+        raise ValueError(f"shapes_per_image must be (min, max) with 1 <= min <= max, got {shapes_per_image}")
     yy, xx = np.mgrid[0:size, 0:size] / size
     background = 70 + 40 * (np.sin(6.0 * xx + rng.uniform(0, 6)) * np.cos(5.0 * yy))
     image = background + rng.normal(0, 6, size=(size, size))
     target_kind = SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))]
     target = np.zeros((size, size), dtype=bool)
     target_intensity = rng.uniform(140, 230)
-    for j in range(int(rng.integers(2, 5))):
+    for j in range(int(rng.integers(lo, hi + 1))):
         kind = target_kind if j == 0 else SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))]
         shape = _shape_mask(kind, size, rng)
         intensity = target_intensity
@@ -71,7 +77,7 @@ def make_shape_sample(size: int, rng: np.random.Generator, index: int = 0) -> Sh
         image = np.where(shape, intensity + texture, image)
         target = shape if j == 0 else target & ~shape
     if target.sum() < MIN_VISIBLE_FRACTION * size * size:  # mostly occluded: new geometry
-        return make_shape_sample(size, rng, index)
+        return make_shape_sample(size, rng, index, shapes_per_image)
     image = ndimage.gaussian_filter(image, 0.8) + rng.normal(0, 4, size=(size, size))
     gray = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     tint = rng.uniform(0.85, 1.0, size=3)
@@ -79,7 +85,8 @@ def make_shape_sample(size: int, rng: np.random.Generator, index: int = 0) -> Sh
     return ShapeSample(rgb, target, target_kind, f"shapes-{index:05d}")
 
 
-def synthetic_shapes(num: int, size: int = 128, seed: int = 0) -> list[ShapeSample]:
+def synthetic_shapes(num: int, size: int = 128, seed: int = 0,
+                     shapes_per_image: tuple[int, int] = (2, 4)) -> list[ShapeSample]:
     """``num`` samples of ``size x size`` pixels, deterministic under ``seed``."""
     rng = np.random.default_rng(seed)
-    return [make_shape_sample(size, rng, i) for i in range(num)]
+    return [make_shape_sample(size, rng, i, shapes_per_image) for i in range(num)]

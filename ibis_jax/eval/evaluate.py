@@ -34,7 +34,7 @@ import numpy as np
 
 from ibis_jax.agent.conversation import HistoryMode
 from ibis_jax.agent.episode import END_REASONS, Episode, EpisodeConfig
-from ibis_jax.agent.grammar import is_well_formed
+from ibis_jax.agent.grammar import Click, is_well_formed
 from ibis_jax.agent.loop import EpisodeTrace, OraclePolicy, Policy, run_agent
 from ibis_jax.agent.oracle import oracle_iou_curve
 from ibis_jax.agent.prompts import user_turn
@@ -95,6 +95,8 @@ class CaseResult:
     tool_seconds: float
     empty_gt: bool
     curve: list[float] = dataclasses.field(default_factory=list)
+    # Grounding: the first action is a positive click inside the target (None: empty target).
+    first_click_hit: bool | None = None
 
 
 # -- samples -------------------------------------------------------------------------------------
@@ -145,7 +147,19 @@ def _case(sample: Sample, episode: Episode, trace: EpisodeTrace, curve: list[flo
         generate_seconds=float(trace.generate_seconds),
         tool_seconds=float(sum(s.tool_seconds for s in episode.steps)),
         empty_gt=not bool(episode.gt_mask.any()), curve=[float(v) for v in curve],
+        first_click_hit=first_click_hit(episode),
     )
+
+
+def first_click_hit(episode: Episode) -> bool | None:
+    """Whether the episode opens with a positive click on the target (None when it has none)."""
+    if not episode.gt_mask.any():
+        return None
+    first = episode.steps[0].action if episode.steps else None
+    if not isinstance(first, Click) or not first.positive:
+        return False
+    col, row = first.pixel(episode.width, episode.height)
+    return bool(episode.gt_mask[row, col])
 
 
 def fixed_click_curves(policy: OraclePolicy, tool: SegmentationTool, samples: Sequence[Sample],
@@ -279,6 +293,7 @@ def segmentation_summary(cases: Sequence[CaseResult]) -> dict[str, Any]:
         "parse_failure_rate": _mean([float(c.parse_failure) for c in cases]),
         "parse_failures_per_turn": (sum(c.parse_failure for c in cases) / turns) if turns else 0.0,
         "well_formed_rate": (sum(c.well_formed_turns for c in cases) / turns) if turns else float("nan"),
+        "first_click_hit_rate": _mean([float(c.first_click_hit) for c in cases if c.first_click_hit is not None]),
         "generate_seconds_per_case": _mean([c.generate_seconds for c in cases]),
         "tool_seconds_per_case": _mean([c.tool_seconds for c in cases]),
     }

@@ -52,8 +52,9 @@ from ibis_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
-# (model, processor, rl config) -> a Policy that samples with the model's current parameters.
-PolicyFactory = Callable[[Any, Qwen25VLProcessor, "RLConfig"], Policy]
+# (model, processor, rl config, seed) -> a Policy that samples with the model's current
+# parameters; the trainer passes a different seed every step (the same one on a resumed step).
+PolicyFactory = Callable[[Any, Qwen25VLProcessor, "RLConfig", int], Policy]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +73,17 @@ class RLConfig:
     seed: int = 0
 
 
-def default_policy_factory(model, processor, rl: RLConfig) -> Policy:
+def default_policy_factory(model, processor, rl: RLConfig, seed: int) -> Policy:
     from ibis_jax.generate.policy import ModelPolicy  # the KV-cache sampler (issue 5)
 
     return ModelPolicy.for_rollouts(model, processor, temperature=rl.temperature,
-                                    max_new_tokens=rl.max_new_tokens, history=rl.history)
+                                    max_new_tokens=rl.max_new_tokens, history=rl.history, seed=seed)
+
+
+def rollout_seed(rl: RLConfig, step: int) -> int:
+    """The sampling seed of a step: distinct per step and run seed, so no two steps draw the same
+    random stream (a fresh policy per step with one fixed seed would replay the same keys)."""
+    return int(np.random.SeedSequence([rl.seed, step]).generate_state(1)[0])
 
 
 def _turn_examples(episodes: Sequence[Episode], traces, advantages: np.ndarray, image_size: int,
@@ -159,7 +166,8 @@ def train_grpo(
             with jax.set_mesh(mesh):
                 times: dict[str, float] = {}
                 t0 = time.perf_counter()
-                policy = policy_factory(model_def.build(state.params, state.frozen), processor, rl)
+                policy = policy_factory(model_def.build(state.params, state.frozen), processor, rl,
+                                        rollout_seed(rl, step))
                 picked = [samples[(step * rl.prompts_per_step + i) % len(samples)] for i in range(rl.prompts_per_step)]
                 episodes = [
                     Episode(prepare_image(s.image, config.image_size),

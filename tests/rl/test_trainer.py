@@ -53,7 +53,7 @@ def test_two_grpo_steps_update_and_resume(init_dir, tmp_path):
                for s in synthetic_shapes(2, size=64, seed=0)]
     config = TrainConfig(image_size=56, lr=1e-3, warmup_frac=0.0, checkpoint_every=1, mesh_shape=(1, 1, 1))
     rl = RLConfig(steps=2, prompts_per_step=2, max_turns=2, grpo=GRPOConfig(group_size=2), seq_buckets=(1024,))
-    factory = lambda model, processor, rl_cfg: RandomClickPolicy(processor, seed=7)
+    factory = lambda model, processor, rl_cfg, seed: RandomClickPolicy(processor, seed=seed)
     seen = []
     out = train_grpo(config, rl, samples, ClassicalTool(), str(tmp_path), init_dir=init_dir,
                      policy_factory=factory, hooks=[lambda step, m: seen.append((step, m))])
@@ -70,3 +70,13 @@ def test_two_grpo_steps_update_and_resume(init_dir, tmp_path):
     again = train_grpo(config, rl, samples, ClassicalTool(), str(tmp_path), init_dir=init_dir, policy_factory=factory)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), out["state"].params, again["state"].params)
     assert all(jax.tree.leaves(same))
+
+
+def test_each_step_samples_with_its_own_seed():
+    from ibis_jax.rl.trainer import rollout_seed
+
+    rl = RLConfig(seed=0)
+    seeds = [rollout_seed(rl, step) for step in range(50)]
+    assert len(set(seeds)) == 50
+    assert seeds == [rollout_seed(rl, step) for step in range(50)]  # a resumed step replays its seed
+    assert rollout_seed(RLConfig(seed=1), 0) != seeds[0]

@@ -90,7 +90,8 @@ class DemoSource:
       mri_slices: slices per (target, plane) for the two planes axial and coronal.
       nuclei_tile: tile side in pixels (512 must be divisible by it); nuclei_tiles: how many of
         the tiles to use (spread evenly over the image).
-      num_shapes: synthetic-shapes samples; ``shapes_size`` their side.
+      num_shapes: synthetic-shapes samples; ``shapes_size`` their side; ``shapes_per_image`` the
+        (min, max) number of shapes in one image, the target included ((1, 1): no distractors).
     """
 
     parts: tuple[str, ...] = DEMO_PARTS
@@ -99,6 +100,7 @@ class DemoSource:
     nuclei_tiles: int = 16
     num_shapes: int = 16
     shapes_size: int = 128
+    shapes_per_image: tuple[int, int] = (2, 4)
     seed: int = 0
     name: str = "demo"
 
@@ -155,7 +157,7 @@ class DemoSource:
         elif kind == "shapes":
             _, i = item.spec
             rng = np.random.default_rng(stable_seed(self.seed, "shapes", i))
-            shape = make_shape_sample(self.shapes_size, rng, i)
+            shape = make_shape_sample(self.shapes_size, rng, i, self.shapes_per_image)
             yield Sample(shape.image, shape.mask, shape.target, "Synthetic", item.item_id, self.name, {
                 "generator": "ibis_jax.data.shapes", "seed": self.seed, "index": i,
             })

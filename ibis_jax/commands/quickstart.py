@@ -33,6 +33,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-turns", type=int, default=6, help="actions per episode (GRPO and evaluation)")
     parser.add_argument("--t-opt", type=int, default=3, help="GRPO length reward: steps without penalty")
     parser.add_argument("--grpo-seed", type=int, default=0, help="GRPO rollout sampling seed")
+    parser.add_argument("--grpo-temperature", type=float, default=1.0, help="GRPO rollout sampling temperature")
     parser.add_argument("--train-parts", default="mri,nuclei,shapes", help="demo parts of the training set")
     parser.add_argument("--train-shapes", type=int, default=48, help="synthetic shapes in the training set")
     parser.add_argument("--shapes-per-image", default="2,4",
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         # Episodes as long as the evaluation's; T_opt scaled to that budget (the paper's 5 is for 20
         # actions), so S_len can tell a short episode from a long one.
         rl = RLConfig(steps=args.grpo_steps, prompts_per_step=args.grpo_prompts, max_turns=args.max_turns, max_new_tokens=96,
-                      seed=args.grpo_seed,
+                      seed=args.grpo_seed, temperature=args.grpo_temperature,
                       grpo=GRPOConfig(group_size=4), reward=RewardConfig(t_opt=args.t_opt),
                       seq_buckets=(max(config.seq_buckets) + 128,))
         grpo_config = dataclasses.replace(config, lr=args.grpo_lr, warmup_frac=0.0, checkpoint_every=1_000_000)

@@ -6,7 +6,8 @@ continuation is the sampler's own token ids, appended as they were sampled
 (never decoded and re-encoded). Only those ids carry loss: ``loss_mask`` is 1 exactly on the
 positions whose *next* token is a sampled one, so the system prompt, the user turns and the image
 tokens never enter the loss or the ratio. Every turn of a trajectory shares that trajectory's
-advantage.
+advantage, and ``row_weights`` = 1 / (policy tokens of the whole trajectory), so the paper's
+per-trajectory token mean (``trajectory_mean``) can be taken over rows that are single turns.
 
 Arrays are padded to a bucketed length, and the number of rows to a power of two (at least
 ``pad_rows``), so the jitted steps see few shapes although the number of turns changes from step
@@ -32,6 +33,7 @@ class TurnExample:
     messages: list  # list[Message]
     turn: PolicyTurn
     advantage: float
+    trajectory: int = 0  # which trajectory (episode) of the batch the turn belongs to
 
 
 @dataclasses.dataclass
@@ -41,6 +43,7 @@ class GRPOBatch:
     targets: np.ndarray  # int32 [B, S]: input_ids shifted left (the token each position predicts)
     loss_mask: np.ndarray  # float32 [B, S]: 1 where targets[b, s] is a sampled policy token
     advantages: np.ndarray  # float32 [B]
+    row_weights: np.ndarray  # float32 [B]: 1 / policy tokens of the row's trajectory (0: padding)
     sampler_logprobs: np.ndarray  # float32 [B, S]: the sampler's log-probs at the masked positions
     pixel_values: np.ndarray | None  # float32 [patches, C*T*P*P]
     image_grid_thw: np.ndarray | None  # int [images, 3]
@@ -101,9 +104,14 @@ def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequen
         loss_mask[i, n_p - 1:n_p - 1 + n_s] = 1.0 if i < real else 0.0
         sampler_lp[i, n_p - 1:n_p - 1 + n_s] = lp
     targets = np.concatenate([input_ids[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
+    trajectory_tokens: dict[int, int] = {}
+    for ex, (_, sampled, _) in zip(examples, rows):
+        trajectory_tokens[ex.trajectory] = trajectory_tokens.get(ex.trajectory, 0) + len(sampled)
+    row_weights = np.asarray([1.0 / max(trajectory_tokens[ex.trajectory], 1) for ex in examples]
+                             + [0.0] * (b - real), np.float32)
     pixel_values = grid = None
     if images:
         pixel_values, grid = processor.images(images)
     return GRPOBatch(input_ids, attention, targets, loss_mask,
                      np.asarray([ex.advantage for ex in examples] + [0.0] * (b - real), np.float32),
-                     sampler_lp, pixel_values, grid)
+                     row_weights, sampler_lp, pixel_values, grid)

@@ -25,7 +25,10 @@ class GRPOConfig:
     epsilon_high: float | None = None  # upper clip; None = epsilon (symmetric, as the paper)
     beta: float = 0.0  # KL weight to the frozen reference (k3 estimator); 0 as the paper
     normalize_std: bool = True  # A = (S - mean) / std; False: A = S - mean (Dr. GRPO style)
-    aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    # trajectory_mean (paper Eq. 2): each trajectory's token mean over all its turns, averaged over
+    # trajectories; sequence_mean: each row's (turn's) token mean, averaged over rows, so a
+    # trajectory of k turns weighs k times; token_mean: every policy token alike.
+    aggregation: Literal["trajectory_mean", "sequence_mean", "token_mean"] = "trajectory_mean"
     std_eps: float = 1e-6
 
 
@@ -51,6 +54,7 @@ def grpo_loss(
     loss_mask: jax.Array,
     config: GRPOConfig,
     ref_logprobs: jax.Array | None = None,
+    row_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """The clipped surrogate over the policy's own tokens.
 
@@ -61,11 +65,15 @@ def grpo_loss(
       loss_mask: ``[B, T]`` 1 on assistant tokens the policy sampled, 0 on prompt, observation,
         tool, padding tokens: those never enter the loss, the ratio stats or the denominator.
       ref_logprobs: ``[B, T]`` under the frozen reference, needed when ``config.beta > 0``.
+      row_weights: ``[B]`` the weight of each token of a row, ``1 / N_i`` with ``N_i`` the policy
+        tokens of the row's whole trajectory (all its turns); needed for ``trajectory_mean``.
 
     Returns ``(loss_sum, denominator, metrics)``; the loss is ``loss_sum / denominator``.
-    ``sequence_mean`` (paper): ``-(1/G) sum_i (1/N_i) sum_t ...`` -> per-sequence token means
-    summed, denominator = number of sequences with at least one token. ``token_mean``: all tokens
-    summed, denominator = their count.
+    ``trajectory_mean`` (paper): ``-(1/G) sum_i (1/N_i) sum_t ...`` over the tokens of all turns
+    of trajectory i -> tokens weighted by ``row_weights``, denominator = the sum of those weights
+    = the number of trajectories (exact under micro-batching: each micro-batch adds its share).
+    ``sequence_mean``: per-row token means summed, denominator = rows with at least one token.
+    ``token_mean``: all tokens summed, denominator = their count.
     """
     mask = loss_mask.astype(jnp.float32)
     # Masked positions are zeroed *before* exp: garbage there (padding, observation tokens) must
@@ -85,7 +93,13 @@ def grpo_loss(
         per_token = per_token + config.beta * kl
     tokens = mask.sum(axis=1)
     has_tokens = (tokens > 0).astype(jnp.float32)
-    if config.aggregation == "sequence_mean":
+    if config.aggregation == "trajectory_mean":
+        if row_weights is None:
+            raise ValueError("GRPOConfig.aggregation 'trajectory_mean' needs row_weights (1 / trajectory tokens)")
+        weighted = mask * row_weights[:, None]
+        loss_sum = (per_token * weighted).sum()
+        denominator = weighted.sum()
+    elif config.aggregation == "sequence_mean":
         loss_sum = ((per_token * mask).sum(axis=1) / jnp.maximum(tokens, 1.0)).sum()
         denominator = has_tokens.sum()
     elif config.aggregation == "token_mean":

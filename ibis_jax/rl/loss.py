@@ -14,18 +14,29 @@ from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, grpo_loss
 from ibis_jax.train.loss import register_loss
 
 
-def make_grpo_loss(config: GRPOConfig, chunk_size: int = 256):
-    """``loss_fn(model, micro_batch) -> (loss_sum, denominator, aux)`` for ``config``."""
+def sampling_logits(model, temperature: float = 1.0):
+    """The LM head of the distribution rollouts sample from: logits / temperature. The ratio's
+    numerator and denominator must both be that distribution, else a rollout at temperature < 1
+    is trained as if it came from the temperature-1 policy."""
+    if temperature <= 0:
+        raise ValueError(f"GRPO rollouts need a sampling temperature > 0, got {temperature}")
+    return model.logits if temperature == 1.0 else (lambda h: model.logits(h) / temperature)
+
+
+def make_grpo_loss(config: GRPOConfig, chunk_size: int = 256, temperature: float = 1.0):
+    """``loss_fn(model, micro_batch) -> (loss_sum, denominator, aux)`` for ``config``; log-probs
+    under the rollouts' sampling ``temperature``."""
 
     def loss_fn(model, batch):
         hidden = model.hidden_states(
             batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
             vision_layout=batch["vision_layout"],
         )
-        logp, entropy = chunked_token_logprobs(model.logits, hidden, batch["targets"], chunk_size)
+        logp, entropy = chunked_token_logprobs(sampling_logits(model, temperature), hidden, batch["targets"],
+                                               chunk_size)
         ref = batch.get("ref_logprobs")
         loss_sum, denom, m = grpo_loss(logp, batch["old_logprobs"], batch["advantages"], batch["loss_mask"],
-                                       config, ref_logprobs=ref)
+                                       config, ref_logprobs=ref, row_weights=batch.get("row_weights"))
         mask = batch["loss_mask"].astype(jnp.float32)
         n = mask.sum()
         aux = {

@@ -37,7 +37,7 @@ from ibis_jax.models.qwen2_5_vl import load_hf
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
 from ibis_jax.rl.batch import TurnExample, build_grpo_batch
 from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, group_advantages
-from ibis_jax.rl.loss import make_grpo_loss
+from ibis_jax.rl.loss import make_grpo_loss, sampling_logits
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
 from ibis_jax.tools.protocol import SegmentationTool
 from ibis_jax.train import mesh as mesh_lib
@@ -89,12 +89,12 @@ def rollout_seed(rl: RLConfig, step: int) -> int:
 def _turn_examples(episodes: Sequence[Episode], traces, advantages: np.ndarray, image_size: int,
                    history: str) -> list[TurnExample]:
     examples = []
-    for episode, trace, adv in zip(episodes, traces, advantages):
+    for index, (episode, trace, adv) in enumerate(zip(episodes, traces, advantages)):
         observations = [prepare_image(o, image_size) for o in trace.observations]
         assistant = [Message("assistant", t.text, token_ids=t.token_ids) for t in trace.turns]
         for t, turn in enumerate(trace.turns):
             messages = turn_messages(t, episode.query, observations, assistant, history=history)
-            examples.append(TurnExample(messages, turn, float(adv)))
+            examples.append(TurnExample(messages, turn, float(adv), trajectory=index))
     return examples
 
 
@@ -144,7 +144,7 @@ def train_grpo(
         state, _, _, start = ckpt.restore(abstract_with_shardings(abstract, shardings))
         log.info("resumed GRPO from %s at step %d", ckpt.directory, start)
     # ---------------------------------------------------------------- the update step
-    train_step = make_train_step(model_def, make_grpo_loss(rl.grpo), tx, schedule)
+    train_step = make_train_step(model_def, make_grpo_loss(rl.grpo, temperature=rl.temperature), tx, schedule)
     step_fns: dict = {}
     layout_cache: dict = {}
 
@@ -154,7 +154,7 @@ def train_grpo(
         hidden = policy.hidden_states(batch["input_ids"][0], batch["attention_mask"][0], batch["pixel_values"][0],
                                       batch["image_grid_thw"][0],
                                       vision_layout=jax.tree.map(lambda x: x[0], batch["vision_layout"]))
-        return chunked_token_logprobs(policy.logits, hidden, batch["targets"][0])[0][None]
+        return chunked_token_logprobs(sampling_logits(policy, rl.temperature), hidden, batch["targets"][0])[0][None]
 
     # ---------------------------------------------------------------- the loop
     writer = MetricsWriter(workdir)
@@ -189,6 +189,7 @@ def train_grpo(
                 batch = build_grpo_batch(examples, processor, rl.seq_buckets)
                 arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                           "targets": batch.targets, "loss_mask": batch.loss_mask, "advantages": batch.advantages,
+                          "row_weights": batch.row_weights,
                           "pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
                 arrays = with_vision_layout({k: v[None] for k, v in arrays.items()}, model_def.config.vision, layout_cache)
                 t1 = time.perf_counter()

@@ -46,6 +46,10 @@ def test_loss_mask_covers_exactly_the_sampled_tokens(setup):
         assert batch.loss_mask[i, : positions[0]].sum() == 0
         assert batch.attention_mask[i].sum() == positions[-1] + 2
     assert batch.advantages.tolist() == [-0.5, 0.5]
+    # Both turns belong to trajectory 0 (the default): each token weighs 1 / all its tokens.
+    n = sum(len(ex.turn.token_ids) for ex in examples)
+    np.testing.assert_allclose(batch.row_weights, [1 / n, 1 / n], rtol=1e-6)
+    assert float((batch.loss_mask * batch.row_weights[:, None]).sum()) == pytest.approx(1.0)
     assert batch.image_grid_thw.shape == (2, 3) and batch.input_ids.shape[1] == 1024
     assert (batch.input_ids == processor.image_token_id).sum() == batch.image_grid_thw.prod(-1).sum() // 4
 
@@ -77,12 +81,12 @@ def test_padding_rows_carry_no_loss(setup):
     rng = np.random.default_rng(1)
     new = jnp.asarray(rng.normal(-1.0, 0.3, padded.loss_mask.shape).astype(np.float32))
     old = jnp.asarray(rng.normal(-1.0, 0.3, padded.loss_mask.shape).astype(np.float32))
-    for aggregation in ("sequence_mean", "token_mean"):
+    for aggregation in ("trajectory_mean", "sequence_mean", "token_mean"):
         cfg = GRPOConfig(aggregation=aggregation)
 
         def loss(new_lp, batch, rows):
             total, denom, _ = grpo_loss(new_lp[:rows], old[:rows], jnp.asarray(batch.advantages),
-                                        jnp.asarray(batch.loss_mask), cfg)
+                                        jnp.asarray(batch.loss_mask), cfg, row_weights=jnp.asarray(batch.row_weights))
             return total / denom
 
         np.testing.assert_allclose(loss(new, small, 3), loss(new, padded, 8), rtol=1e-6)

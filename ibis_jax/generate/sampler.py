@@ -2,9 +2,10 @@
 continuation of a cached conversation.
 
 Layout. One `DecodeState` holds a batch of conversations: per decoder layer a preallocated cache
-k/v [B, kv_heads, T, head_dim] (head-major, the model's `KVCache` layout), `slot_valid` [B, T] (which cache slots hold real tokens), `end`
-(the first free slot, shared by the batch), `next_pos` [B] (the mRoPE position of each row's next
-text token) and the next-token `logits` [B, V]. Every call appends a chunk of S slots at `end`:
+k/v [B, kv_heads, T, head_dim] (head-major, the model's `KVCache` layout), `slot_valid` [B, T]
+(which cache slots hold real tokens), `end` (the first free slot, shared by the batch),
+`next_pos` [B] (the mRoPE position of each row's next text token) and the next-token `logits`
+[B, V]. Every call appends a chunk of S slots at `end`:
 prompts and new user turns are *left-padded* to S per row, padding slots stay invalid, so rows of
 different lengths share one `end` and attention simply masks the holes.
 
@@ -25,7 +26,8 @@ The cached forward calls the model's own modules (embedding, decoder layers with
 `kv`/`kv_end` arguments, final norm, LM head): one set of parameters serves training and sampling.
 On CPU the decoder's kernels are first packed for skinny matmuls (`models.qwen2_5_vl.packed`: a
 transposed, q/k/v- and gate/up-fused copy made once per call, the layers' `packed` argument),
-which decodes ~1.5x faster there; `SamplerConfig.packed_weights` overrides the choice.
+which decodes ~1.3-1.4x faster there (bench/generate_vs_transformers.py);
+`SamplerConfig.packed_weights` overrides the choice.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ Special tokens delimit the parts, so tokenizing them apart equals tokenizing the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,7 +58,8 @@ class ModelPolicy:
     """`Policy` over a `Qwen25VL` with the KV-cache sampler.
 
     history: how the caller builds the conversation ("none" | "full"); kept for the record (the
-    requests already carry the messages). seed: the PRNG seed; each `generate` call draws a fresh
+    requests already carry the messages). The model's multimodal placeholder ids are never
+    sampled (unless `sampler_config.suppress_token_ids` names others). seed: the PRNG seed; each `generate` call draws a fresh
     key from it, so a run is reproducible. Each request is encoded afresh (a cached continuation
     for history "full" is `Sampler.extend`; see the README).
     """
@@ -66,6 +68,9 @@ class ModelPolicy:
                  history: HistoryMode = "none", mesh: jax.sharding.Mesh | None = None, seed: int = 0):
         self.processor = processor
         self.history = history
+        if not sampler_config.suppress_token_ids:
+            sampler_config = dataclasses.replace(sampler_config,
+                                                 suppress_token_ids=model.config.multimodal_token_ids)
         self.sampler = Sampler(model, processor.tokenizer, sampler_config, mesh=mesh)
         self._key = jax.random.key(seed)
         self._calls = 0

@@ -50,6 +50,15 @@ from ibis_jax.models.qwen2_5_vl.packed import PackedText, pack_text, packed_matm
 from ibis_jax.models.qwen2_5_vl.text import mrope_cos_sin
 
 STOP_REASONS = ("", "eos", "stop_string", "max_tokens")
+# The logit of a suppressed token: finite (an entropy over it stays 0 * x = 0, not NaN), far below
+# anything a model produces, so its probability is exactly 0 in float32.
+SUPPRESSED = -1e9
+
+
+def suppress(logits: jax.Array, token_ids: Sequence[int]) -> jax.Array:
+    """logits [..., V] with the given token columns set to SUPPRESSED (ids past V are ignored)."""
+    ids = [t for t in token_ids if 0 <= t < logits.shape[-1]]
+    return logits if not ids else logits.at[..., jnp.asarray(ids)].set(SUPPRESSED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +86,10 @@ class SamplerConfig:
     # Decode with a packed copy of the decoder weights (see the module docstring). None: on a
     # CPU backend without a multi-device mesh, where it pays; the copy costs weight memory.
     packed_weights: bool | None = None
+    # Token ids never sampled (their logits are set to SUPPRESSED first; the sampling log-probs
+    # are of that distribution, the model log-probs are not). `ModelPolicy` suppresses the
+    # model's multimodal placeholders.
+    suppress_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -220,6 +233,7 @@ def _extend(graphdef, params, packed, state: DecodeState, input_ids, chunk_valid
 def _sample(logits: jax.Array, keys: jax.Array, cfg: SamplerConfig) -> tuple[jax.Array, jax.Array]:
     """logits float32 [B, V], keys [B] -> (token int32 [B], log-prob under the sampling
     distribution float32 [B])."""
+    logits = suppress(logits, cfg.suppress_token_ids)
     if cfg.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[0], jnp.float32)
     x = logits / cfg.temperature

@@ -8,32 +8,37 @@ checkpointing and logging are SFT's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax.numpy as jnp
 
+from ibis_jax.generate.sampler import suppress
 from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, grpo_loss
 from ibis_jax.train.loss import register_loss
 
 
-def sampling_logits(model, temperature: float = 1.0):
-    """The LM head of the distribution rollouts sample from: logits / temperature. The ratio's
-    numerator and denominator must both be that distribution, else a rollout at temperature < 1
-    is trained as if it came from the temperature-1 policy."""
+def sampling_logits(model, temperature: float = 1.0, suppressed: Sequence[int] = ()):
+    """The LM head of the distribution rollouts sample from: logits / temperature, with the
+    ``suppressed`` ids (the policy's, by default the model's multimodal placeholders) at
+    ``SUPPRESSED``. The ratio's numerator and denominator must both be that distribution, else a
+    rollout at temperature < 1 is trained as if it came from the temperature-1 policy."""
     if temperature <= 0:
         raise ValueError(f"GRPO rollouts need a sampling temperature > 0, got {temperature}")
-    return model.logits if temperature == 1.0 else (lambda h: model.logits(h) / temperature)
+    return lambda h: suppress(model.logits(h), suppressed) / temperature
 
 
-def make_grpo_loss(config: GRPOConfig, chunk_size: int = 256, temperature: float = 1.0):
+def make_grpo_loss(config: GRPOConfig, chunk_size: int = 256, temperature: float = 1.0,
+                   suppressed: Sequence[int] = ()):
     """``loss_fn(model, micro_batch) -> (loss_sum, denominator, aux)`` for ``config``; log-probs
-    under the rollouts' sampling ``temperature``."""
+    under the rollouts' sampling distribution (``temperature``, ``suppressed`` ids)."""
 
     def loss_fn(model, batch):
         hidden = model.hidden_states(
             batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
             vision_layout=batch["vision_layout"],
         )
-        logp, entropy = chunked_token_logprobs(sampling_logits(model, temperature), hidden, batch["targets"],
-                                               chunk_size)
+        logp, entropy = chunked_token_logprobs(sampling_logits(model, temperature, suppressed), hidden,
+                                               batch["targets"], chunk_size)
         ref = batch.get("ref_logprobs")
         loss_sum, denom, m = grpo_loss(logp, batch["old_logprobs"], batch["advantages"], batch["loss_mask"],
                                        config, ref_logprobs=ref, row_weights=batch.get("row_weights"))

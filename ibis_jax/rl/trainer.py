@@ -144,7 +144,11 @@ def train_grpo(
         state, _, _, start = ckpt.restore(abstract_with_shardings(abstract, shardings))
         log.info("resumed GRPO from %s at step %d", ckpt.directory, start)
     # ---------------------------------------------------------------- the update step
-    train_step = make_train_step(model_def, make_grpo_loss(rl.grpo, temperature=rl.temperature), tx, schedule)
+    # The default policy never samples the multimodal placeholders (ModelPolicy); the loss scores
+    # rollouts under the same distribution.
+    suppressed = model_def.config.multimodal_token_ids
+    train_step = make_train_step(model_def, make_grpo_loss(rl.grpo, temperature=rl.temperature, suppressed=suppressed),
+                                 tx, schedule)
     step_fns: dict = {}
     layout_cache: dict = {}
 
@@ -154,7 +158,8 @@ def train_grpo(
         hidden = policy.hidden_states(batch["input_ids"][0], batch["attention_mask"][0], batch["pixel_values"][0],
                                       batch["image_grid_thw"][0],
                                       vision_layout=jax.tree.map(lambda x: x[0], batch["vision_layout"]))
-        return chunked_token_logprobs(sampling_logits(policy, rl.temperature), hidden, batch["targets"][0])[0][None]
+        return chunked_token_logprobs(sampling_logits(policy, rl.temperature, suppressed), hidden,
+                                      batch["targets"][0])[0][None]
 
     # ---------------------------------------------------------------- the loop
     writer = MetricsWriter(workdir)

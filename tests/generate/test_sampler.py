@@ -181,3 +181,26 @@ def test_decode_stops_on_stop_string_and_eos(flax_model, processor):
     first_eos = ref[1].token_ids.index(eos)
     assert out[1].token_ids == ref[1].token_ids[: first_eos + 1] and out[1].stop_reason == "eos"
     assert len(out[1].logprobs) == first_eos + 1
+
+
+def test_suppressed_tokens_are_never_sampled(flax_model, processor):
+    import jax
+
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, 400, n) for n in (6, 9)]
+    free = Sampler(flax_model, processor.tokenizer, PLAIN).generate(prompts)
+    banned = tuple(sorted({c.token_ids[0] for c in free}))
+    for cfg in (dataclasses.replace(PLAIN, suppress_token_ids=banned),
+                dataclasses.replace(PLAIN, suppress_token_ids=banned, temperature=1.0)):
+        out = Sampler(flax_model, processor.tokenizer, cfg).generate(prompts, key=jax.random.key(0))
+        assert all(t not in banned for c in out for t in c.token_ids)
+        for c in out:
+            assert np.all(np.isfinite(c.logprobs)) and np.all(np.isfinite(c.model_logprobs))
+
+
+def test_model_policy_never_samples_multimodal_placeholders(flax_model, processor):
+    from ibis_jax.generate.policy import ModelPolicy
+
+    policy = ModelPolicy.for_rollouts(flax_model, processor, temperature=1.0, max_new_tokens=4)
+    assert policy.sampler.config.suppress_token_ids == flax_model.config.multimodal_token_ids
+    assert processor.image_token_id in flax_model.config.multimodal_token_ids

@@ -140,5 +140,14 @@ def test_sampling_logits_follow_the_rollout_temperature():
         lp, _ = chunked_token_logprobs(sampling_logits(Head(), temperature), hidden, targets, chunk_size=4)
         full = jax.nn.log_softmax((hidden @ head) / temperature, -1)
         np.testing.assert_allclose(lp, jnp.take_along_axis(full, targets[..., None], -1)[..., 0], atol=1e-5)
+    # Suppressed ids (what the policy never samples) get probability 0; the rest renormalises.
+    banned = [3, 7]
+    keep = targets % 29 + 2
+    keep = jnp.where((keep == 3) | (keep == 7), 0, keep)
+    lp, ent = chunked_token_logprobs(sampling_logits(Head(), 0.7, banned), hidden, keep, chunk_size=4)
+    masked = (hidden @ head).at[..., jnp.asarray(banned)].set(-jnp.inf)
+    full = jax.nn.log_softmax(masked / 0.7, -1)
+    np.testing.assert_allclose(lp, jnp.take_along_axis(full, keep[..., None], -1)[..., 0], atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(ent)))
     with pytest.raises(ValueError, match="temperature"):
         sampling_logits(Head(), 0.0)

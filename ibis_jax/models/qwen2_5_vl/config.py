@@ -82,6 +82,13 @@ class Qwen25VLConfig:
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
 
+    @property
+    def multimodal_token_ids(self) -> tuple[int, ...]:
+        """The placeholder ids the processor writes around and for visual tokens. A policy must
+        never generate them: the forward pass treats every image-pad id as a slot for the next
+        visual feature, so one sampled pad would shift the features of every later image."""
+        return (self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id)
+
     def __post_init__(self):
         v, t = self.vision, self.text
         if v.hidden_size % v.num_heads:

@@ -11,9 +11,11 @@ measured on the same held-out set:
 It also prints how far the decoder's multimodal RoPE turns across the visual-token grid: in
 Qwen2.5-VL the width axis takes the lowest RoPE frequencies, so on the tiny config's 4 x 4 grid at
 rope_theta 1e6 two columns differ by < 1e-3 rad; the decoder cannot tell them apart by position,
-and the vision tower has no absolute position embedding either.
+and the vision tower has no absolute position embedding either. ``--position-tint 40`` draws the
+images with colour ramps that write each pixel's position into its colour, which makes position
+a property of the content.
 
-    python bench/grounding_probe.py [--steps 400] [--theta 1e6]
+    python bench/grounding_probe.py [--steps 400] [--theta 1e6] [--position-tint 0] [--probes content,position]
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--theta", type=float, default=None, help="decoder rope_theta (default: the tiny preset's)")
     ap.add_argument("--image-size", type=int, default=112)
+    ap.add_argument("--position-tint", type=float, default=0.0,
+                    help="colour ramps that write the position into the pixels (see make_shape_sample)")
+    ap.add_argument("--probes", default="content,position", help="which probes to run")
     args = ap.parse_args()
 
     import jax
@@ -79,7 +84,7 @@ def main() -> None:
     def make_batch(rng, n, start, label):
         images, ids, answer_pos, answers = [], [], [], []
         for i in range(n):
-            s = make_shape_sample(args.image_size, rng, start + i, (1, 1))
+            s = make_shape_sample(args.image_size, rng, start + i, (1, 1), args.position_tint)
             cx = float(np.nonzero(s.mask)[1].mean()) / args.image_size
             chat = [{"role": "user", "content": [{"type": "image", "image": s.image},
                                                  {"type": "text", "text": f"Where is the {s.target}?"}]}]
@@ -104,7 +109,10 @@ def main() -> None:
             answer_pos.append(len(p))
         return input_ids, mask, loss, pixel_values, grids, np.asarray(answer_pos), answers
 
+    wanted = args.probes.split(",")
     for name, label in probes.items():
+        if name.split()[0] not in wanted:
+            continue
         model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
         schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10), args.steps)
         opt = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.0), wrt=nnx.Param)

@@ -41,6 +41,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-shapes", type=int, default=48, help="synthetic shapes in the training set")
     parser.add_argument("--shapes-per-image", default="2,4",
                         help="MIN,MAX shapes in a synthetic image, target included (1,1: no distractors)")
+    parser.add_argument("--position-tint", type=float, default=0.0,
+                        help="grey levels of the colour ramps that write the position into the synthetic "
+                             "images (0: none); a random-init model cannot otherwise see where a shape is")
     parser.add_argument("--eval-samples", type=int, default=64, help="held-out shapes evaluated")
     parser.add_argument("--config", default=str(CONFIG), help="TrainConfig file for SFT and GRPO")
     parser.set_defaults(run=run)
@@ -87,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
     per_image = tuple(int(v) for v in args.shapes_per_image.split(","))
     # Training prompts and held-out evaluation images: different shapes (another seed), same size.
     train_source = DemoSource(parts=tuple(args.train_parts.split(",")), mri_slices=2, nuclei_tiles=4,
-                              num_shapes=args.train_shapes, shapes_size=image, shapes_per_image=per_image)
+                              num_shapes=args.train_shapes, shapes_size=image, shapes_per_image=per_image,
+                              position_tint=args.position_tint)
     eval_source = DemoSource(parts=("shapes",), num_shapes=args.eval_samples, shapes_size=image, seed=1000,
-                             shapes_per_image=per_image)
+                             shapes_per_image=per_image, position_tint=args.position_tint)
 
     with _stage("1. synthesize trajectories", times):
         stats = run_synthesis(train_source, out / "data", SynthConfig(max_clicks=8, self_correction=0.2),

@@ -54,10 +54,17 @@ def _shape_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_shape_sample(size: int, rng: np.random.Generator, index: int = 0,
-                      shapes_per_image: tuple[int, int] = (2, 4)) -> ShapeSample:
+                      shapes_per_image: tuple[int, int] = (2, 4), position_tint: float = 0.0) -> ShapeSample:
     """One image with ``shapes_per_image`` (min, max) shapes; the first drawn is the target, later
     ones (distractors, told apart from it by kind and intensity) may occlude it. ``(1, 1)`` gives
-    the easy variant: one shape on the shaded background, a pure localisation task."""
+    the easy variant: one shape on the shaded background, a pure localisation task.
+
+    ``position_tint`` > 0 adds colour ramps of that many grey levels that write each pixel's
+    position into its colour (red - blue grows with the column, green - blue with the row) and
+    leave the channel mean, hence the grey image, unchanged. Qwen2.5-VL's vision tower has no
+    absolute position embedding, so a random-init model cannot see *where* a patch is
+    (``bench/grounding_probe.py``); the tint makes position a property of the content, the way a
+    pretrained tower has learnt it. Off by default."""
     lo, hi = shapes_per_image
     if not 1 <= lo <= hi:
         raise ValueError(f"shapes_per_image must be (min, max) with 1 <= min <= max, got {shapes_per_image}")
@@ -77,16 +84,21 @@ def make_shape_sample(size: int, rng: np.random.Generator, index: int = 0,
         image = np.where(shape, intensity + texture, image)
         target = shape if j == 0 else target & ~shape
     if target.sum() < MIN_VISIBLE_FRACTION * size * size:  # mostly occluded: new geometry
-        return make_shape_sample(size, rng, index, shapes_per_image)
+        return make_shape_sample(size, rng, index, shapes_per_image, position_tint)
     image = ndimage.gaussian_filter(image, 0.8) + rng.normal(0, 4, size=(size, size))
     gray = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     tint = rng.uniform(0.85, 1.0, size=3)
-    rgb = np.clip(gray[..., None] * tint, 0, 255).astype(np.uint8)
+    if position_tint:  # the ramps replace the random colour cast, which would drown them
+        col, row = 2.0 * xx - 1.0, 2.0 * yy - 1.0
+        rgb = gray[..., None] + position_tint * np.stack([col, row, -(col + row)], axis=-1)
+    else:
+        rgb = gray[..., None] * tint
+    rgb = np.clip(rgb, 0, 255).astype(np.uint8)
     return ShapeSample(rgb, target, target_kind, f"shapes-{index:05d}")
 
 
-def synthetic_shapes(num: int, size: int = 128, seed: int = 0,
-                     shapes_per_image: tuple[int, int] = (2, 4)) -> list[ShapeSample]:
+def synthetic_shapes(num: int, size: int = 128, seed: int = 0, shapes_per_image: tuple[int, int] = (2, 4),
+                     position_tint: float = 0.0) -> list[ShapeSample]:
     """``num`` samples of ``size x size`` pixels, deterministic under ``seed``."""
     rng = np.random.default_rng(seed)
-    return [make_shape_sample(size, rng, i, shapes_per_image) for i in range(num)]
+    return [make_shape_sample(size, rng, i, shapes_per_image, position_tint) for i in range(num)]

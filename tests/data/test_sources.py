@@ -176,3 +176,21 @@ def test_demo_source_real_data():
     assert shapes.modality == "Synthetic" and shapes.mask.any()
     again = load_all(DemoSource(parts=("shapes",), num_shapes=2))
     assert np.array_equal(again[0].image, shapes.image)  # seeded per item
+
+
+def test_demo_shapes_position_tint_writes_position_not_brightness():
+    plain = load_all(DemoSource(parts=("shapes",), num_shapes=1, shapes_size=64, shapes_per_image=(1, 1)))[0]
+    tinted = load_all(DemoSource(parts=("shapes",), num_shapes=1, shapes_size=64, shapes_per_image=(1, 1),
+                                 position_tint=40.0))[0]
+    assert np.array_equal(plain.mask, tinted.mask)  # same geometry, only the colour changes
+    img = tinted.image.astype(np.float64)
+    # red - blue grows with the column (by 80 x 2 across the image), green - blue with the row
+    col_ramp = (img[..., 0] - img[..., 2]).mean(axis=0)
+    row_ramp = (img[..., 1] - img[..., 2]).mean(axis=1)
+    assert col_ramp[-4:].mean() - col_ramp[:4].mean() > 120
+    assert row_ramp[-4:].mean() - row_ramp[:4].mean() > 120
+    # the channel mean is the grey image: each untinted channel is it times that image's colour cast
+    grey = img.mean(-1)
+    for channel in plain.image.transpose(2, 0, 1).astype(np.float64):
+        cast = (channel * grey).sum() / (grey * grey).sum()
+        assert 0.8 < cast <= 1.0 and np.median(np.abs(channel - cast * grey)) < 1.0

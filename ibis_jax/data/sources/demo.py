@@ -91,7 +91,9 @@ class DemoSource:
       nuclei_tile: tile side in pixels (512 must be divisible by it); nuclei_tiles: how many of
         the tiles to use (spread evenly over the image).
       num_shapes: synthetic-shapes samples; ``shapes_size`` their side; ``shapes_per_image`` the
-        (min, max) number of shapes in one image, the target included ((1, 1): no distractors).
+        (min, max) number of shapes in one image, the target included ((1, 1): no distractors);
+        ``position_tint`` the grey levels of the colour ramps that write each pixel's position
+        into its colour (0: none; see :func:`ibis_jax.data.shapes.make_shape_sample`).
     """
 
     parts: tuple[str, ...] = DEMO_PARTS
@@ -101,6 +103,7 @@ class DemoSource:
     num_shapes: int = 16
     shapes_size: int = 128
     shapes_per_image: tuple[int, int] = (2, 4)
+    position_tint: float = 0.0
     seed: int = 0
     name: str = "demo"
 
@@ -157,7 +160,7 @@ class DemoSource:
         elif kind == "shapes":
             _, i = item.spec
             rng = np.random.default_rng(stable_seed(self.seed, "shapes", i))
-            shape = make_shape_sample(self.shapes_size, rng, i, self.shapes_per_image)
+            shape = make_shape_sample(self.shapes_size, rng, i, self.shapes_per_image, self.position_tint)
             yield Sample(shape.image, shape.mask, shape.target, "Synthetic", item.item_id, self.name, {
                 "generator": "ibis_jax.data.shapes", "seed": self.seed, "index": i,
             })

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from ibis_jax.data.sources.demo import DemoSource
-    from ibis_jax.data.synth import SynthConfig, run_synthesis
+    from ibis_jax.data.synth import ConfigMismatch, SynthConfig, run_synthesis
     from ibis_jax.eval.evaluate import EvalConfig, evaluate
     from ibis_jax.agent.loop import OraclePolicy
     from ibis_jax.generate.policy import ModelPolicy
@@ -96,8 +97,13 @@ def run(args: argparse.Namespace) -> int:
                              shapes_per_image=per_image, position_tint=args.position_tint)
 
     with _stage("1. synthesize trajectories", times):
-        stats = run_synthesis(train_source, out / "data", SynthConfig(max_clicks=8, self_correction=0.2),
-                              tool_name="classical", shard_size=16, show_progress=True)
+        try:
+            stats = run_synthesis(train_source, out / "data", SynthConfig(max_clicks=8, self_correction=0.2),
+                                  tool_name="classical", shard_size=16, show_progress=True)
+        except ConfigMismatch as e:  # an older run's data under the same --out: say the quickstart's fix
+            print(f"ibis-jax quickstart: error: {out} holds a run made with other settings ({e}). "
+                  f"Rerun with --clean to start over, or pick another --out.", file=sys.stderr)
+            return 1
     with _stage("2. SFT", times):
         sft = train(config, str(out / "data"), str(out / "sft"), progress=True)
     sft_dir = out / "sft" / "hf"

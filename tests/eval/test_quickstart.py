@@ -29,3 +29,14 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, capsys):
     assert main(["quickstart", "--out", str(out), *ARGS]) == 0
     assert (out / "sft" / "metrics.jsonl").read_text() == before
     assert len((out / "grpo" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_quickstart_on_another_runs_folder_names_the_fix(tmp_path, capsys):
+    data = tmp_path / "qs" / "data"
+    data.mkdir(parents=True)
+    (data / "config.json").write_text(json.dumps({"source": "demo", "source_args": {"num_shapes": 1}}))
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), *ARGS]) == 1
+    err = capsys.readouterr().err
+    assert "other settings" in err and "--clean" in err
+    assert json.loads((data / "config.json").read_text())["source_args"] == {"num_shapes": 1}  # nothing overwritten
+    assert not (tmp_path / "qs" / "sft").exists()

@@ -52,6 +52,9 @@ def main() -> None:
                     help="colour ramps that write the position into the pixels (see make_shape_sample)")
     ap.add_argument("--probes", default="content,position", help="which probes to run")
     args = ap.parse_args()
+    wanted = args.probes.split(",")
+    if set(wanted) - {"content", "position"}:
+        ap.error(f"--probes {args.probes!r}: choose from content, position")
 
     import jax
     import jax.numpy as jnp
@@ -82,19 +85,18 @@ def main() -> None:
     }
 
     def make_batch(rng, n, start, label):
-        images, ids, answer_pos, answers = [], [], [], []
+        images, prompts, answer_pos, answers = [], [], [], []
         for i in range(n):
             s = make_shape_sample(args.image_size, rng, start + i, (1, 1), args.position_tint)
             cx = float(np.nonzero(s.mask)[1].mean()) / args.image_size
             chat = [{"role": "user", "content": [{"type": "image", "image": s.image},
                                                  {"type": "text", "text": f"Where is the {s.target}?"}]}]
             images.append(s.image)
-            prompt = proc.render(chat, add_generation_prompt=True)
+            prompts.append(proc.render(chat, add_generation_prompt=True))
             answers.append(label(s, cx))
-            ids.append(prompt)
         pixel_values, grids = proc.images(images)
         rows = []
-        for prompt, g, ans in zip(ids, grids, answers):
+        for prompt, g, ans in zip(prompts, grids, answers):
             p = proc.tokenizer.encode(proc.expand_image_pads(prompt, g[None]), add_special_tokens=False)
             a = proc.tokenizer.encode(ans, add_special_tokens=False)
             rows.append((p, a))
@@ -109,7 +111,6 @@ def main() -> None:
             answer_pos.append(len(p))
         return input_ids, mask, loss, pixel_values, grids, np.asarray(answer_pos), answers
 
-    wanted = args.probes.split(",")
     for name, label in probes.items():
         if name.split()[0] not in wanted:
             continue

@@ -40,7 +40,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpo-temperature", type=float, default=0.7, help="GRPO rollout sampling temperature")
     parser.add_argument("--train-parts", default="mri,nuclei,shapes", help="demo parts of the training set")
     parser.add_argument("--train-shapes", type=int, default=48, help="synthetic shapes in the training set")
-    parser.add_argument("--shapes-per-image", default="2,4",
+    parser.add_argument("--shapes-per-image", type=_min_max, default=(2, 4),
                         help="MIN,MAX shapes in a synthetic image, target included (1,1: no distractors)")
     parser.add_argument("--position-tint", type=float, default=0.0,
                         help="grey levels of the colour ramps that write the position into the synthetic "
@@ -48,6 +48,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-samples", type=int, default=64, help="held-out shapes evaluated")
     parser.add_argument("--config", default=str(CONFIG), help="TrainConfig file for SFT and GRPO")
     parser.set_defaults(run=run)
+
+
+def _min_max(text: str) -> tuple[int, int]:
+    """``"MIN,MAX"`` -> ``(MIN, MAX)`` with 1 <= MIN <= MAX; argparse reports the error."""
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two integers, e.g. 2,4), got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return lo, hi
 
 
 def _stage(name: str, times: dict[str, float]):
@@ -88,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     times: dict[str, float] = {}
     config = load_config(args.config, [f"max_steps={args.sft_steps}", "checkpoint_every=100"])
     image = config.image_size
-    per_image = tuple(int(v) for v in args.shapes_per_image.split(","))
+    per_image = args.shapes_per_image
     # Training prompts and held-out evaluation images: different shapes (another seed), same size.
     train_source = DemoSource(parts=tuple(args.train_parts.split(",")), mri_slices=2, nuclei_tiles=4,
                               num_shapes=args.train_shapes, shapes_size=image, shapes_per_image=per_image,

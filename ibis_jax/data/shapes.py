@@ -87,7 +87,7 @@ def make_shape_sample(size: int, rng: np.random.Generator, index: int = 0,
         return make_shape_sample(size, rng, index, shapes_per_image, position_tint)
     image = ndimage.gaussian_filter(image, 0.8) + rng.normal(0, 4, size=(size, size))
     gray = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    tint = rng.uniform(0.85, 1.0, size=3)
+    tint = rng.uniform(0.85, 1.0, size=3)  # drawn either way: later samples of the stream stay the same
     if position_tint:  # the ramps replace the random colour cast, which would drown them
         col, row = 2.0 * xx - 1.0, 2.0 * yy - 1.0
         rgb = gray[..., None] + position_tint * np.stack([col, row, -(col + row)], axis=-1)

@@ -15,7 +15,7 @@ and the vision tower has no absolute position embedding either. ``--position-tin
 images with colour ramps that write each pixel's position into its colour, which makes position
 a property of the content.
 
-    python bench/grounding_probe.py [--steps 400] [--theta 1e6] [--position-tint 0] [--probes content,position]
+    python bench/grounding_probe.py [--steps 400] [--theta 1e6] [--position-tint 0] [--probes content,position] [--seed 0]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--position-tint", type=float, default=0.0,
                     help="colour ramps that write the position into the pixels (see make_shape_sample)")
     ap.add_argument("--probes", default="content,position", help="which probes to run")
+    ap.add_argument("--seed", type=int, default=0, help="model initialisation and training-image seed")
     args = ap.parse_args()
     wanted = args.probes.split(",")
     if set(wanted) - {"content", "position"}:
@@ -114,7 +115,7 @@ def main() -> None:
     for name, label in probes.items():
         if name.split()[0] not in wanted:
             continue
-        model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+        model = Qwen25VL(cfg, rngs=nnx.Rngs(args.seed))
         schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10), args.steps)
         opt = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.0), wrt=nnx.Param)
 
@@ -133,7 +134,7 @@ def main() -> None:
         def predict(model, ids, mask, pv, grids, layout):
             return model(ids, mask, pv, grids, vision_layout=layout).argmax(-1)
 
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(args.seed)
         held = make_batch(np.random.default_rng(12345), 128, 10**6, label)
         t0 = time.perf_counter()
         for i in range(args.steps):

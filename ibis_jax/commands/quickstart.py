@@ -45,6 +45,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--position-tint", type=float, default=0.0,
                         help="grey levels of the colour ramps that write the position into the synthetic "
                              "images (0: none); a random-init model cannot otherwise see where a shape is")
+    parser.add_argument("--located-targets", action="store_true",
+                        help="name each synthetic target with its grid cell ('upper-left blob'): the query then "
+                             "says where to click (the control experiment for a policy that cannot see where)")
     parser.add_argument("--eval-samples", type=int, default=64, help="held-out shapes evaluated")
     parser.add_argument("--config", default=str(CONFIG), help="TrainConfig file for SFT and GRPO")
     parser.set_defaults(run=run)
@@ -103,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
     # Training prompts and held-out evaluation images: different shapes (another seed), same size.
     train_source = DemoSource(parts=tuple(args.train_parts.split(",")), mri_slices=2, nuclei_tiles=4,
                               num_shapes=args.train_shapes, shapes_size=image, shapes_per_image=per_image,
-                              position_tint=args.position_tint)
+                              position_tint=args.position_tint, located_targets=args.located_targets)
     eval_source = DemoSource(parts=("shapes",), num_shapes=args.eval_samples, shapes_size=image, seed=1000,
-                             shapes_per_image=per_image, position_tint=args.position_tint)
+                             shapes_per_image=per_image, position_tint=args.position_tint,
+                             located_targets=args.located_targets)
 
     with _stage("1. synthesize trajectories", times):
         try:
@@ -129,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
                       seq_buckets=(max(config.seq_buckets) + 128,))
         grpo_config = dataclasses.replace(config, lr=args.grpo_lr, warmup_frac=0.0, checkpoint_every=1_000_000)
         grpo = train_grpo(grpo_config, rl, samples, ClassicalTool(), str(out / "grpo"), init_dir=str(sft_dir))
-        export_hf(grpo["model_def"], grpo["state"], str(out / "grpo" / "hf"), source_dir=str(sft_dir))
+        export_hf(grpo["model_def"], grpo["state"], str(out / "grpo" / "hf"), source_dir=str(sft_dir),
+                  system_prompt=config.system_prompt)
     runs = {}
     with _stage("4. evaluate", times):
         cfg = EvalConfig(max_steps=args.max_turns, batch_size=16, curve_clicks=6, ks=(1, 3, 5), num_examples=2)

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from data_helpers import ct_volume, disk, write_dicom, write_nifti, write_png
 
 from ibis_jax.data.sources import DemoSource, DicomSource, FolderSource, NiftiSource, parse_target_labels
@@ -194,3 +195,24 @@ def test_demo_shapes_position_tint_writes_position_not_brightness():
     for channel in plain.image.transpose(2, 0, 1).astype(np.float64):
         cast = (channel * grey).sum() / (grey * grey).sum()
         assert 0.8 < cast <= 1.0 and np.median(np.abs(channel - cast * grey)) < 1.0
+
+
+def test_demo_shapes_located_targets_name_the_centroid_cell():
+    from ibis_jax.data.sources.demo import located_name
+
+    plain = load_all(DemoSource(parts=("shapes",), num_shapes=6, shapes_size=96))
+    located = load_all(DemoSource(parts=("shapes",), num_shapes=6, shapes_size=96, located_targets=True))
+    for p, s in zip(plain, located):
+        assert np.array_equal(p.mask, s.mask) and np.array_equal(p.image, s.image)
+        cell, kind = s.target.rsplit(" ", 1)
+        assert kind == p.target
+        rows, cols = np.nonzero(s.mask)
+        r, c = int(3 * rows.mean() / 96), int(3 * cols.mean() / 96)
+        grid = (("upper-left", "top", "upper-right"), ("left", "central", "right"),
+                ("lower-left", "bottom", "lower-right"))
+        assert cell == grid[r][c]
+    corner = np.zeros((30, 30), bool)
+    corner[25:, 25:] = True
+    assert located_name("ring", corner) == "lower-right ring"
+    with pytest.raises(ValueError, match="empty"):
+        located_name("ring", np.zeros((30, 30), bool))

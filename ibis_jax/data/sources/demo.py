@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ibis_jax.data.images import to_rgb_uint8
+from ibis_jax.data.reasoning import location_words
 from ibis_jax.data.shapes import make_shape_sample
 from ibis_jax.data.sources.base import Item, Sample, SourceError, stable_seed
 from ibis_jax.data.sources.nifti import load_volume, slice_volume
@@ -35,6 +36,16 @@ MNI_FILES = {
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
 MRI_TARGETS = {"white matter": "wm", "grey matter": "gm"}
+
+
+def located_name(kind: str, mask: np.ndarray) -> str:
+    """``kind`` prefixed with the 3x3 grid cell of ``mask``'s centroid: ``"upper-left blob"``,
+    ``"top triangle"``, ``"central circle"``."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        raise ValueError(f"located_name: the {kind} mask is empty, so it has no location")
+    cell = location_words(rows.mean(), cols.mean(), *mask.shape)
+    return f"{'central' if cell == 'centre' else cell} {kind}"
 
 
 def package_dir(package: str, hint: str) -> Path:
@@ -93,7 +104,10 @@ class DemoSource:
       num_shapes: synthetic-shapes samples; ``shapes_size`` their side; ``shapes_per_image`` the
         (min, max) number of shapes in one image, the target included ((1, 1): no distractors);
         ``position_tint`` the grey levels of the colour ramps that write each pixel's position
-        into its colour (0: none; see :func:`ibis_jax.data.shapes.make_shape_sample`).
+        into its colour (0: none; see :func:`ibis_jax.data.shapes.make_shape_sample`);
+        ``located_targets`` names each target with the 3x3 grid cell of its centroid ("upper-left
+        blob", "central circle"), the way anatomy is named by side ("left kidney"): where to click
+        is then in the query, for a policy that cannot see it (the GRPO control experiment).
     """
 
     parts: tuple[str, ...] = DEMO_PARTS
@@ -104,6 +118,7 @@ class DemoSource:
     shapes_size: int = 128
     shapes_per_image: tuple[int, int] = (2, 4)
     position_tint: float = 0.0
+    located_targets: bool = False
     seed: int = 0
     name: str = "demo"
 
@@ -161,7 +176,8 @@ class DemoSource:
             _, i = item.spec
             rng = np.random.default_rng(stable_seed(self.seed, "shapes", i))
             shape = make_shape_sample(self.shapes_size, rng, i, self.shapes_per_image, self.position_tint)
-            yield Sample(shape.image, shape.mask, shape.target, "Synthetic", item.item_id, self.name, {
+            target = located_name(shape.target, shape.mask) if self.located_targets else shape.target
+            yield Sample(shape.image, shape.mask, target, "Synthetic", item.item_id, self.name, {
                 "generator": "ibis_jax.data.shapes", "seed": self.seed, "index": i,
             })
         else:

@@ -19,6 +19,7 @@ import numpy as np
 from ibis_jax.agent.conversation import HistoryMode, Message, turn_messages
 from ibis_jax.agent.episode import Episode
 from ibis_jax.agent.grammar import Click, format_turn
+from ibis_jax.agent.prompts import SYSTEM_PROMPT
 from ibis_jax.data.clicks import ClickRule, next_click
 from ibis_jax.tools.protocol import SegmentationTool
 
@@ -93,13 +94,19 @@ def run_agent(
     episodes: Sequence[Episode],
     *,
     history: HistoryMode = "none",
+    system_prompt: str | None = None,
 ) -> list[EpisodeTrace]:
     """Runs ``episodes`` to the end with ``policy`` and ``tool``; returns one trace per episode.
+
+    system_prompt: the conversation's system text; None takes the policy's ``system_prompt``
+    attribute (a model policy knows what it was trained with), else the full agent prompt.
 
     The tool is opened on each episode before its first turn and closed when it ends (also on
     error). Generation time is shared out equally among the episodes of a batched call.
     """
     traces = [EpisodeTrace() for _ in episodes]
+    if system_prompt is None:
+        system_prompt = getattr(policy, "system_prompt", SYSTEM_PROMPT)
     opened: list[Episode] = []
     try:
         for episode in episodes:
@@ -113,7 +120,7 @@ def run_agent(
                 assistant = [Message("assistant", t.text, token_ids=t.token_ids) for t in trace.turns]
                 requests.append(TurnRequest(
                     turn_messages(len(episode.steps), episode.query, trace.observations, assistant,
-                                  history=history), episode))
+                                  history=history, system_prompt=system_prompt), episode))
             start = time.perf_counter()
             turns = policy.generate(requests)
             share = (time.perf_counter() - start) / len(live)

@@ -18,6 +18,8 @@ import numpy as np
 
 from ibis_jax.agent.conversation import HistoryMode, Message, to_chat
 from ibis_jax.agent.loop import PolicyTurn, TurnRequest
+from ibis_jax.agent import prompts
+from ibis_jax.agent.prompts import SYSTEM_PROMPT
 from ibis_jax.generate.sampler import Sampler, SamplerConfig
 from ibis_jax.models.qwen2_5_vl.processor import IMAGE_PAD, Qwen25VLProcessor
 
@@ -65,9 +67,11 @@ class ModelPolicy:
     """
 
     def __init__(self, model, processor: Qwen25VLProcessor, sampler_config: SamplerConfig = SamplerConfig(), *,
-                 history: HistoryMode = "none", mesh: jax.sharding.Mesh | None = None, seed: int = 0):
+                 history: HistoryMode = "none", mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+                 system_prompt: str = SYSTEM_PROMPT):
         self.processor = processor
         self.history = history
+        self.system_prompt = system_prompt  # run_agent builds the conversations with it
         if not sampler_config.suppress_token_ids:
             sampler_config = dataclasses.replace(sampler_config,
                                                  suppress_token_ids=model.config.multimodal_token_ids)
@@ -78,9 +82,11 @@ class ModelPolicy:
     @classmethod
     def from_pretrained_dir(cls, directory: str, *, sampler_config: SamplerConfig | None = None,
                             **kwargs: Any) -> "ModelPolicy":
-        """Load an HF Qwen2.5-VL directory (weights + tokenizer) as a greedy evaluation policy."""
+        """Load an HF Qwen2.5-VL directory (weights + tokenizer) as a greedy evaluation policy, with
+        the system prompt the directory records (`agent.prompts.AGENT_FILE`; none: the full one)."""
         from ibis_jax.models.qwen2_5_vl import load_hf
 
+        kwargs.setdefault("system_prompt", prompts.system_prompt(prompts.load_agent_prompt(directory)))
         return cls(load_hf(directory), Qwen25VLProcessor(directory), sampler_config or SamplerConfig(), **kwargs)
 
     @classmethod

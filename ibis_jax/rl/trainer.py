@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from ibis_jax.agent.conversation import Message, turn_messages
+from ibis_jax.agent.prompts import AGENT_FILE, load_agent_prompt, system_prompt
 from ibis_jax.agent.episode import Episode, EpisodeConfig
 from ibis_jax.agent.loop import Policy, run_agent
 from ibis_jax.data.queries import sample_query
@@ -87,13 +88,14 @@ def rollout_seed(rl: RLConfig, step: int) -> int:
 
 
 def _turn_examples(episodes: Sequence[Episode], traces, advantages: np.ndarray, image_size: int,
-                   history: str) -> list[TurnExample]:
+                   history: str, system_prompt: str) -> list[TurnExample]:
     examples = []
     for index, (episode, trace, adv) in enumerate(zip(episodes, traces, advantages)):
         observations = [prepare_image(o, image_size) for o in trace.observations]
         assistant = [Message("assistant", t.text, token_ids=t.token_ids) for t in trace.turns]
         for t, turn in enumerate(trace.turns):
-            messages = turn_messages(t, episode.query, observations, assistant, history=history)
+            messages = turn_messages(t, episode.query, observations, assistant, history=history,
+                                     system_prompt=system_prompt)
             examples.append(TurnExample(messages, turn, float(adv), trajectory=index))
     return examples
 
@@ -124,6 +126,12 @@ def train_grpo(
     if not samples:
         raise ValueError("GRPO needs at least one prompt sample")
     os.makedirs(workdir, exist_ok=True)
+    # The conversation the model was trained with: its directory's record must agree with the config.
+    trained_with = load_agent_prompt(init_dir)
+    if trained_with != config.system_prompt:
+        raise ValueError(f"{init_dir} was trained with the {trained_with!r} system prompt ({AGENT_FILE}) but the config "
+                         f"says system_prompt={config.system_prompt!r}; set the config to {trained_with!r}")
+    prompt_text = system_prompt(config.system_prompt)
     # ---------------------------------------------------------------- mesh, model, optimizer
     mesh = mesh_lib.make_mesh(config.mesh_shape)
     tx, schedule = make_optimizer(config, rl.steps)
@@ -181,7 +189,7 @@ def train_grpo(
                             episode_id=f"grpo-{step}-{i}-{g}")
                     for i, s in enumerate(picked) for g in range(rl.grpo.group_size)
                 ]
-                traces = run_agent(policy, tool, episodes, history=rl.history)
+                traces = run_agent(policy, tool, episodes, history=rl.history, system_prompt=prompt_text)
                 times["time/rollout_s"] = time.perf_counter() - t0
                 times["time/generation_s"] = sum(t.generate_seconds for t in traces)
                 times["time/tool_s"] = sum(s.tool_seconds for e in episodes for s in e.steps)
@@ -190,7 +198,7 @@ def train_grpo(
                 advantages = np.asarray(group_advantages(
                     np.asarray([s.score for s in scores], np.float32), rl.grpo.group_size,
                     rl.grpo.normalize_std, rl.grpo.std_eps))
-                examples = _turn_examples(episodes, traces, advantages, config.image_size, rl.history)
+                examples = _turn_examples(episodes, traces, advantages, config.image_size, rl.history, prompt_text)
                 batch = build_grpo_batch(examples, processor, rl.seq_buckets)
                 arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                           "targets": batch.targets, "loss_mask": batch.loss_mask, "advantages": batch.advantages,

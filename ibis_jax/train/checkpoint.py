@@ -69,10 +69,14 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
-def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir: str | None = None) -> None:
-    """Write the trained model (LoRA merged into the weights) as an HF directory with `save_hf`."""
+def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir: str | None = None,
+              system_prompt: str = "full") -> None:
+    """Write the trained model (LoRA merged into the weights) as an HF directory with `save_hf`,
+    with the name of the system prompt it was trained with (`agent.prompts.AGENT_FILE`)."""
+    from ibis_jax.agent.prompts import save_agent_prompt
     from ibis_jax.models.qwen2_5_vl import save_hf
 
     model = model_def.build(jax.device_get(state.params), jax.device_get(state.frozen))
     if jax.process_index() == 0:
         save_hf(model, directory, source_dir=source_dir)
+        save_agent_prompt(directory, system_prompt)

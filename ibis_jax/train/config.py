@@ -33,6 +33,7 @@ class TrainConfig:
     mesh_shape: tuple[int, int, int] = (-1, 1, 1)
     # -- data
     history: str = "none"  # none | full (SPEC section 1)
+    system_prompt: str = "full"  # full | short (agent/prompts.py); recorded with the exported model
     image_size: int = 112  # square, multiple of 28
     max_images_per_sample: int = 1  # history full: longest trajectory + 1
     seq_buckets: tuple[int, ...] = (1024,)
@@ -68,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"config image_size {self.image_size} must be a multiple of 28")
         if self.history not in ("none", "full"):
             raise ValueError(f"config history must be 'none' or 'full', got {self.history!r}")
+        if self.system_prompt not in ("full", "short"):
+            raise ValueError(f"config system_prompt must be 'full' or 'short', got {self.system_prompt!r}")
 
     @property
     def micro_batch(self) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from ibis_jax.agent.prompts import system_prompt
 from ibis_jax.data.records import TrajectoryDataSource
 from ibis_jax.models.qwen2_5_vl.processor import preprocess_images
 from ibis_jax.train.config import TrainConfig
@@ -84,6 +85,7 @@ class TokenizeSample(grain.transforms.Map):
         (sample,) = record_samples(
             record, self._tok, image_size=c.image_size, history=c.history,
             color=tuple(c.overlay_color), alpha=c.overlay_alpha, steps=None if step < 0 else [step],
+            system_prompt=system_prompt(c.system_prompt),
         )
         return sample
 

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ibis_jax.agent.conversation import HISTORY_MODES, Message, turn_messages
+from ibis_jax.agent.prompts import SYSTEM_PROMPT
 from ibis_jax.agent.overlay import DEFAULT_ALPHA, DEFAULT_COLOR, render_overlay
 from ibis_jax.data.records import TrajectoryRecord
 
@@ -79,6 +80,7 @@ def record_conversations(
     color=DEFAULT_COLOR,
     alpha: float = DEFAULT_ALPHA,
     steps: Sequence[int] | None = None,
+    system_prompt: str = SYSTEM_PROMPT,
 ) -> list[tuple[int, list[Message]]]:
     """(trained step, messages ending with the assistant turn(s)) for a record.
 
@@ -93,11 +95,13 @@ def record_conversations(
     turns = [Message("assistant", s.text, loss_weight=float(s.loss_weight)) for s in record.steps]
     last = len(record.steps) - 1
     if history == "full":
-        msgs = turn_messages(last, record.query, obs, turns, history="full", user_texts=user_texts)
+        msgs = turn_messages(last, record.query, obs, turns, history="full", user_texts=user_texts,
+                             system_prompt=system_prompt)
         return [(-1, msgs + [turns[last]])]
     out = []
     for t in range(len(record.steps)) if steps is None else steps:
-        msgs = turn_messages(t, record.query, obs[: t + 1], history="none", user_texts=user_texts)
+        msgs = turn_messages(t, record.query, obs[: t + 1], history="none", user_texts=user_texts,
+                             system_prompt=system_prompt)
         out.append((t, msgs + [turns[t]]))
     return out
 
@@ -157,10 +161,11 @@ def record_samples(
     color=DEFAULT_COLOR,
     alpha: float = DEFAULT_ALPHA,
     steps: Sequence[int] | None = None,
+    system_prompt: str = SYSTEM_PROMPT,
 ) -> list[Sample]:
     """All tokenized samples of a record (see the module docstring)."""
     out = []
-    for step, msgs in record_conversations(record, history, color, alpha, steps):
+    for step, msgs in record_conversations(record, history, color, alpha, steps, system_prompt):
         ids, w, act, imgs = tokenize_conversation(msgs, tokenizer, image_size)
         out.append(Sample(ids, w, act, imgs, record.record_id, step))
     return out

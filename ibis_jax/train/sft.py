@@ -231,7 +231,8 @@ def train(
     finished = step >= total_steps
     # ---------------------------------------------------------------- export
     if finished and config.export_hf:
-        export_hf(model_def, state, os.path.join(workdir, "hf"), source_dir=tokenizer_dir)
+        export_hf(model_def, state, os.path.join(workdir, "hf"), source_dir=tokenizer_dir,
+                  system_prompt=config.system_prompt)
     ckpt.close()
     return {"step": step, "total_steps": total_steps, "finished": finished, "state": state,
             "model_def": model_def, "metrics": metrics_out, "tokenizer_dir": tokenizer_dir}

@@ -63,3 +63,23 @@ def test_turn_messages_history_none_shows_only_current_overlay():
         turn_messages(0, "q", obs, history="some")
     with pytest.raises(ValueError, match="observations"):
         turn_messages(3, "q", obs)
+
+
+def test_run_agent_uses_the_policy_system_prompt_and_model_dirs_record_it(tmp_path):
+    from ibis_jax.agent.prompts import (AGENT_FILE, SHORT_SYSTEM_PROMPT, load_agent_prompt, save_agent_prompt,
+                                        system_prompt)
+
+    sample = synthetic_shapes(1, size=48, seed=0)[0]
+    policy = ScriptedPolicy(["I refuse to follow the format."])
+    policy.system_prompt = SHORT_SYSTEM_PROMPT
+    run_agent(policy, ClassicalTool(), [Episode(sample.image, "Segment it.", sample.mask)])
+    assert policy.seen[0][0][0].text == SHORT_SYSTEM_PROMPT  # the policy's own prompt, not the default
+    # A model directory records its prompt; one without the record is a foreign checkpoint: full prompt.
+    assert load_agent_prompt(tmp_path) == "full"
+    save_agent_prompt(tmp_path, "short")
+    assert load_agent_prompt(tmp_path) == "short" and system_prompt("short") == SHORT_SYSTEM_PROMPT
+    (tmp_path / AGENT_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=AGENT_FILE):
+        load_agent_prompt(tmp_path)
+    with pytest.raises(ValueError, match="system_prompt"):
+        system_prompt("tiny")

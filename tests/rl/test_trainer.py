@@ -80,3 +80,19 @@ def test_each_step_samples_with_its_own_seed():
     assert len(set(seeds)) == 50
     assert seeds == [rollout_seed(rl, step) for step in range(50)]  # a resumed step replays its seed
     assert rollout_seed(RLConfig(seed=1), 0) != seeds[0]
+
+
+def test_grpo_refuses_a_config_whose_system_prompt_differs_from_the_model_record(init_dir, tmp_path):
+    import shutil
+
+    from ibis_jax.agent.prompts import AGENT_FILE, save_agent_prompt
+
+    short_dir = tmp_path / "short"
+    shutil.copytree(init_dir, short_dir)
+    save_agent_prompt(short_dir, "short")
+    samples = [Sample(s.image, s.mask, s.target, "Synthetic", s.sample_id, "shapes", {})
+               for s in synthetic_shapes(1, size=64, seed=0)]
+    with pytest.raises(ValueError, match=f"'short' system prompt \\({AGENT_FILE}\\).*set the config to 'short'"):
+        train_grpo(TrainConfig(image_size=56, mesh_shape=(1, 1, 1)), RLConfig(steps=1), samples, ClassicalTool(),
+                   str(tmp_path / "work"), init_dir=str(short_dir))
+    assert not (tmp_path / "work" / "metrics.jsonl").exists()

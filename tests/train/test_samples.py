@@ -75,3 +75,22 @@ def test_grammar_tokens_make_the_layout_single_tokens_and_keep_the_text(tmp_path
         assert trained[0] == "<think>\n"
         action = tok.decode(s.input_ids[s.action_mask])
         assert action.startswith("<action>\n") and action.endswith("\n</action>")
+
+
+def test_short_system_prompt_reaches_the_pipeline_and_bad_names_are_refused(tmp_path, tok_dir):
+    import pytest
+
+    from ibis_jax.agent.prompts import SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT
+
+    data = write_dataset(str(tmp_path / "data"), records=1)
+    tok = load_tokenizer(tok_dir)
+    lengths = {}
+    for name, text in (("full", SYSTEM_PROMPT), ("short", SHORT_SYSTEM_PROMPT)):
+        b = next(make_pipeline(data, tok_dir, make_config(batch_size=1, system_prompt=name)).iterator())
+        ids = b["input_ids"][0, 0][b["attention_mask"][0, 0] > 0]
+        decoded = tok.decode(ids)
+        assert text in decoded and (name == "short" or SHORT_SYSTEM_PROMPT not in decoded)
+        lengths[name] = len(ids)
+    assert lengths["full"] - lengths["short"] > 200  # the point of the short prompt: a far shorter sample
+    with pytest.raises(ValueError, match="system_prompt"):
+        make_config(system_prompt="terse")

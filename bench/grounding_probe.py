@@ -6,7 +6,10 @@ prompt and a one-word answer, and prints held-out accuracy against the majority-
 measured on the same held-out set:
 
 - content probe: "small" or "large" (target area below / above 5.5 % of the image);
-- position probe: "left" or "right" (target centroid column below / above the middle).
+- position probe: "left" or "right" (target centroid column below / above the middle);
+- copy probe: the prompt names a shape at random ("Segment the ring in this image."), the answer
+  repeats that name: does the model read the query at all? With ``--system-prompt full`` the
+  330-token agent instructions stand between the start and the query, as in the agent format.
 
 It also prints how far the decoder's multimodal RoPE turns across the visual-token grid: in
 Qwen2.5-VL the width axis takes the lowest RoPE frequencies, so on the tiny config's 4 x 4 grid at
@@ -15,7 +18,8 @@ and the vision tower has no absolute position embedding either. ``--position-tin
 images with colour ramps that write each pixel's position into its colour, which makes position
 a property of the content.
 
-    python bench/grounding_probe.py [--steps 400] [--theta 1e6] [--position-tint 0] [--probes content,position] [--seed 0]
+    python bench/grounding_probe.py [--steps 400] [--theta 1e6] [--position-tint 0] [--probes content,position,copy] [--seed 0]
+        [--system-prompt none|short|full]
 """
 
 from __future__ import annotations
@@ -50,19 +54,22 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--position-tint", type=float, default=0.0,
                     help="colour ramps that write the position into the pixels (see make_shape_sample)")
-    ap.add_argument("--probes", default="content,position", help="which probes to run")
+    ap.add_argument("--probes", default="content,position", help="which probes to run (content, position, copy)")
+    ap.add_argument("--system-prompt", default="none", choices=("none", "short", "full"),
+                    help="system prompt in front of the image and question (agent/prompts.py)")
     ap.add_argument("--seed", type=int, default=0, help="model initialisation and training-image seed")
     args = ap.parse_args()
     wanted = args.probes.split(",")
-    if set(wanted) - {"content", "position"}:
-        ap.error(f"--probes {args.probes!r}: choose from content, position")
+    if set(wanted) - {"content", "position", "copy"}:
+        ap.error(f"--probes {args.probes!r}: choose from content, position, copy")
 
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from ibis_jax.data.shapes import make_shape_sample
+    from ibis_jax.agent.prompts import system_prompt
+    from ibis_jax.data.shapes import SHAPE_KINDS, make_shape_sample
     from ibis_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, vision_layout
     from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
     from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir, tiny_config
@@ -80,21 +87,28 @@ def main() -> None:
     big = Qwen25VLConfig.qwen2_5_vl_7b().text
     print(f"  Qwen2.5-VL-7B at 504 px (18x18 grid): {rope_turn(big.head_dim, big.mrope_section, big.rope_theta, 18)}")
 
+    # Each probe: (question, answer) from the sample, its target's centroid column and a random shape name.
     probes = {
-        "content (small / large)": lambda s, cx: "small" if s.mask.mean() < 0.055 else "large",
-        "position (left / right)": lambda s, cx: "left" if cx < 0.5 else "right",
+        "content (small / large)": lambda s, cx, name: (f"Where is the {s.target}?",
+                                                        "small" if s.mask.mean() < 0.055 else "large"),
+        "position (left / right)": lambda s, cx, name: (f"Where is the {s.target}?", "left" if cx < 0.5 else "right"),
+        "copy (the query's shape name)": lambda s, cx, name: (f"Segment the {name} in this image.", name),
     }
+    system = [] if args.system_prompt == "none" else [{"role": "system", "content": system_prompt(args.system_prompt)}]
 
     def make_batch(rng, n, start, label):
         images, prompts, answer_pos, answers = [], [], [], []
         for i in range(n):
             s = make_shape_sample(args.image_size, rng, start + i, (1, 1), args.position_tint)
             cx = float(np.nonzero(s.mask)[1].mean()) / args.image_size
-            chat = [{"role": "user", "content": [{"type": "image", "image": s.image},
-                                                 {"type": "text", "text": f"Where is the {s.target}?"}]}]
+            # the copy probe's name from its own stream, so the other probes' images stay as they were
+            name = SHAPE_KINDS[np.random.default_rng([args.seed, start + i]).integers(len(SHAPE_KINDS))]
+            question, answer = label(s, cx, name)
+            chat = system + [{"role": "user", "content": [{"type": "image", "image": s.image},
+                                                          {"type": "text", "text": question}]}]
             images.append(s.image)
             prompts.append(proc.render(chat, add_generation_prompt=True))
-            answers.append(label(s, cx))
+            answers.append(answer)
         pixel_values, grids = proc.images(images)
         rows = []
         for prompt, g, ans in zip(prompts, grids, answers):

@@ -51,9 +51,10 @@ a short description of what was segmented
 </answer>"""
 
 # The same task in one line, for a small model trained from scratch: a constant 330-token preamble
-# is nothing such a model can read, and it buries the query. A fresh 2-layer model learns to copy
-# the query's target word into its answer in 300 steps without the long prompt (accuracy 1.0) but
-# only to 0.52 with it; the quickstart's SFT model never did (chance, 13 / 64).
+# is nothing such a model can read, and it buries the query. `bench/grounding_probe.py --probes
+# copy`: a fresh tiny model repeats the query's shape name with accuracy 1.00 after 300 steps
+# without a system prompt, 0.82 behind the full one; the SFT model behind it named the target at
+# chance (13 / 64), and with this prompt by 1,500 steps (64 / 64).
 SHORT_SYSTEM_PROMPT = "Segment the requested target with points on the image; the mask is shown in green."
 
 SYSTEM_PROMPTS = {"full": SYSTEM_PROMPT, "short": SHORT_SYSTEM_PROMPT}

@@ -15,6 +15,8 @@ import types
 import typing
 from typing import Any, Sequence
 
+from ibis_jax.agent.prompts import system_prompt
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -33,7 +35,7 @@ class TrainConfig:
     mesh_shape: tuple[int, int, int] = (-1, 1, 1)
     # -- data
     history: str = "none"  # none | full (SPEC section 1)
-    system_prompt: str = "full"  # full | short (agent/prompts.py); recorded with the exported model
+    system_prompt: str = "full"  # a name in agent.prompts.SYSTEM_PROMPTS (full | short); recorded with the export
     image_size: int = 112  # square, multiple of 28
     max_images_per_sample: int = 1  # history full: longest trajectory + 1
     seq_buckets: tuple[int, ...] = (1024,)
@@ -69,8 +71,7 @@ class TrainConfig:
             raise ValueError(f"config image_size {self.image_size} must be a multiple of 28")
         if self.history not in ("none", "full"):
             raise ValueError(f"config history must be 'none' or 'full', got {self.history!r}")
-        if self.system_prompt not in ("full", "short"):
-            raise ValueError(f"config system_prompt must be 'full' or 'short', got {self.system_prompt!r}")
+        system_prompt(self.system_prompt)  # a name agent.prompts knows, else a ValueError naming the field
 
     @property
     def micro_batch(self) -> int:

@@ -72,7 +72,7 @@ def main() -> None:
     from ibis_jax.data.shapes import SHAPE_KINDS, make_shape_sample
     from ibis_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, vision_layout
     from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
-    from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir, tiny_config
+    from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir, tiny_config
 
     tok_dir = make_tokenizer_dir(os.path.join(tempfile.mkdtemp(), "tok"))
     proc = Qwen25VLProcessor(tok_dir)

@@ -8,14 +8,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory):
-    from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir
+    from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir
 
     return make_tokenizer_dir(tmp_path_factory.mktemp("qwen_tok"))
 
 
 @pytest.fixture(scope="session")
 def tiny_cfg(tok_dir):
-    from ibis_jax.models.qwen2_5_vl.testing import tiny_config
+    from ibis_jax.models.qwen2_5_vl.tiny import tiny_config
 
     return tiny_config(tok_dir)
 

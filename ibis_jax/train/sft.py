@@ -46,7 +46,7 @@ def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None
     if config.hf_dir:
         return Qwen25VLConfig.from_hf_config(config.hf_dir), config.tokenizer_dir or config.hf_dir
     if config.model == "tiny":
-        from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir, tiny_config
+        from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir, tiny_config
 
         tok = config.tokenizer_dir or os.path.join(workdir, "tokenizer")
         if not os.path.exists(os.path.join(tok, "tokenizer.json")) and jax.process_index() == 0:

@@ -140,7 +140,7 @@ def test_stop_automaton_spans_tokens(processor):
 
 @pytest.mark.parametrize("grammar_tokens", [False, True])
 def test_default_stop_strings_end_a_click_at_its_action_and_a_terminate_after_its_answer(tmp_path, grammar_tokens):
-    from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir
+    from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir
     from ibis_jax.train.pipeline import load_tokenizer
 
     tok = load_tokenizer(make_tokenizer_dir(tmp_path / "tok", grammar_tokens=grammar_tokens))

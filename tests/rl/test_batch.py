@@ -7,7 +7,7 @@ from ibis_jax.agent.conversation import turn_messages
 from ibis_jax.agent.loop import PolicyTurn
 from ibis_jax.models.qwen2_5_vl import Qwen25VL
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
-from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir, tiny_config
+from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir, tiny_config
 from ibis_jax.rl.batch import TurnExample, build_grpo_batch, bucket_length
 from ibis_jax.rl.grpo import policy_logprobs
 

@@ -12,7 +12,7 @@ from ibis_jax.agent.loop import PolicyTurn
 from ibis_jax.data.shapes import synthetic_shapes
 from ibis_jax.data.sources.base import Sample
 from ibis_jax.models.qwen2_5_vl import Qwen25VL, save_hf
-from ibis_jax.models.qwen2_5_vl.testing import make_tokenizer_dir, tiny_config
+from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir, tiny_config
 from ibis_jax.rl.grpo import GRPOConfig
 from ibis_jax.rl.trainer import RLConfig, train_grpo
 from ibis_jax.tools.classical import ClassicalTool

@@ -63,7 +63,7 @@ def test_pipeline_batches_shift_pad_and_resume(tmp_path, tok_dir):
 
 
 def test_grammar_tokens_make_the_layout_single_tokens_and_keep_the_text(tmp_path):
-    from ibis_jax.models.qwen2_5_vl.testing import GRAMMAR_TOKENS, make_tokenizer_dir
+    from ibis_jax.models.qwen2_5_vl.tiny import GRAMMAR_TOKENS, make_tokenizer_dir
 
     tok = load_tokenizer(make_tokenizer_dir(tmp_path / "tok", grammar_tokens=True))
     rec = make_record(2, clicks=1)

@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from helpers import make_config, write_dataset
-from ibis_jax.models.qwen2_5_vl.testing import tiny_config
+from ibis_jax.models.qwen2_5_vl.tiny import tiny_config
 from ibis_jax.train.loss import LOSSES
 from ibis_jax.train.mesh import make_mesh
 from ibis_jax.train.optim import make_optimizer

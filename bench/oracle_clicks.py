@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ibis_jax.agent.oracle import oracle_iou_curve, run_oracle_episode
+from ibis_jax.agent.oracle import oracle_iou_curve, run_oracle
 from ibis_jax.data.clicks import CLICK_RULES, next_click
 from ibis_jax.data.shapes import synthetic_shapes
 from ibis_jax.metrics import interactive_summary
@@ -34,7 +34,7 @@ def main() -> None:
     curves, tool_seconds, clicks = [], 0.0, 0
     start = time.perf_counter()
     for sample in samples:
-        episode = run_oracle_episode(tool, sample.image, sample.mask, rule=args.rule, max_clicks=args.max_clicks)
+        episode = run_oracle(tool, sample.image, sample.mask, rule=args.rule, max_clicks=args.max_clicks)
         curves.append(oracle_iou_curve(episode, args.max_clicks))
         tool_seconds += sum(s.tool_seconds for s in episode.steps)
         clicks += len(episode.clicks)

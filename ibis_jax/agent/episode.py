@@ -40,8 +40,6 @@ END_REASONS = ("terminate", "parse_error", "repeated_action", "max_actions", "no
 class EpisodeConfig:
     max_actions: int = 20
     repeat_limit: int = 3
-    overlay_color: tuple[int, int, int] = DEFAULT_COLOR
-    overlay_alpha: float = DEFAULT_ALPHA
 
 
 @dataclasses.dataclass
@@ -145,9 +143,10 @@ class Episode:
         """IoU after click 1, 2, ... (the curve NoC and mIoU@k read)."""
         return [s.iou for s in self.steps if s.is_click]
 
-    def observation(self) -> np.ndarray:
-        """The policy's next observation: the current mask over the original image."""
-        return render_overlay(self.image, self.current_mask, self.config.overlay_color, self.config.overlay_alpha)
+    def observation(self, color: tuple[int, int, int] = DEFAULT_COLOR, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+        """The policy's next observation: the current mask over the original image (the colour
+        and alpha are the policy's ``AgentSettings``; the agent loop passes them)."""
+        return render_overlay(self.image, self.current_mask, color, alpha)
 
     # -- transitions -------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -243,10 +242,11 @@ class Episode:
         return self.apply_click(action, result, reasoning=reasoning, text=text, loss_weight=loss_weight,
                                 tool_seconds=time.perf_counter() - start)
 
-    def step_text(self, text: str, tool: SegmentationTool) -> Step:
+    def step_text(self, text: str, tool: SegmentationTool, *, loss_weight: float = 1.0) -> Step:
         """Parses a policy turn leniently and applies it; an unparseable turn ends the episode."""
         try:
             turn = parse_turn(text)
         except ActionParseError as error:
             return self.record_parse_failure(text, error)
-        return self.step(turn.action, tool, reasoning=turn.reasoning, text=text, answer=turn.answer)
+        return self.step(turn.action, tool, reasoning=turn.reasoning, text=text, answer=turn.answer,
+                         loss_weight=loss_weight)

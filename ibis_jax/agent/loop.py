@@ -3,8 +3,9 @@
 Rollouts (GRPO), evaluation and the ``segment`` command all run this loop over a batch of
 episodes: each round, every live episode's conversation goes to the policy in one batched call,
 each reply is parsed leniently and applied (a click runs the tool), and the new overlay becomes the
-next observation. The :class:`Policy` protocol is implemented by the oracle (the click simulator,
-an upper bound) and by the Flax model with its sampler.
+next observation. The :class:`Policy` protocol is implemented by the oracle (``agent/oracle.py``: the
+click simulator, for synthesis and upper bounds) and by the Flax model with its sampler
+(``generate/policy.py``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ import numpy as np
 
 from ibis_jax.agent.conversation import HistoryMode, Message, turn_messages
 from ibis_jax.agent.episode import Episode
-from ibis_jax.agent.grammar import Click, format_turn
-from ibis_jax.agent.prompts import SYSTEM_PROMPT
-from ibis_jax.data.clicks import ClickRule, next_click
+from ibis_jax.agent.settings import HF_DEFAULTS
 from ibis_jax.tools.protocol import SegmentationTool
 
 
@@ -36,6 +35,11 @@ class PolicyTurn:
     token_ids: tuple[int, ...] | None = None
     logprobs: np.ndarray | None = None
     stop_reason: str = ""
+    # What a scripted policy (the synthesis oracle) knows about its turn: a label, the SFT loss
+    # weight of the turn (0 for a deliberate wrong click), the user text it was drawn with.
+    tag: str = ""
+    loss_weight: float = 1.0
+    user_text: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,35 +52,15 @@ class TurnRequest:
 
 
 class Policy(Protocol):
+    """Writes the next turn of every requested episode.
+
+    Optional attributes the loop reads: ``settings`` (``AgentSettings``: the system prompt, overlay
+    and history the policy was trained with; default the Hugging Face defaults) and
+    ``reads_messages`` (False for a policy that reads only the episode, such as the oracle: the
+    loop then renders no observations).
+    """
+
     def generate(self, requests: Sequence[TurnRequest]) -> list[PolicyTurn]: ...
-
-
-class OraclePolicy:
-    """The click simulator as a policy: clicks where ``next_click`` says, terminates when the
-    target IoU is reached, the budget is spent or nothing is left to click."""
-
-    def __init__(self, rule: ClickRule = "ritm", stop_iou: float | None = None, max_clicks: int = 20):
-        self.rule, self.stop_iou, self.max_clicks = rule, stop_iou, max_clicks
-
-    def generate(self, requests: Sequence[TurnRequest]) -> list[PolicyTurn]:
-        return [PolicyTurn(self._turn(r.episode), stop_reason="oracle") for r in requests]
-
-    def _turn(self, episode: Episode) -> str:
-        if episode.gt_mask is None:
-            raise ValueError("the oracle policy needs episodes with a ground-truth mask")
-        clicks = episode.clicks
-        done = (self.stop_iou is not None and episode.ious[-1] >= self.stop_iou) or len(clicks) >= self.max_clicks
-        clicked = np.zeros(episode.gt_mask.shape, dtype=bool)
-        for c in clicks:
-            col, row = c.pixel(episode.width, episode.height)
-            clicked[row, col] = True
-        sim = None if done else next_click(episode.gt_mask, episode.current_mask, rule=self.rule, clicked=clicked)
-        if sim is None:
-            from ibis_jax.agent.grammar import Terminate
-
-            return format_turn("The mask fits the target.", Terminate(), "The target is segmented.")
-        click = Click.from_pixel(sim.row, sim.col, episode.height, episode.width, sim.positive)
-        return format_turn("Oracle click on the largest error region.", click)
 
 
 @dataclasses.dataclass
@@ -93,20 +77,22 @@ def run_agent(
     tool: SegmentationTool,
     episodes: Sequence[Episode],
     *,
-    history: HistoryMode = "none",
+    history: HistoryMode | None = None,
     system_prompt: str | None = None,
 ) -> list[EpisodeTrace]:
     """Runs ``episodes`` to the end with ``policy`` and ``tool``; returns one trace per episode.
 
-    system_prompt: the conversation's system text; None takes the policy's ``system_prompt``
-    attribute (a model policy knows what it was trained with), else the full agent prompt.
+    The conversation follows the policy's ``settings`` (system prompt, overlay, history: what a
+    model was trained with); ``history`` and ``system_prompt`` (the system text) override them.
 
     The tool is opened on each episode before its first turn and closed when it ends (also on
     error). Generation time is shared out equally among the episodes of a batched call.
     """
     traces = [EpisodeTrace() for _ in episodes]
-    if system_prompt is None:
-        system_prompt = getattr(policy, "system_prompt", SYSTEM_PROMPT)
+    settings = getattr(policy, "settings", HF_DEFAULTS)
+    history = history or settings.history
+    system_prompt = system_prompt if system_prompt is not None else settings.system_text
+    reads_messages = getattr(policy, "reads_messages", True)
     opened: list[Episode] = []
     try:
         for episode in episodes:
@@ -116,7 +102,10 @@ def run_agent(
             requests = []
             for i in live:
                 episode, trace = episodes[i], traces[i]
-                trace.observations.append(episode.observation())
+                if not reads_messages:
+                    requests.append(TurnRequest([], episode))
+                    continue
+                trace.observations.append(episode.observation(settings.overlay_color, settings.overlay_alpha))
                 assistant = [Message("assistant", t.text, token_ids=t.token_ids) for t in trace.turns]
                 requests.append(TurnRequest(
                     turn_messages(len(episode.steps), episode.query, trace.observations, assistant,
@@ -129,7 +118,7 @@ def run_agent(
             for i, turn in zip(live, turns):
                 traces[i].turns.append(turn)
                 traces[i].generate_seconds += share
-                episodes[i].step_text(turn.text, tool)
+                episodes[i].step_text(turn.text, tool, loss_weight=turn.loss_weight)
                 if episodes[i].done:
                     tool.close(episodes[i].episode_id)
     finally:

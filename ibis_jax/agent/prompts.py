@@ -11,9 +11,6 @@ original image on turn 0, the overlay afterwards) in front of each user turn's t
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 
 SYSTEM_PROMPT = """\
 You are a biomedical image segmentation agent. You segment the target the user asks for by \
@@ -58,7 +55,6 @@ a short description of what was segmented
 SHORT_SYSTEM_PROMPT = "Segment the requested target with points on the image; the mask is shown in green."
 
 SYSTEM_PROMPTS = {"full": SYSTEM_PROMPT, "short": SHORT_SYSTEM_PROMPT}
-AGENT_FILE = "ibis_agent.json"  # in an exported model directory: which system prompt it was trained with
 
 REFINEMENT_TEMPLATE = """\
 Original request: {query}
@@ -71,28 +67,6 @@ def system_prompt(name: str) -> str:
     if name not in SYSTEM_PROMPTS:
         raise ValueError(f"system prompt {name!r}: choose from {sorted(SYSTEM_PROMPTS)} (config field `system_prompt`)")
     return SYSTEM_PROMPTS[name]
-
-
-def save_agent_prompt(directory: str | os.PathLike, name: str) -> None:
-    """Record in a model directory which system prompt the model was trained with."""
-    system_prompt(name)
-    path = Path(directory) / AGENT_FILE
-    path.write_text(json.dumps({"system_prompt": name}, indent=2) + "\n")
-
-
-def load_agent_prompt(directory: str | os.PathLike) -> str:
-    """The system prompt name recorded in a model directory; ``full`` when none is (a checkpoint
-    that did not come from our trainers)."""
-    path = Path(directory) / AGENT_FILE
-    if not path.exists():
-        return "full"
-    try:
-        name = json.loads(path.read_text())["system_prompt"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: expected {{\"system_prompt\": \"full\" | \"short\"}} ({e}); "
-                         f"rewrite it or delete it for the full prompt") from None
-    system_prompt(name)
-    return name
 
 
 def first_user_turn(query: str) -> str:

@@ -17,17 +17,13 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from ibis_jax.agent.oracle import oracle_iou_curve, run_oracle_episode
+from ibis_jax.agent.oracle import oracle_iou_curve, run_oracle
 from ibis_jax.data.clicks import CLICK_RULES
-from ibis_jax.data.records import record_from_episode
+from ibis_jax.agent.trajectory import record_from_episode
 from ibis_jax.data.sources.demo import DemoSource
 from ibis_jax.report.pictures import trajectory_picture
 from ibis_jax.metrics import interactive_summary
-from ibis_jax.tools.classical import TISSUE, ClassicalTool, ClassicalToolConfig
-
-# The demo's real targets are tissue classes (white/grey matter) and all nuclei of a tile: no edge
-# encloses them, so they get the tool's colour-model preset; synthetic shapes are objects.
-TISSUE_MODALITIES = ("MRI", "Microscopy")
+from ibis_jax.tools.auto import AutoTool
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -47,15 +43,19 @@ def run(args: argparse.Namespace) -> int:
     (out / "pictures").mkdir(parents=True, exist_ok=True)
     source = DemoSource(parts=tuple(args.parts.split(",")), mri_slices=args.mri_slices,
                         nuclei_tiles=args.nuclei_tiles, num_shapes=args.shapes)
-    tools = {"tissue": ClassicalTool(TISSUE), "object": ClassicalTool(ClassicalToolConfig())}
+    # The demo's real targets are tissue classes (white/grey matter, all nuclei of a tile): no edge
+    # encloses them, so `auto` gives them the colour-model preset; synthetic shapes are objects.
+    tool = AutoTool()
+    presets: dict[str, str] = {}
     curves: dict[str, list[list[float]]] = defaultdict(list)
     pictures: list[str] = []
     start = time.perf_counter()
     for item in tqdm(source.items(), desc="oracle episodes", unit="sample"):
         for sample in source.load(item):
-            tool = tools["tissue" if sample.modality in TISSUE_MODALITIES else "object"]
-            episode = run_oracle_episode(tool, sample.image, sample.mask, rule=args.rule,
-                                         max_clicks=args.max_clicks, query=f"Segment the {sample.target}.")
+            episode_id = f"demo:{sample.sample_id}"
+            presets[sample.modality] = tool.assign(episode_id, sample.modality, sample.target)
+            episode = run_oracle(tool, sample.image, sample.mask, rule=args.rule, max_clicks=args.max_clicks,
+                                 query=f"Segment the {sample.target}.", episode_id=episode_id)
             curves[sample.modality].append(oracle_iou_curve(episode, args.max_clicks))
             if len(pictures) < args.pictures and len(curves[sample.modality]) == 1:
                 record = record_from_episode(episode, record_id=sample.sample_id, target=sample.target,
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     rows = {m: {"samples": len(c), **interactive_summary(c, args.max_clicks, ks)} for m, c in curves.items()}
     rows["all"] = {"samples": sum(len(c) for c in curves.values()),
                    **interactive_summary([x for c in curves.values() for x in c], args.max_clicks, ks)}
-    metrics = {"tool": {"MRI": "classical-tissue", "Microscopy": "classical-tissue", "Synthetic": "classical"},
+    metrics = {"tool": presets,
                "rule": args.rule, "max_clicks": args.max_clicks, "per_modality": rows,
                "seconds": round(time.perf_counter() - start, 1), "pictures": pictures}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -28,10 +28,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__.split("\n\n", 1)[1] if __doc__ else None
     parser.add_argument("--policy", required=True, help="'oracle' (click simulator, upper bound) or a model dir")
-    parser.add_argument("--tool", default="classical", help="'classical', a bridge HOST:PORT, or module:factory")
+    parser.add_argument("--tool", default="auto", help="'auto' (the classical tool's preset per target; "
+                        "default), 'classical', 'classical-tissue', a bridge HOST:PORT, or module:factory")
     parser.add_argument("--source", choices=("folder", "nifti", "dicom", "demo"), help="test data (not with --vqa)")
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--history", default="none", choices=HISTORY_MODES, help="turns the policy sees (SPEC 1)")
+    parser.add_argument("--history", default=None, choices=HISTORY_MODES,
+                        help="turns the policy sees (SPEC 1); default: what the model was trained with")
     parser.add_argument("--max-steps", type=int, default=20, help="actions per episode (default 20)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     parser.add_argument("--batch-size", type=int, default=8, help="episodes per batched policy call")

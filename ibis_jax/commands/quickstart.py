@@ -82,9 +82,10 @@ def run(args: argparse.Namespace) -> int:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from ibis_jax.data.sources.demo import DemoSource
-    from ibis_jax.data.synth import ConfigMismatch, SynthConfig, run_synthesis
+    from ibis_jax.synth import ConfigMismatch, SynthConfig, run_synthesis
     from ibis_jax.eval.evaluate import EvalConfig, evaluate
-    from ibis_jax.agent.loop import OraclePolicy
+    from ibis_jax.agent.oracle import OraclePolicy
+    from ibis_jax.agent.settings import AgentSettings
     from ibis_jax.generate.policy import ModelPolicy
     from ibis_jax.generate.sampler import SamplerConfig
     from ibis_jax.rl.trainer import RLConfig, train_grpo
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     with _stage("1. synthesize trajectories", times):
         try:
             stats = run_synthesis(train_source, out / "data", SynthConfig(max_clicks=8, self_correction=0.2),
-                                  tool_name="classical", shard_size=16, show_progress=True)
+                                  tool_name="auto", shard_size=16, show_progress=True)
         except ConfigMismatch as e:  # an older run's data under the same --out: say the quickstart's fix
             print(f"ibis-jax quickstart: error: {out} holds a run made with other settings ({e}). "
                   f"Rerun with --clean to start over, or pick another --out.", file=sys.stderr)
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         grpo_config = dataclasses.replace(config, lr=args.grpo_lr, warmup_frac=0.0, checkpoint_every=1_000_000)
         grpo = train_grpo(grpo_config, rl, samples, ClassicalTool(), str(out / "grpo"), init_dir=str(sft_dir))
         export_hf(grpo["model_def"], grpo["state"], str(out / "grpo" / "hf"), source_dir=str(sft_dir),
-                  system_prompt=config.system_prompt)
+                  settings=AgentSettings.from_train_config(config))
     runs = {}
     with _stage("4. evaluate", times):
         cfg = EvalConfig(max_steps=args.max_turns, batch_size=16, curve_clicks=6, ks=(1, 3, 5), num_examples=2)

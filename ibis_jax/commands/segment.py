@@ -48,7 +48,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="'oracle' (needs --gt) or a model checkpoint / HF dir")
     parser.add_argument("--image", required=True, help="PNG/JPEG/TIFF, DICOM file, or NIfTI volume")
     parser.add_argument("--query", required=True, help='what to segment, e.g. "Segment the liver."')
-    parser.add_argument("--tool", default="classical", help="'classical', a bridge HOST:PORT, or module:factory")
+    parser.add_argument("--tool", default="auto", help="'auto' (the classical tool's preset per target; "
+                        "default), 'classical', 'classical-tissue', a bridge HOST:PORT, or module:factory")
     parser.add_argument("--out", default="runs/segment", help="output folder (default runs/segment)")
     parser.add_argument("--mask-init", default=None, help="start from this mask (refinement)")
     parser.add_argument("--mask-label", type=int, default=None, help="label of --mask-init to use (default non-zero)")
@@ -57,7 +58,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice", default=None, help="NIfTI: AXIS:INDEX, e.g. axial:42 or 2:42 (default middle axial)")
     parser.add_argument("--window", default=None, help="intensity window (preset, 'L,W', 'percentile', 'minmax', 'dicom')")
     parser.add_argument("--modality", default=None, help="modality name for the report (default from the file)")
-    parser.add_argument("--history", default="none", choices=HISTORY_MODES)
+    parser.add_argument("--history", default=None, choices=HISTORY_MODES,
+                        help="turns the policy sees (SPEC 1); default: what the model was trained with")
     parser.add_argument("--max-steps", type=int, default=20, help="actions at most (default 20)")
     parser.add_argument("--rule", default="ritm", choices=CLICK_RULES, help="oracle click rule")
     parser.add_argument("--stop-iou", type=float, default=0.9, help="oracle: terminate at this IoU (default 0.9)")
@@ -208,13 +210,16 @@ def nifti_mask_image(mask: np.ndarray, target: InputImage) -> Any:
 
 def segment_image(policy: Policy, tool: SegmentationTool, loaded: InputImage, query: str, *,
                   gt: np.ndarray | None = None, mask_init: np.ndarray | None = None, max_steps: int = 20,
-                  history: str = "none") -> tuple[Episode, EpisodeTrace]:
+                  history: str | None = None) -> tuple[Episode, EpisodeTrace]:
     """Runs one episode on ``loaded.image`` (from ``mask_init`` when given); returns (episode, trace)."""
     from ibis_jax.agent.episode import Episode, EpisodeConfig
     from ibis_jax.agent.loop import run_agent
 
+    from ibis_jax.tools.auto import assign_episode
+
     episode = Episode(loaded.image, query, gt, config=EpisodeConfig(max_actions=max_steps),
                       episode_id="segment", initial_mask=mask_init)
+    assign_episode(tool, episode.episode_id, loaded.modality, query)  # `auto`: the preset the query's target needs
     [trace] = run_agent(policy, tool, [episode], history=history)
     return episode, trace
 
@@ -225,7 +230,7 @@ def write_outputs(out: Path, episode: Episode, trace: EpisodeTrace, loaded: Inpu
     from PIL import Image
 
     from ibis_jax.agent.prompts import user_turn
-    from ibis_jax.data.records import record_from_episode
+    from ibis_jax.agent.trajectory import record_from_episode
     from ibis_jax.data.rle import encode_rle
     from ibis_jax.report.html import episode_html
     from ibis_jax.report.pictures import episode_gif

@@ -30,7 +30,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (created; reruns resume)")
 
     run = parser.add_argument_group("synthesis")
-    run.add_argument("--tool", default="classical", help="'classical' or module:factory (default classical)")
+    run.add_argument("--tool", default="auto", help="'auto' (the classical tool's preset per target; default), "
+                     "'classical', 'classical-tissue', a bridge HOST:PORT, or module:factory")
     run.add_argument("--rule", default="ritm", choices=("ritm", "ibis"), help="click rule (SPEC section 3)")
     run.add_argument("--stop-iou", type=float, default=0.9, help="stop clicking at this IoU (default 0.9; 0 = never)")
     run.add_argument("--max-steps", type=int, default=20, help="click budget per trajectory (default 20)")
@@ -116,7 +117,8 @@ def build_source(args: argparse.Namespace):
 
 def run_command(args: argparse.Namespace) -> int:
     from ibis_jax.data.sources import SourceError
-    from ibis_jax.data.synth import ConfigMismatch, SynthConfig, format_table, run_synthesis
+    from ibis_jax.report.synth_stats import format_table
+    from ibis_jax.synth import ConfigMismatch, SynthConfig, run_synthesis
 
     start = time.perf_counter()
     try:

@@ -87,3 +87,59 @@ def next_click(
         return None
     row, col = np.unravel_index(int(np.argmax(dist)), dist.shape)  # first arg-max, row-major
     return SimulatedClick(int(row), int(col), bool(positive))
+
+
+# -- self-correction (SPEC section 3): a deliberately wrong click and the click that undoes it ---
+
+def _deepest(region: np.ndarray, clicked: np.ndarray) -> tuple[int, int] | None:
+    """The pixel of ``region`` farthest from its boundary (image border counts), not yet clicked."""
+    dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    dist[clicked] = 0
+    if dist.max() <= 0:
+        return None
+    row, col = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return int(row), int(col)
+
+
+def wrong_click(gt: np.ndarray, mask: np.ndarray, clicked: np.ndarray, rng: np.random.Generator) -> SimulatedClick | None:
+    """A deliberately wrong click: positive on clear background or negative on covered target.
+
+    Candidates keep a margin from the target boundary (3% of the image side) so the click is
+    unambiguously wrong, not a boundary judgement call.
+    """
+    margin = max(2.0, 0.03 * max(gt.shape))
+    options = []
+    background = ndimage.distance_transform_edt(~gt) >= margin
+    bg = background & ~mask & ~clicked
+    if bg.any():
+        options.append((bg, True))
+    covered = ndimage.distance_transform_edt(np.pad(gt & mask, 1))[1:-1, 1:-1] >= margin
+    tp = covered & ~clicked
+    if tp.any():
+        options.append((tp, False))
+    if not options:
+        return None
+    region, positive = options[int(rng.integers(len(options)))]
+    rows, cols = np.nonzero(region)
+    pick = int(rng.integers(len(rows)))
+    return SimulatedClick(int(rows[pick]), int(cols[pick]), positive)
+
+
+def correction_click(
+    gt: np.ndarray, before: np.ndarray, after: np.ndarray, clicked: np.ndarray
+) -> tuple[SimulatedClick | None, str]:
+    """The click undoing a wrong one: into the larger error the wrong click *created*.
+
+    Returns ``(click, effect)`` with effect ``excess`` (new false positive -> negative click),
+    ``missed`` (new false negative -> positive click) or ``none`` (the mask did not get worse;
+    the caller falls back to the normal oracle click).
+    """
+    new_fp = (after & ~gt) & ~(before & ~gt)
+    new_fn = (gt & ~after) & ~(gt & ~before)
+    effect, region = ("excess", new_fp) if new_fp.sum() >= new_fn.sum() else ("missed", new_fn)
+    if not region.any():
+        return None, "none"
+    pixel = _deepest(region, clicked)
+    if pixel is None:
+        return None, "none"
+    return SimulatedClick(pixel[0], pixel[1], effect == "missed"), effect

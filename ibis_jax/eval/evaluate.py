@@ -7,7 +7,7 @@ reports the interactive-segmentation metrics NoC@85/@90, NoF@90 and mIoU@k over 
 
 - for the oracle (the click simulator) the curves come from *fixed-click* episodes with early stop
   off (SPEC section 3): ``curve_clicks`` clicks unless nothing is left to click, the curve padded
-  with its last value, exactly as ``run_oracle_episode`` + ``oracle_iou_curve`` produce them;
+  with its last value, exactly as ``run_oracle`` + ``oracle_iou_curve`` produce them;
 - for a model policy they are its own clicks (a curve that ended early keeps its last IoU).
 
 Samples whose target is absent (empty ground truth) count in IoU / Dice (an empty answer scores
@@ -35,13 +35,15 @@ import numpy as np
 from ibis_jax.agent.conversation import HistoryMode
 from ibis_jax.agent.episode import END_REASONS, Episode, EpisodeConfig
 from ibis_jax.agent.grammar import Click, is_well_formed
-from ibis_jax.agent.loop import EpisodeTrace, OraclePolicy, Policy, run_agent
+from ibis_jax.agent.loop import EpisodeTrace, Policy, run_agent
 from ibis_jax.agent.oracle import oracle_iou_curve
 from ibis_jax.agent.prompts import user_turn
+from ibis_jax.agent.trajectory import record_from_episode
 from ibis_jax.data.queries import sample_query
-from ibis_jax.data.records import ShardWriter, TrajectoryRecord, record_from_episode, shard_name, write_json_atomic
+from ibis_jax.data.records import ShardWriter, TrajectoryRecord, shard_name, to_jsonable, write_json_atomic
 from ibis_jax.data.sources.base import Sample, Source, SourceError
 from ibis_jax.metrics import dice, interactive_summary
+from ibis_jax.tools.auto import assign_episode
 from ibis_jax.tools.protocol import SegmentationTool
 
 
@@ -50,7 +52,8 @@ class EvalConfig:
     """How an evaluation runs.
 
     Attributes:
-      history: what the policy sees each turn (``none``: the current overlay; ``full``: every turn).
+      history: what the policy sees each turn (``none``: the current overlay; ``full``: every turn;
+        None: what the policy was trained with, its ``settings.history``).
       max_steps: actions per episode (the episode's ``max_actions``; SPEC: 20).
       batch_size: episodes per batched ``run_agent`` call (one policy call per round).
       limit: evaluate only the first N samples.
@@ -61,7 +64,7 @@ class EvalConfig:
       policy_name, tool_name, source_name: labels written into the metrics and tables.
     """
 
-    history: HistoryMode = "none"
+    history: HistoryMode | None = None
     max_steps: int = 20
     batch_size: int = 8
     limit: int | None = None
@@ -162,25 +165,27 @@ def first_click_hit(episode: Episode) -> bool | None:
     return bool(episode.gt_mask[row, col])
 
 
-def fixed_click_curves(policy: OraclePolicy, tool: SegmentationTool, samples: Sequence[Sample],
+def fixed_click_curves(policy: Policy, tool: SegmentationTool, samples: Sequence[Sample],
                        curve_clicks: int) -> list[list[float]]:
-    """Oracle IoU curves with early stop off: ``curve_clicks`` clicks (fewer only when nothing is
-    left to click), padded with the last value, as ``run_oracle_episode`` + ``oracle_iou_curve``."""
-    oracle = OraclePolicy(rule=policy.rule, stop_iou=None, max_clicks=curve_clicks)
-    config = EpisodeConfig(max_actions=curve_clicks + 1)  # room for the clicks, like run_oracle_episode
+    """IoU curves with early stop off: ``policy.with_budget(curve_clicks)`` clicks (fewer only when
+    nothing is left to click), padded with the last value (``oracle_iou_curve``)."""
+    clicker = policy.with_budget(curve_clicks)
+    config = EpisodeConfig(max_actions=curve_clicks + 1)  # room for the clicks and the terminate
     episodes = [Episode(s.image, "", s.mask, config=config, episode_id=f"curve-{i}-{s.sample_id}")
                 for i, s in enumerate(samples)]
-    run_agent(oracle, tool, episodes)
+    for sample, episode in zip(samples, episodes):
+        assign_episode(tool, episode.episode_id, sample.modality, sample.target)
+    run_agent(clicker, tool, episodes)
     return [oracle_iou_curve(e, curve_clicks) for e in episodes]
 
 
-def _curve_kind(policy: Policy, config: EvalConfig) -> tuple[str, bool]:
-    """(description, whether the main episodes already are the fixed-click oracle curves)."""
-    if isinstance(policy, OraclePolicy):
-        reuse = policy.stop_iou is None and policy.max_clicks == config.curve_clicks \
+def _curve_kind(policy: Policy, config: EvalConfig) -> tuple[str, bool, bool]:
+    """(description, whether fixed-click curves are run, whether the main episodes already are them)."""
+    if hasattr(policy, "with_budget"):
+        reuse = getattr(policy, "fixed_clicks", False) and getattr(policy, "max_clicks", None) == config.curve_clicks \
             and config.max_steps >= config.curve_clicks
-        return "oracle fixed clicks, early stop off (SPEC section 3)", reuse
-    return "policy clicks (a curve that ended early keeps its last IoU)", False
+        return "oracle fixed clicks, early stop off (SPEC section 3)", True, reuse
+    return "policy clicks (a curve that ended early keeps its last IoU)", False, False
 
 
 def evaluate(
@@ -200,7 +205,7 @@ def evaluate(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(out / shard_name(0, 1))
-    curve_kind, reuse = _curve_kind(policy, config)
+    curve_kind, fixed, reuse = _curve_kind(policy, config)
     skipped: Counter = Counter()
     cases: list[CaseResult] = []
     records: list[TrajectoryRecord] = []
@@ -218,9 +223,11 @@ def evaluate(
                         episode_id=f"eval-{len(cases) + i}")
                 for i, s in enumerate(batch)
             ]
+            for sample, episode in zip(batch, episodes):
+                assign_episode(tool, episode.episode_id, sample.modality, sample.target)
             traces = run_agent(policy, tool, episodes, history=config.history)
             clickable = [s for s in batch if s.mask.any()]
-            if isinstance(policy, OraclePolicy) and not reuse and clickable:
+            if fixed and not reuse and clickable:
                 curves = iter(fixed_click_curves(policy, tool, clickable, config.curve_clicks))
             else:
                 curves = iter([oracle_iou_curve(e, config.curve_clicks) if reuse else e.click_iou_curve
@@ -231,12 +238,12 @@ def evaluate(
                 cases.append(case)
                 record = record_from_episode(
                     episode, record_id=sample.sample_id, target=sample.target, modality=sample.modality,
-                    user_turns=[user_turn(t, episode.query) for t in range(len(episode.steps))],
-                    tags=["oracle" if isinstance(policy, OraclePolicy) else "policy"] * len(episode.steps),
+                    user_turns=[t.user_text or user_turn(i, episode.query) for i, t in enumerate(trace.turns)],
+                    tags=[t.tag or "policy" for t in trace.turns],
                     query_style=config.query_style, source=sample.source, sample_id=sample.sample_id,
                     meta={"policy": config.policy_name, "tool": config.tool_name, "history": config.history,
                           "generate_seconds": case.generate_seconds, "tool_seconds": case.tool_seconds,
-                          "provenance": _jsonable(sample.provenance)},
+                          "provenance": to_jsonable(sample.provenance)},
                 )
                 if writer is not None:
                     writer.write(record)
@@ -258,7 +265,8 @@ def evaluate(
     metrics["skipped"] = dict(skipped)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     if out is not None:
-        from ibis_jax.eval.report import format_markdown, write_examples
+        from ibis_jax.eval.report import format_markdown
+        from ibis_jax.report.examples import write_examples
 
         metrics["records"] = str(out / shard_name(0, 1))
         metrics["examples"] = [str(p) for p in write_examples(records, out / "examples", config.num_examples)]
@@ -328,15 +336,3 @@ def summarize_cases(cases: Sequence[CaseResult], *, config: EvalConfig, curve_ki
             "per_modality": {m: interactive(g) for m, g in sorted(by_modality.items())},
         },
     }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return value.item()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ibis_jax.agent.loop import OraclePolicy, Policy
+from ibis_jax.agent.loop import Policy
+from ibis_jax.agent.oracle import OraclePolicy
 from ibis_jax.data.clicks import ClickRule
 
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import cv2
 
-from ibis_jax.data.records import TrajectoryRecord
 
 
 def _pct(value: float | None) -> str:
@@ -92,28 +89,3 @@ def format_markdown(metrics: dict[str, Any]) -> str:
     if metrics.get("skipped"):
         parts.append("Skipped source items: " + ", ".join(f"{k} {v}" for k, v in metrics["skipped"].items()))
     return "\n\n".join(parts) + "\n"
-
-
-def write_examples(records: Sequence[TrajectoryRecord], folder: Path, num: int) -> list[Path]:
-    """PNG strips and HTML reports of up to ``num`` episodes, one per modality first."""
-    from ibis_jax.report.html import episode_html
-    from ibis_jax.report.pictures import trajectory_picture
-
-    if num <= 0 or not records:
-        return []
-    picked, seen = [], set()
-    for i, record in enumerate(records):
-        if record.modality not in seen:
-            picked.append(i)
-            seen.add(record.modality)
-    picked += [i for i in range(len(records)) if i not in picked]
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in picked[:num]:
-        record = records[i]
-        stem = folder / record.record_id.replace("/", "_")
-        png, page = stem.with_suffix(".png"), stem.with_suffix(".html")
-        cv2.imwrite(str(png), cv2.cvtColor(trajectory_picture(record), cv2.COLOR_RGB2BGR))
-        page.write_text(episode_html(record, title=f"{record.record_id}: {record.query}"))
-        paths += [png, page]
-    return paths

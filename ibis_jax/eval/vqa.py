@@ -22,7 +22,7 @@ from typing import Any
 
 from ibis_jax.agent.conversation import HistoryMode
 from ibis_jax.agent.episode import Episode, EpisodeConfig
-from ibis_jax.agent.loop import OraclePolicy, Policy, run_agent
+from ibis_jax.agent.loop import Policy, run_agent
 from ibis_jax.data.records import write_json_atomic
 from ibis_jax.data.sources.base import image_to_rgb, read_image_file
 from ibis_jax.tools.protocol import SegmentationTool
@@ -82,7 +82,7 @@ def evaluate_vqa(
     tool: SegmentationTool,
     items: list[VqaItem],
     *,
-    history: HistoryMode = "none",
+    history: HistoryMode | None = None,
     max_steps: int = 20,
     batch_size: int = 8,
     out_dir: str | Path | None = None,
@@ -90,7 +90,7 @@ def evaluate_vqa(
 ) -> dict[str, Any]:
     """Exact-match accuracy of the policy's final answers; writes ``vqa_metrics.json`` and
     ``vqa_cases.jsonl`` under ``out_dir`` when given."""
-    if isinstance(policy, OraclePolicy):
+    if not getattr(policy, "reads_messages", True):
         raise ValueError("the oracle clicks from a ground-truth mask and cannot answer questions; "
                          "evaluate VQA with a model policy (--policy PATH)")
     start = time.perf_counter()

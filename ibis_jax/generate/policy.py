@@ -1,10 +1,10 @@
-"""The Flax model as the agent loop's `Policy`: messages -> chat-template ids + images -> sampler.
+"""The Flax model as the agent loop's `Policy`: messages -> the one conversation encoder ->
+the sampler.
 
-Prompt ids: the chat template of the request's messages (`to_chat`), images expanded to one
-`<|image_pad|>` per visual token. Assistant messages that carry the sampler's `token_ids` enter the
-prompt as those ids (never decoded and re-encoded): the template's text for that turn is split
-out and the ids are spliced in (a trailing eos is dropped, the template writes `<|im_end|>` itself).
-Special tokens delimit the parts, so tokenizing them apart equals tokenizing the whole.
+Prompt ids come from :func:`ibis_jax.agent.encoding.encode_conversation` (the encoder SFT and the
+GRPO batch use): assistant turns that carry the sampler's ``token_ids`` enter the prompt as those
+ids, never decoded and re-encoded, and every image is resized to the policy's training
+``image_size`` (``AgentSettings``).
 """
 
 from __future__ import annotations
@@ -14,64 +14,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
-from ibis_jax.agent.conversation import HistoryMode, Message, to_chat
+from ibis_jax.agent.encoding import encode_conversation
 from ibis_jax.agent.loop import PolicyTurn, TurnRequest
-from ibis_jax.agent import prompts
-from ibis_jax.agent.prompts import SYSTEM_PROMPT
+from ibis_jax.agent.settings import HF_DEFAULTS, AgentSettings, load_agent_settings
 from ibis_jax.generate.sampler import Sampler, SamplerConfig
-from ibis_jax.models.qwen2_5_vl.processor import IMAGE_PAD, Qwen25VLProcessor
-
-_SLOT = "\x00ASSISTANT_{}\x00"
-
-
-def encode_messages(messages: Sequence[Message], processor: Qwen25VLProcessor, eos_ids: Sequence[int] = ()
-                    ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(prompt ids int32 [S] with the generation prompt, the user images in order)."""
-    spliced: dict[int, tuple[int, ...]] = {}
-    chat_messages = []
-    for i, m in enumerate(messages):
-        if m.role == "assistant" and m.token_ids is not None:
-            ids = tuple(m.token_ids)
-            while ids and ids[-1] in eos_ids:
-                ids = ids[:-1]
-            spliced[i] = ids
-            m = Message("assistant", _SLOT.format(i))
-        chat_messages.append(m)
-    text = processor.render(to_chat(chat_messages), add_generation_prompt=True)
-    images = [m.image for m in messages if m.image is not None]
-    if images:
-        _, grid = processor.images(images)
-        text = processor.expand_image_pads(text, grid)
-    elif IMAGE_PAD in text:
-        raise ValueError(f"a message text contains {IMAGE_PAD} but no message has an image")
-    tok = processor.tokenizer
-    pieces: list[np.ndarray] = []
-    rest = text
-    for i, ids in spliced.items():
-        before, rest = rest.split(_SLOT.format(i), 1)
-        pieces += [np.asarray(tok.encode(before, add_special_tokens=False), np.int32), np.asarray(ids, np.int32)]
-    pieces.append(np.asarray(tok.encode(rest, add_special_tokens=False), np.int32))
-    return np.concatenate(pieces), images
+from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
 
 
 class ModelPolicy:
     """`Policy` over a `Qwen25VL` with the KV-cache sampler.
 
-    history: how the caller builds the conversation ("none" | "full"); kept for the record (the
-    requests already carry the messages). The model's multimodal placeholder ids are never
+    settings: what the model was trained to see (system prompt, image size, overlay, history);
+    `run_agent` builds the conversations with them. The model's multimodal placeholder ids are never
     sampled (unless `sampler_config.suppress_token_ids` names others). seed: the PRNG seed; each `generate` call draws a fresh
     key from it, so a run is reproducible. Each request is encoded afresh (a cached continuation
     for history "full" is `Sampler.extend`; see the README).
     """
 
     def __init__(self, model, processor: Qwen25VLProcessor, sampler_config: SamplerConfig = SamplerConfig(), *,
-                 history: HistoryMode = "none", mesh: jax.sharding.Mesh | None = None, seed: int = 0,
-                 system_prompt: str = SYSTEM_PROMPT):
+                 settings: AgentSettings = HF_DEFAULTS, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
         self.processor = processor
-        self.history = history
-        self.system_prompt = system_prompt  # run_agent builds the conversations with it
+        self.settings = settings
         if not sampler_config.suppress_token_ids:
             sampler_config = dataclasses.replace(sampler_config,
                                                  suppress_token_ids=model.config.multimodal_token_ids)
@@ -83,28 +47,32 @@ class ModelPolicy:
     def from_pretrained_dir(cls, directory: str, *, sampler_config: SamplerConfig | None = None,
                             **kwargs: Any) -> "ModelPolicy":
         """Load an HF Qwen2.5-VL directory (weights + tokenizer) as a greedy evaluation policy, with
-        the system prompt the directory records (`agent.prompts.AGENT_FILE`; none: the full one)."""
+        the agent settings the directory records (`agent.settings.AGENT_FILE`; none: HF defaults)."""
         from ibis_jax.models.qwen2_5_vl import load_hf
 
-        kwargs.setdefault("system_prompt", prompts.system_prompt(prompts.load_agent_prompt(directory)))
+        kwargs.setdefault("settings", load_agent_settings(directory))
         return cls(load_hf(directory), Qwen25VLProcessor(directory), sampler_config or SamplerConfig(), **kwargs)
 
     @classmethod
     def for_rollouts(cls, model, processor: Qwen25VLProcessor, *, temperature: float = 1.0,
-                     max_new_tokens: int = 256, history: HistoryMode = "none", seed: int = 0,
-                     **kwargs: Any) -> "ModelPolicy":
+                     max_new_tokens: int = 256, seed: int = 0, **kwargs: Any) -> "ModelPolicy":
         """A sampling policy for GRPO rollouts (no truncation: log-probs are the model's)."""
         cfg = SamplerConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-        return cls(model, processor, cfg, history=history, seed=seed, **kwargs)
+        return cls(model, processor, cfg, seed=seed, **kwargs)
+
+    def encode(self, messages):
+        """The prompt of one request, exactly as the sampler gets it (``EncodedConversation``)."""
+        return encode_conversation(messages, self.processor.tokenizer, self.settings.image_size,
+                                   add_generation_prompt=True, eos_ids=self.sampler.eos_ids)
 
     def generate(self, requests: Sequence[TurnRequest]) -> list[PolicyTurn]:
         if not requests:
             return []
         prompts, images = [], []
         for r in requests:
-            ids, imgs = encode_messages(r.messages, self.processor, self.sampler.eos_ids)
-            prompts.append(ids)
-            images += imgs
+            enc = self.encode(r.messages)
+            prompts.append(enc.input_ids)
+            images += enc.images
         pixel_values = grid = None
         if images:
             pixel_values, grid = self.processor.images(images)

@@ -43,24 +43,18 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ibis_jax.buckets import fit_bucket
 from ibis_jax.generate.stop import StopAutomaton
+from ibis_jax.models.logits import suppress
 from ibis_jax.models.qwen2_5_vl import Qwen25VL, get_rope_index, vision_layout
 from ibis_jax.models.qwen2_5_vl.layers import MASK_VALUE
 from ibis_jax.models.qwen2_5_vl.packed import PackedText, pack_text, packed_matmul
+from ibis_jax.models.qwen2_5_vl.processor import eos_token_ids
 from ibis_jax.models.qwen2_5_vl.text import mrope_cos_sin
 
 STOP_REASONS = ("", "eos", "stop_string", "max_tokens")
 # The logit of a suppressed token: finite (an entropy over it stays 0 * x = 0, not NaN), far below
 # anything a model produces, so its probability is exactly 0 in float32.
-SUPPRESSED = -1e9
-
-
-def suppress(logits: jax.Array, token_ids: Sequence[int]) -> jax.Array:
-    """logits [..., V] with the given token columns set to SUPPRESSED (ids past V are ignored)."""
-    ids = [t for t in token_ids if 0 <= t < logits.shape[-1]]
-    return logits if not ids else logits.at[..., jnp.asarray(ids)].set(SUPPRESSED)
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """Decoding options (hashable: part of the decode compile key).
@@ -106,11 +100,7 @@ class SamplerConfig:
 
 def bucket(n: int, buckets: Sequence[int]) -> int:
     """Smallest bucket >= n; past the last one, the next multiple of the last bucket."""
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    last = max(buckets)
-    return -(-n // last) * last
+    return fit_bucket(n, buckets, overflow="round_up")
 
 
 @jax.tree_util.register_dataclass
@@ -331,15 +321,7 @@ class Sampler:
         vocab = model.config.text.vocab_size
         self.stop = StopAutomaton.for_tokenizer(tokenizer, config.stop_strings, vocab)
         eos = config.eos_token_ids
-        if eos is None:
-            eos = set()
-            if getattr(tokenizer, "eos_token_id", None) is not None:
-                eos.add(int(tokenizer.eos_token_id))
-            cfg_eos = model.config.text.eos_token_id
-            if cfg_eos is not None:
-                eos |= set([cfg_eos] if isinstance(cfg_eos, int) else cfg_eos)
-            eos = tuple(sorted(eos))
-        self.eos_ids = tuple(eos)
+        self.eos_ids = tuple(eos) if eos is not None else eos_token_ids(tokenizer, model.config.text)
         self._stop_table = jnp.asarray(self.stop.table)
         self._eos = jnp.asarray(np.asarray(self.eos_ids or (-1,), np.int32))
         self._packed: tuple | None = None  # (ids of the param leaves, the leaves, PackedText)

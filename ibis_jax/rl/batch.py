@@ -1,10 +1,9 @@
 """From finished rollouts to the GRPO training batch.
 
-Each policy turn becomes one training sequence: the prompt is the turn's conversation encoded
-exactly as the model policy encoded it (``ibis_jax.generate.policy.encode_messages``); the
-continuation is the sampler's own token ids, appended as they were sampled
-(never decoded and re-encoded). Only those ids carry loss: ``loss_mask`` is 1 exactly on the
-positions whose *next* token is a sampled one, so the system prompt, the user turns and the image
+Each policy turn becomes one training sequence: the turn's prompt encoded by the one conversation
+encoder the policy prompted with (``ibis_jax.agent.encoding.encode_conversation``), then the
+sampler's own ids as they were sampled (never decoded and re-encoded). Only those ids carry loss:
+``loss_mask`` is 1 exactly on the positions whose *next* token is a sampled one, so the system prompt, the user turns and the image
 tokens never enter the loss or the ratio. Every turn of a trajectory shares that trajectory's
 advantage, and ``row_weights`` = 1 / (policy tokens of the whole trajectory), so the paper's
 per-trajectory token mean (``trajectory_mean``) can be taken over rows that are single turns.
@@ -22,8 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ibis_jax.agent.encoding import encode_conversation
+from ibis_jax.buckets import fit_bucket
 from ibis_jax.agent.loop import PolicyTurn
-from ibis_jax.generate.policy import encode_messages
 
 
 @dataclasses.dataclass
@@ -53,42 +53,35 @@ class GRPOBatch:
         return int(self.loss_mask.sum())
 
 
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that fits ``length``; raises if none does (raise ``max_len``)."""
-    for b in sorted(buckets):
-        if length <= b:
-            return b
-    raise ValueError(f"a sequence of {length} tokens exceeds the largest bucket {max(buckets)}; "
-                     "raise the config's max sequence length or lower max_new_tokens")
-
-
 def row_bucket(rows: int, min_rows: int = 8) -> int:
     """The padded number of rows: the next power of two, at least ``min_rows``."""
     return max(min_rows, 1 << max(0, rows - 1).bit_length())
 
 
 def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequence[int] = (512, 1024, 2048, 4096),
-                     eos_ids: Sequence[int] = (), pad_rows: int | None = 8) -> GRPOBatch:
-    """Tokenizes the prompts as the policy did, appends the sampled ids, builds the masks (right
-    padding). Works for both history modes: with ``full`` each turn's prompt holds the earlier
-    turns as their sampled ids. pad_rows: pad the rows to ``row_bucket(n, pad_rows)``; None keeps n."""
+                     eos_ids: Sequence[int] = (), pad_rows: int | None = 8, *, image_size: int) -> GRPOBatch:
+    """Encodes each turn's prompt as the policy did, appends its sampled ids, builds the masks
+    (right padding). Works for both history modes: with ``full`` each turn's prompt holds the
+    earlier turns as their sampled ids. image_size and eos_ids: the policy's
+    (``AgentSettings.image_size``, the sampler's end ids). pad_rows: pad the rows to
+    ``row_bucket(n, pad_rows)``; None keeps n."""
     rows, images = [], []
     for ex in examples:
         if ex.turn.token_ids is None:
             raise ValueError("GRPO needs the sampler's token ids for every turn (PolicyTurn.token_ids is None)")
-        # The exact ids the sampler was prompted with (earlier turns' sampled ids spliced in).
-        prompt, _ = encode_messages(ex.messages, processor, eos_ids)
         sampled = np.asarray(ex.turn.token_ids, dtype=np.int32)
+        # The prompt exactly as the policy encoded it (ModelPolicy.encode), then the sampled ids.
+        enc = encode_conversation(ex.messages, processor.tokenizer, image_size, add_generation_prompt=True,
+                                  eos_ids=eos_ids)
+        prompt = enc.input_ids
         logprobs = (np.zeros(len(sampled), np.float32) if ex.turn.logprobs is None
                     else np.asarray(ex.turn.logprobs, np.float32))
         rows.append((prompt, sampled, logprobs))
-        images += [m.image for m in ex.messages if m.image is not None]
-    if not rows:
-        raise ValueError("build_grpo_batch: no turns (every episode ended before its first turn?)")
-    length = bucket_length(max(len(p) + len(s) for p, s, _ in rows), buckets)
+        images += enc.images
+    length = fit_bucket(max(len(p) + len(s) for p, s, _ in rows), buckets, what="a GRPO turn")
     real = len(rows)
     b = real if pad_rows is None else row_bucket(real, pad_rows)
-    last_images = [m.image for m in examples[-1].messages if m.image is not None]
+    last_images = images[len(images) - sum(m.image is not None for m in examples[-1].messages):]
     for _ in range(b - real):
         rows.append((rows[-1][0], rows[-1][1], rows[-1][2]))
         images += last_images

@@ -17,6 +17,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from ibis_jax.train.loss import chunked_token_logprobs
+
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
@@ -118,39 +120,6 @@ def grpo_loss(
         "policy_tokens": mask.sum(),
     }
     return loss_sum, denominator, metrics
-
-
-def chunked_token_logprobs(
-    logits_fn,
-    hidden: jax.Array,
-    targets: jax.Array,
-    chunk_size: int = 256,
-) -> tuple[jax.Array, jax.Array]:
-    """Log-probabilities of ``targets`` and the entropy, without materialising ``[B, T, V]``.
-
-    ``hidden``: ``[B, T, D]`` final hidden states; ``logits_fn`` maps ``[B, C, D] -> [B, C, V]``
-    (the LM head); ``targets``: ``int32 [B, T]``. The sequence is processed ``chunk_size`` tokens
-    at a time under ``lax.map``, so peak memory holds ``[B, chunk_size, V]`` logits only.
-    Returns ``(logprobs [B, T], entropy [B, T])`` in float32.
-    """
-    batch, length, dim = hidden.shape
-    pad = (-length) % chunk_size
-    hidden_p = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets_p = jnp.pad(targets, ((0, 0), (0, pad)))
-    chunks = (length + pad) // chunk_size
-    h = hidden_p.reshape(batch, chunks, chunk_size, dim).transpose(1, 0, 2, 3)
-    t = targets_p.reshape(batch, chunks, chunk_size).transpose(1, 0, 2)
-
-    def one(args):
-        h_c, t_c = args
-        log_p = jax.nn.log_softmax(logits_fn(h_c).astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(log_p, t_c[..., None], axis=-1)[..., 0]
-        entropy = -(jnp.exp(log_p) * log_p).sum(-1)
-        return picked, entropy
-
-    picked, entropy = jax.lax.map(one, (h, t))
-    unchunk = lambda x: x.transpose(1, 0, 2).reshape(batch, chunks * chunk_size)[:, :length]
-    return unchunk(picked), unchunk(entropy)
 
 
 def policy_logprobs(model, batch, vision_layout=None, chunk_size: int = 256) -> tuple[jax.Array, jax.Array]:

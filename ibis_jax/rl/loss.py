@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
-from ibis_jax.generate.sampler import suppress
-from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, grpo_loss
+from ibis_jax.models.logits import suppress
+from ibis_jax.rl.grpo import GRPOConfig, grpo_loss
+from ibis_jax.train.loss import chunked_token_logprobs
 from ibis_jax.train.loss import register_loss
 
 

@@ -28,15 +28,14 @@ because it never passes the previous IoU or the step index.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
 
 from ibis_jax.agent.episode import Episode, Step
 from ibis_jax.agent.grammar import Click, Terminate, is_well_formed
+from ibis_jax.plugins import load_object
 
 PAPER_REWARDS = ("format", "answer", "click", "pseg", "length")
 
@@ -141,21 +140,16 @@ REWARDS: dict[str, Reward] = {
 
 
 def load_reward(spec: str) -> tuple[str, Reward]:
-    """A reward by name (``format``...) or from a file: ``path/to/my_rewards.py:shape_bonus``."""
+    """A reward by name (``format``...) or from user code: ``path/to/my_rewards.py:shape_bonus``
+    or ``package.module:shape_bonus``."""
     if spec in REWARDS:
         return spec, REWARDS[spec]
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py"):
+    if ":" not in spec:
         raise ValueError(f"reward {spec!r}: use one of {sorted(REWARDS)} or 'file.py:function'")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"reward {spec!r}: no file {path}")
-    module_spec = importlib.util.spec_from_file_location(f"ibis_user_reward_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    fn = getattr(module, name, None)
+    fn = load_object(spec, what="reward")
     if not callable(fn):
-        raise AttributeError(f"reward {spec!r}: {path} has no callable named {name!r}")
-    return name, fn
+        raise AttributeError(f"reward {spec!r}: {spec.rpartition(':')[0]} has no callable named {spec.rpartition(':')[2]!r}")
+    return spec.rpartition(":")[2], fn
 
 
 @dataclasses.dataclass

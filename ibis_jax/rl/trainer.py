@@ -29,15 +29,16 @@ import jax
 import numpy as np
 
 from ibis_jax.agent.conversation import Message, turn_messages
-from ibis_jax.agent.prompts import AGENT_FILE, load_agent_prompt, system_prompt
+from ibis_jax.agent.settings import AGENT_FILE, AgentSettings, load_agent_settings
 from ibis_jax.agent.episode import Episode, EpisodeConfig
 from ibis_jax.agent.loop import Policy, run_agent
 from ibis_jax.data.queries import sample_query
 from ibis_jax.data.sources.base import Sample
 from ibis_jax.models.qwen2_5_vl import load_hf
-from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
+from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor, eos_token_ids
 from ibis_jax.rl.batch import TurnExample, build_grpo_batch
-from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, group_advantages
+from ibis_jax.rl.grpo import GRPOConfig, group_advantages
+from ibis_jax.train.loss import chunked_token_logprobs
 from ibis_jax.rl.loss import make_grpo_loss, sampling_logits
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
 from ibis_jax.tools.protocol import SegmentationTool
@@ -46,16 +47,16 @@ from ibis_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from ibis_jax.train.config import TrainConfig, to_dict
 from ibis_jax.train.metrics import MetricsWriter
 from ibis_jax.train.optim import make_optimizer
-from ibis_jax.train.samples import prepare_image
 from ibis_jax.train.sft import to_global, with_vision_layout
 from ibis_jax.train.state import ModelDef, split_model, state_from_model, state_specs
 from ibis_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
-# (model, processor, rl config, seed) -> a Policy that samples with the model's current
-# parameters; the trainer passes a different seed every step (the same one on a resumed step).
-PolicyFactory = Callable[[Any, Qwen25VLProcessor, "RLConfig", int], Policy]
+# (model, processor, rl config, seed, agent settings) -> a Policy that samples with the model's
+# current parameters; the trainer passes a different seed every step (the same one on a resumed
+# step) and the settings the model was trained with (system prompt, image size, overlay).
+PolicyFactory = Callable[[Any, Qwen25VLProcessor, "RLConfig", int, AgentSettings], Policy]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +75,11 @@ class RLConfig:
     seed: int = 0
 
 
-def default_policy_factory(model, processor, rl: RLConfig, seed: int) -> Policy:
+def default_policy_factory(model, processor, rl: RLConfig, seed: int, settings: AgentSettings) -> Policy:
     from ibis_jax.generate.policy import ModelPolicy  # the KV-cache sampler (issue 5)
 
     return ModelPolicy.for_rollouts(model, processor, temperature=rl.temperature,
-                                    max_new_tokens=rl.max_new_tokens, history=rl.history, seed=seed)
+                                    max_new_tokens=rl.max_new_tokens, seed=seed, settings=settings)
 
 
 def rollout_seed(rl: RLConfig, step: int) -> int:
@@ -87,14 +88,13 @@ def rollout_seed(rl: RLConfig, step: int) -> int:
     return int(np.random.SeedSequence([rl.seed, step]).generate_state(1)[0])
 
 
-def _turn_examples(episodes: Sequence[Episode], traces, advantages: np.ndarray, image_size: int,
-                   history: str, system_prompt: str) -> list[TurnExample]:
+def _turn_examples(episodes: Sequence[Episode], traces, advantages: np.ndarray, history: str,
+                   system_prompt: str) -> list[TurnExample]:
     examples = []
     for index, (episode, trace, adv) in enumerate(zip(episodes, traces, advantages)):
-        observations = [prepare_image(o, image_size) for o in trace.observations]
         assistant = [Message("assistant", t.text, token_ids=t.token_ids) for t in trace.turns]
         for t, turn in enumerate(trace.turns):
-            messages = turn_messages(t, episode.query, observations, assistant, history=history,
+            messages = turn_messages(t, episode.query, trace.observations, assistant, history=history,
                                      system_prompt=system_prompt)
             examples.append(TurnExample(messages, turn, float(adv), trajectory=index))
     return examples
@@ -127,11 +127,15 @@ def train_grpo(
         raise ValueError("GRPO needs at least one prompt sample")
     os.makedirs(workdir, exist_ok=True)
     # The conversation the model was trained with: its directory's record must agree with the config.
-    trained_with = load_agent_prompt(init_dir)
-    if trained_with != config.system_prompt:
-        raise ValueError(f"{init_dir} was trained with the {trained_with!r} system prompt ({AGENT_FILE}) but the config "
-                         f"says system_prompt={config.system_prompt!r}; set the config to {trained_with!r}")
-    prompt_text = system_prompt(config.system_prompt)
+    settings = dataclasses.replace(AgentSettings.from_train_config(config), history=rl.history)
+    if os.path.exists(os.path.join(init_dir, AGENT_FILE)):
+        recorded = load_agent_settings(init_dir)
+        for field in ("system_prompt", "image_size", "overlay_color", "overlay_alpha"):
+            want, have = getattr(recorded, field), getattr(settings, field)
+            if want != have:
+                raise ValueError(f"{init_dir} was trained with {field}={want!r} ({AGENT_FILE}) but the config says "
+                                 f"{field}={have!r}; set the config to {want!r}")
+    prompt_text = settings.system_text
     # ---------------------------------------------------------------- mesh, model, optimizer
     mesh = mesh_lib.make_mesh(config.mesh_shape)
     tx, schedule = make_optimizer(config, rl.steps)
@@ -180,12 +184,10 @@ def train_grpo(
                 times: dict[str, float] = {}
                 t0 = time.perf_counter()
                 policy = policy_factory(model_def.build(state.params, state.frozen), processor, rl,
-                                        rollout_seed(rl, step))
+                                        rollout_seed(rl, step), settings)
                 picked = [samples[(step * rl.prompts_per_step + i) % len(samples)] for i in range(rl.prompts_per_step)]
                 episodes = [
-                    Episode(prepare_image(s.image, config.image_size),
-                            sample_query(s, rl.query_style, rl.seed),
-                            _resize_mask(s.mask, config.image_size), config=episode_config,
+                    Episode(s.image, sample_query(s, rl.query_style, rl.seed), s.mask, config=episode_config,
                             episode_id=f"grpo-{step}-{i}-{g}")
                     for i, s in enumerate(picked) for g in range(rl.grpo.group_size)
                 ]
@@ -198,8 +200,9 @@ def train_grpo(
                 advantages = np.asarray(group_advantages(
                     np.asarray([s.score for s in scores], np.float32), rl.grpo.group_size,
                     rl.grpo.normalize_std, rl.grpo.std_eps))
-                examples = _turn_examples(episodes, traces, advantages, config.image_size, rl.history, prompt_text)
-                batch = build_grpo_batch(examples, processor, rl.seq_buckets)
+                examples = _turn_examples(episodes, traces, advantages, rl.history, prompt_text)
+                batch = build_grpo_batch(examples, processor, rl.seq_buckets, eos_token_ids(processor.tokenizer, model_def.config.text),
+                                         image_size=config.image_size)
                 arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                           "targets": batch.targets, "loss_mask": batch.loss_mask, "advantages": batch.advantages,
                           "row_weights": batch.row_weights,
@@ -232,9 +235,3 @@ def train_grpo(
         writer.close()
         ckpt.close()
     return {"state": state, "model_def": model_def, "metrics": summary, "processor": processor}
-
-
-def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
-    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0

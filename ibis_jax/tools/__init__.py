@@ -8,12 +8,18 @@ __all__ = ["SegmentResult", "SegmentationTool", "ToolError", "tool_session"]
 def make_tool(spec: str) -> SegmentationTool:
     """A tool by name, as the command lines take it.
 
+    - ``auto``: the classical tool with its preset chosen per episode from the target
+      (``tools/auto.py``; the default of the commands);
     - ``classical``: the weight-free random-walker tool, in process, for objects with boundaries;
       ``classical-tissue``: the same with the seeds' colour model, for tissue-class targets;
     - ``HOST:PORT[,HOST:PORT...]`` (optionally ``grpc://``-prefixed): a ``tool_bridge`` server, or
       several for load balancing, through the replaying bridge client;
     - ``module:factory``: any zero-argument callable returning a ``SegmentationTool``.
     """
+    if spec == "auto":
+        from ibis_jax.tools.auto import AutoTool
+
+        return AutoTool()
     if spec in ("classical", "classical-tissue"):
         from ibis_jax.tools.classical import TISSUE, ClassicalTool, ClassicalToolConfig
 
@@ -24,10 +30,9 @@ def make_tool(spec: str) -> SegmentationTool:
 
         return BridgeClient(addresses)
     if ":" in spec:
-        import importlib
+        from ibis_jax.plugins import load_object
 
-        module, name = spec.split(":", 1)
-        return getattr(importlib.import_module(module), name)()
+        return load_object(spec, what="tool")()
     raise ValueError(
-        f"unknown tool {spec!r}: use 'classical', a bridge address HOST:PORT, or 'module:factory'"
+        f"unknown tool {spec!r}: use 'auto', 'classical', 'classical-tissue', a bridge address HOST:PORT, or 'module:factory'"
     )

@@ -70,13 +70,13 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir: str | None = None,
-              system_prompt: str = "full") -> None:
+              settings=None) -> None:
     """Write the trained model (LoRA merged into the weights) as an HF directory with `save_hf`,
-    with the name of the system prompt it was trained with (`agent.prompts.AGENT_FILE`)."""
-    from ibis_jax.agent.prompts import save_agent_prompt
+    with the agent settings it was trained with (`agent.settings.AGENT_FILE`; None: the defaults)."""
+    from ibis_jax.agent.settings import HF_DEFAULTS, save_agent_settings
     from ibis_jax.models.qwen2_5_vl import save_hf
 
     model = model_def.build(jax.device_get(state.params), jax.device_get(state.frozen))
     if jax.process_index() == 0:
         save_hf(model, directory, source_dir=source_dir)
-        save_agent_prompt(directory, system_prompt)
+        save_agent_settings(directory, settings or HF_DEFAULTS)

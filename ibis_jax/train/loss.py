@@ -27,14 +27,22 @@ def register_loss(name: str) -> Callable[[LossFn], LossFn]:
     return wrap
 
 
-def chunked_nll(
-    logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, chunk_size: int = 512
-) -> tuple[jax.Array, jax.Array]:
-    """Per-token negative log-likelihood and argmax hit, without materialising [B, S, V].
+def chunked_token_logprobs(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    hidden: jax.Array,
+    targets: jax.Array,
+    chunk_size: int = 256,
+    *,
+    hits: bool = False,
+):
+    """Per-token log-probabilities of ``targets`` and entropy, without materialising [B, S, V].
 
-    hidden [B, S, D]; targets [B, S] int; logits_fn maps [B, C, D] -> [B, C, V] (the LM head).
-    Returns (nll [B, S] fp32, correct [B, S] bool). Chunks run under lax.map, so the peak holds
-    [B, chunk, V] logits (152k vocab x 4k tokens would be 2.4 GB per sequence otherwise).
+    hidden [B, S, D]; targets [B, S] int; logits_fn maps [B, C, D] -> [B, C, V] (the LM head, or
+    the sampling distribution of ``rl.loss.sampling_logits``). The sequence runs ``chunk_size``
+    tokens at a time under ``lax.map``, so the peak holds [B, chunk, V] logits (152k vocab x 4k
+    tokens would be 2.4 GB per sequence otherwise). Returns ``(logprobs, entropy)`` [B, S] float32,
+    and with ``hits=True`` also the argmax hit [B, S] bool. SFT's cross-entropy and GRPO's ratio
+    both read it.
     """
     b, s, d = hidden.shape
     chunk = min(chunk_size, s)
@@ -47,11 +55,13 @@ def chunked_nll(
         logits = logits_fn(h_c).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
-        return lse - picked, jnp.argmax(logits, axis=-1) == t_c
+        entropy = lse - (jax.nn.softmax(logits, axis=-1) * logits).sum(-1)
+        return picked - lse, entropy, jnp.argmax(logits, axis=-1) == t_c
 
-    nll, correct = jax.lax.map(one, (h, t))
+    logp, entropy, hit = jax.lax.map(one, (h, t))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(b, -1)[:, :s]
-    return unchunk(nll), unchunk(correct)
+    out = (unchunk(logp), unchunk(entropy))
+    return (*out, unchunk(hit)) if hits else out
 
 
 @register_loss("sft")
@@ -65,7 +75,8 @@ def sft_loss(model, batch: dict[str, jax.Array], chunk_size: int = 512) -> tuple
         batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
         vision_layout=batch["vision_layout"],
     )
-    nll, correct = chunked_nll(model.logits, hidden, batch["targets"], chunk_size)
+    logp, _, correct = chunked_token_logprobs(model.logits, hidden, batch["targets"], chunk_size, hits=True)
+    nll = -logp
     w = batch["weights"].astype(jnp.float32)
     act = batch["action_mask"].astype(jnp.float32)
     image_tokens = jnp.sum(batch["input_ids"] == model.config.image_token_id)

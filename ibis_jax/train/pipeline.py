@@ -31,10 +31,11 @@ import grain
 import numpy as np
 
 from ibis_jax.agent.prompts import system_prompt
+from ibis_jax.buckets import fit_bucket
 from ibis_jax.data.records import TrajectoryDataSource
 from ibis_jax.models.qwen2_5_vl.processor import preprocess_images
 from ibis_jax.train.config import TrainConfig
-from ibis_jax.train.samples import Sample, record_samples
+from ibis_jax.train.samples import SFTSample, record_samples
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def sample_index(source: TrajectoryDataSource, history: str) -> np.ndarray:
 
 
 class TokenizeSample(grain.transforms.Map):
-    """(record, step) -> Sample; opens the record source and tokenizer lazily (in each worker)."""
+    """(record, step) -> SFTSample; opens the record source and tokenizer lazily (in each worker)."""
 
     def __init__(self, data_dir: str, tokenizer_dir: str, config: TrainConfig):
         self.data_dir, self.tokenizer_dir, self.config = data_dir, tokenizer_dir, config
@@ -74,7 +75,7 @@ class TokenizeSample(grain.transforms.Map):
     def __setstate__(self, state):
         self.__init__(**state)
 
-    def map(self, pair: np.ndarray) -> Sample:
+    def map(self, pair: np.ndarray) -> SFTSample:
         with self._lock:
             if self._tok is None:
                 self._source = TrajectoryDataSource(self.data_dir)
@@ -92,18 +93,19 @@ class TokenizeSample(grain.transforms.Map):
 
 @dataclasses.dataclass
 class Collate:
-    """list[Sample] (the process's share of one step) -> the batch dict of the module docstring."""
+    """list[SFTSample] (the process's share of one step) -> the batch dict of the module docstring."""
 
     config: TrainConfig
     pad_id: int
 
-    def __call__(self, samples: list[Sample]) -> dict[str, np.ndarray]:
+    def __call__(self, samples: list[SFTSample]) -> dict[str, np.ndarray]:
         c = self.config
         longest = max(len(s.input_ids) for s in samples)
         buckets = sorted(c.seq_buckets)
-        fits = [b for b in buckets if b >= longest]
         kept = samples
-        if not fits:
+        if longest <= buckets[-1]:
+            seq = fit_bucket(longest, buckets)
+        else:
             if not c.drop_too_long:
                 raise ValueError(
                     f"a sample has {longest} tokens, more than the largest of seq_buckets {buckets}: "
@@ -113,13 +115,12 @@ class Collate:
             kept = [s if len(s.input_ids) <= buckets[-1] else _empty(s, self.pad_id) for s in samples]
             n = sum(a is not b for a, b in zip(kept, samples))
             log.warning("dropped %d sample(s) longer than %d tokens", n, buckets[-1])
-            fits = [buckets[-1]]
-        seq = fits[0]
+            seq = buckets[-1]
         micro = len(kept) // c.grad_accum
         parts = [self._micro(kept[i * micro:(i + 1) * micro], seq) for i in range(c.grad_accum)]
         return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
-    def _micro(self, samples: list[Sample], seq: int) -> dict[str, np.ndarray]:
+    def _micro(self, samples: list[SFTSample], seq: int) -> dict[str, np.ndarray]:
         c = self.config
         b = len(samples)
         ids = np.full((b, seq), self.pad_id, np.int32)
@@ -153,8 +154,8 @@ class Collate:
         }
 
 
-def _empty(s: Sample, pad_id: int) -> Sample:
-    return Sample(np.asarray([pad_id], np.int32), np.zeros(1, np.float32), np.zeros(1, bool), [], s.record_id, s.step)
+def _empty(s: SFTSample, pad_id: int) -> SFTSample:
+    return SFTSample(np.asarray([pad_id], np.int32), np.zeros(1, np.float32), np.zeros(1, bool), [], s.record_id, s.step)
 
 
 @dataclasses.dataclass

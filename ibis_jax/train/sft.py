@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ibis_jax.agent.settings import AgentSettings
 from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, load_hf, vision_layout
 from ibis_jax.train import lora as lora_lib
 from ibis_jax.train import mesh as mesh_lib
@@ -232,7 +233,7 @@ def train(
     # ---------------------------------------------------------------- export
     if finished and config.export_hf:
         export_hf(model_def, state, os.path.join(workdir, "hf"), source_dir=tokenizer_dir,
-                  system_prompt=config.system_prompt)
+                  settings=AgentSettings.from_train_config(config))
     ckpt.close()
     return {"step": step, "total_steps": total_steps, "finished": finished, "state": state,
             "model_def": model_def, "metrics": metrics_out, "tokenizer_dir": tokenizer_dir}

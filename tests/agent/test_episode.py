@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ibis_jax.agent import Click, Episode, EpisodeConfig, Terminate, render_overlay
-from ibis_jax.agent.oracle import run_oracle_episode
+from ibis_jax.agent.oracle import PLAIN_DONE, run_oracle
 from ibis_jax.data.images import ImageError
 from ibis_jax.tools.protocol import SegmentResult, ToolError, tool_session
 
@@ -119,12 +119,12 @@ def test_step_text_applies_a_valid_turn(scene):
 def test_observation_is_overlay_on_original_image(scene):
     image, gt = scene
     tool = RecordingDiskTool()
-    ep = Episode(image, "q", gt, config=EpisodeConfig(overlay_color=(255, 0, 0), overlay_alpha=0.4))
-    assert np.array_equal(ep.observation(), image)
+    ep = Episode(image, "q", gt)
+    assert np.array_equal(ep.observation((255, 0, 0), 0.4), image)
     with tool_session(tool, ep.episode_id, image):
         ep.step(Click(0.25, 0.4, True), tool)
         ep.step(Click(0.26, 0.4, True), tool)
-    obs = ep.observation()
+    obs = ep.observation((255, 0, 0), 0.4)
     assert np.array_equal(obs, render_overlay(image, ep.current_mask, (255, 0, 0), 0.4))
     assert obs[8, 7].tolist() == [102, 0, 0]  # 0.4 * 255, blended once, never accumulated
 
@@ -147,13 +147,13 @@ def test_episode_input_validation(scene):
 def test_empty_ground_truth_is_refused_by_the_oracle(scene):
     image, gt = scene
     with pytest.raises(ImageError, match="empty"):
-        run_oracle_episode(RecordingDiskTool(), image, np.zeros_like(gt))
+        run_oracle(RecordingDiskTool(), image, np.zeros_like(gt))
 
 
 def test_all_foreground_ground_truth_runs(scene):
     image, _ = scene
     full = np.ones(image.shape[:2], bool)
-    ep = run_oracle_episode(RecordingDiskTool(), image, full, max_clicks=3)
+    ep = run_oracle(RecordingDiskTool(), image, full, max_clicks=3)
     first = ep.steps[0].action
     # Border as boundary: distance min(row+1, 20-row, col+1, 30-col) peaks at 10; first is (9, 9).
     assert first.positive and first.pixel(30, 20) == (9, 9)
@@ -162,7 +162,7 @@ def test_all_foreground_ground_truth_runs(scene):
 def test_oracle_with_terminate_and_stop_iou(scene):
     image, gt = scene
     tool = RecordingDiskTool()
-    ep = run_oracle_episode(tool, image, gt, max_clicks=20, stop_iou=0.3, terminate=True, answer="square")
-    assert ep.end_reason == "terminate" and ep.steps[-1].answer == "square"
+    ep = run_oracle(tool, image, gt, max_clicks=20, stop_iou=0.3)
+    assert ep.end_reason == "terminate" and ep.steps[-1].answer == PLAIN_DONE[1]
     assert ep.steps[-2].iou >= 0.3 and all(s.iou < 0.3 for s in ep.steps[:-2])
     assert tool.open_ids == set()  # closed

@@ -8,7 +8,7 @@ from data_helpers import ct_volume, write_nifti, write_png
 
 from ibis_jax.data.records import TrajectoryDataSource, shard_paths
 from ibis_jax.data.sources import DicomSource, FolderSource, NiftiSource, SourceError
-from ibis_jax.data.synth import SynthConfig, run_synthesis
+from ibis_jax.synth import SynthConfig, run_synthesis
 
 FAST = SynthConfig(max_clicks=3, stop_iou=0.8)
 

@@ -13,7 +13,7 @@ from ibis_jax.data.records import (
 )
 from ibis_jax.data.rle import decode_rle
 from ibis_jax.data.sources import DemoSource
-from ibis_jax.data.synth import SynthConfig, synthesize_trajectory
+from ibis_jax.synth import SynthConfig, synthesize_trajectory
 from fake_tool import DiskTool
 
 

@@ -9,15 +9,9 @@ from fake_tool import DiskTool
 from ibis_jax.cli import main as cli_main
 from ibis_jax.data.records import TrajectoryDataSource, shard_paths
 from ibis_jax.data.sources import DemoSource, FolderSource, Sample
-from ibis_jax.data.synth import (
-    ConfigMismatch,
-    SynthConfig,
-    correction_click,
-    format_table,
-    run_synthesis,
-    synthesize_trajectory,
-    wrong_click,
-)
+from ibis_jax.data.clicks import correction_click, wrong_click
+from ibis_jax.report.synth_stats import format_table
+from ibis_jax.synth import ConfigMismatch, SynthConfig, run_synthesis, synthesize_trajectory
 
 
 def disk_sample(radius=10, center=(30, 30), size=64, sample_id="d0") -> Sample:

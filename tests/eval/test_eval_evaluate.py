@@ -3,8 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from ibis_jax.agent.loop import OraclePolicy, PolicyTurn
-from ibis_jax.agent.oracle import oracle_iou_curve, run_oracle_episode
+from ibis_jax.agent.loop import PolicyTurn
+from ibis_jax.agent.oracle import OraclePolicy
+from ibis_jax.agent.oracle import oracle_iou_curve, run_oracle
 from ibis_jax.cli import main
 from ibis_jax.data.records import read_records
 from ibis_jax.data.sources import DemoSource
@@ -26,8 +27,8 @@ def test_oracle_eval_reproduces_the_oracle_runner_and_interactive_summary(tmp_pa
     metrics = evaluate(load_policy("oracle", stop_iou=0.9, max_clicks=5), ClassicalTool(), SOURCE,
                        config=config, out_dir=tmp_path)
     tool = ClassicalTool()
-    stopped = [run_oracle_episode(tool, s.image, s.mask, max_clicks=5, stop_iou=0.9, terminate=True) for s in _samples()]
-    curves = [oracle_iou_curve(run_oracle_episode(tool, s.image, s.mask, max_clicks=5), 5) for s in _samples()]
+    stopped = [run_oracle(tool, s.image, s.mask, max_clicks=5, stop_iou=0.9) for s in _samples()]
+    curves = [oracle_iou_curve(run_oracle(tool, s.image, s.mask, max_clicks=5), 5) for s in _samples()]
     expected = interactive_summary(curves, 5, (1, 3, 5))
     got = metrics["interactive"]["overall"]
     assert got["samples"] == 3
@@ -62,7 +63,9 @@ def test_metrics_json_markdown_and_records(tmp_path):
     cases = [json.loads(line) for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
     assert [r.record_id for r in records] == [c["sample_id"] for c in cases] == [s.sample_id for s in _samples()]
     assert [r.final_iou for r in records] == pytest.approx([c["iou"] for c in cases])
-    assert records[0].steps[0].tag == "oracle" and records[0].steps[0].user == records[0].query
+    # The oracle tags its own turns (first click, then oracle clicks, then the final terminate).
+    assert records[0].steps[0].tag == "first" and records[0].steps[0].user == records[0].query
+    assert records[0].steps[-1].tag == "final"
     table = (tmp_path / "metrics.md").read_text()
     row = f"| oracle + classical | {100 * metrics['overall']['mean_iou']:.2f} / {100 * metrics['overall']['mean_dice']:.2f}"
     assert row in table and "NoC@85" in table and "Synthetic/" in table

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ibis_jax.agent.loop import OraclePolicy, PolicyTurn
+from ibis_jax.agent.loop import PolicyTurn
+from ibis_jax.agent.oracle import OraclePolicy
 from ibis_jax.eval.vqa import evaluate_vqa, exact_match, load_vqa, normalize_answer
 from ibis_jax.tools.classical import ClassicalTool
 

@@ -19,9 +19,12 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, capsys):
                     "| SFT + GRPO |", "well-formed turns"):
         assert heading in report, heading
     assert list((out / "sft" / "hf").glob("*.safetensors"))
-    # The tiny config trains with the one-line system prompt; both exports record it for evaluation.
+    # The tiny config trains with the one-line system prompt at 112 px; both exports record what
+    # the model was trained to see, for evaluation.
     for stage in ("sft", "grpo"):
-        assert json.loads((out / stage / "hf" / "ibis_agent.json").read_text()) == {"system_prompt": "short"}
+        recorded = json.loads((out / stage / "hf" / "ibis_agent.json").read_text())
+        assert recorded == {"system_prompt": "short", "image_size": 112, "overlay_color": [0, 255, 0],
+                            "overlay_alpha": 0.5, "history": "none"}
     grpo_rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in grpo_rows] == [1]
     oracle = json.loads((out / "eval" / "oracle" / "metrics.json").read_text())

@@ -12,36 +12,11 @@ import pytest
 
 from ibis_jax.agent.conversation import Message, turn_messages
 from ibis_jax.generate import Sampler, SamplerConfig
-from ibis_jax.generate.policy import ModelPolicy, encode_messages
+from ibis_jax.generate.policy import ModelPolicy
 
 
 def _image(seed, size=56):
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-
-
-def test_encode_messages_matches_processor_and_splices_ids(processor):
-    from ibis_jax.agent.conversation import to_chat
-
-    msgs = turn_messages(0, "Segment the liver.", [_image(0)])
-    ids, images = encode_messages(msgs, processor)
-    ref = processor.apply_chat_template(to_chat(msgs), add_generation_prompt=True)
-    assert ids.tolist() == ref["input_ids"][0][ref["attention_mask"][0] > 0].tolist()
-    assert len(images) == 1
-    # An assistant turn given as token ids enters the prompt as exactly those ids.
-    text = "<think>\nok\n</think>\n<action>\nTerminate\n</action>"
-    tok_ids = tuple(processor.tokenizer.encode(text, add_special_tokens=False))
-    assistant = [Message("assistant", text, token_ids=tok_ids)]
-    full = turn_messages(1, "Segment the liver.", [_image(0), _image(1)], assistant, history="full")
-    spliced, imgs = encode_messages(full, processor)
-    as_text = [Message("assistant", text)]
-    rendered, _ = encode_messages(turn_messages(1, "Segment the liver.", [_image(0), _image(1)], as_text,
-                                                history="full"), processor)
-    assert spliced.tolist() == rendered.tolist() and len(imgs) == 2
-    # Odd ids (not what the text would tokenize to) are kept as they are.
-    odd = (5, 6, 7)
-    odd_ids, _ = encode_messages(turn_messages(1, "q", [_image(0), _image(1)], [Message("assistant", "x", token_ids=odd)],
-                                               history="full"), processor)
-    assert any(odd_ids[i:i + 3].tolist() == list(odd) for i in range(len(odd_ids)))
 
 
 def test_model_policy_generates_turns(flax_model, processor):
@@ -54,8 +29,10 @@ def test_model_policy_generates_turns(flax_model, processor):
     turns = policy.generate(reqs)
     assert len(turns) == 2 and all(isinstance(t, PolicyTurn) for t in turns)
     # Same ids as the sampler on the processor's own encoding.
-    prompts, images = zip(*(encode_messages(r.messages, processor) for r in reqs))
-    pv, grid = processor.images([im for ims in images for im in ims])
+    encoded = [policy.encode(r.messages) for r in reqs]
+    prompts = [e.input_ids for e in encoded]
+    pv, grid = processor.images([im for e in encoded for im in e.images])
+    assert all(im.shape == (504, 504, 3) for e in encoded for im in e.images)  # HF default image size
     direct = Sampler(flax_model, processor.tokenizer, cfg).generate(list(prompts), pv, grid)
     for t, c in zip(turns, direct):
         assert t.token_ids == c.token_ids and t.text == c.text and t.stop_reason == c.stop_reason

@@ -8,7 +8,8 @@ from ibis_jax.agent.loop import PolicyTurn
 from ibis_jax.models.qwen2_5_vl import Qwen25VL
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
 from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir, tiny_config
-from ibis_jax.rl.batch import TurnExample, build_grpo_batch, bucket_length
+from ibis_jax.buckets import fit_bucket
+from ibis_jax.rl.batch import TurnExample, build_grpo_batch
 from ibis_jax.rl.grpo import policy_logprobs
 
 
@@ -35,7 +36,7 @@ def _examples(processor):
 def test_loss_mask_covers_exactly_the_sampled_tokens(setup):
     processor, _ = setup
     examples = _examples(processor)
-    batch = build_grpo_batch(examples, processor, buckets=(512, 1024), pad_rows=None)
+    batch = build_grpo_batch(examples, processor, buckets=(512, 1024), pad_rows=None, image_size=56)
     for i, ex in enumerate(examples):
         positions = np.flatnonzero(batch.loss_mask[i])
         # The token each masked position predicts is exactly the sampler's id sequence.
@@ -56,7 +57,7 @@ def test_loss_mask_covers_exactly_the_sampled_tokens(setup):
 
 def test_policy_logprobs_equal_full_forward(setup):
     processor, model = setup
-    batch = build_grpo_batch(_examples(processor), processor, buckets=(512, 1024), pad_rows=None)
+    batch = build_grpo_batch(_examples(processor), processor, buckets=(512, 1024), pad_rows=None, image_size=56)
     logp, entropy = policy_logprobs(model, batch, chunk_size=32)
     logits = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_grid_thw)
     full = jax.nn.log_softmax(logits, -1)
@@ -73,8 +74,8 @@ def test_padding_rows_carry_no_loss(setup):
 
     processor, _ = setup
     examples = _examples(processor) + _examples(processor)[:1]
-    small = build_grpo_batch(examples, processor, buckets=(512, 1024), pad_rows=None)
-    padded = build_grpo_batch(examples, processor, buckets=(512, 1024))
+    small = build_grpo_batch(examples, processor, buckets=(512, 1024), pad_rows=None, image_size=56)
+    padded = build_grpo_batch(examples, processor, buckets=(512, 1024), image_size=56)
     assert small.input_ids.shape[0] == 3 and padded.input_ids.shape[0] == 8
     assert padded.loss_mask[3:].sum() == 0 and padded.advantages[3:].tolist() == [0.0] * 5
     assert (padded.input_ids == processor.image_token_id).sum() == padded.image_grid_thw.prod(-1).sum() // 4
@@ -100,6 +101,6 @@ def test_turn_without_token_ids_and_overlong_are_refused(setup):
     ex = _examples(processor)[0]
     bad = TurnExample(ex.messages, PolicyTurn("x"), 0.0)
     with pytest.raises(ValueError, match="token ids"):
-        build_grpo_batch([bad], processor)
+        build_grpo_batch([bad], processor, image_size=56)
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
-        bucket_length(5000, (512, 1024))
+        fit_bucket(5000, (512, 1024))

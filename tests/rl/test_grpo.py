@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, group_advantages, grpo_loss
+from ibis_jax.rl.grpo import GRPOConfig, group_advantages, grpo_loss
+from ibis_jax.train.loss import chunked_token_logprobs
 
 
 def _numpy_reference(logp, old, adv, mask, eps_low, eps_high, aggregation, trajectory=None):

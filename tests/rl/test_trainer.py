@@ -53,7 +53,7 @@ def test_two_grpo_steps_update_and_resume(init_dir, tmp_path):
                for s in synthetic_shapes(2, size=64, seed=0)]
     config = TrainConfig(image_size=56, lr=1e-3, warmup_frac=0.0, checkpoint_every=1, mesh_shape=(1, 1, 1))
     rl = RLConfig(steps=2, prompts_per_step=2, max_turns=2, grpo=GRPOConfig(group_size=2), seq_buckets=(1024,))
-    factory = lambda model, processor, rl_cfg, seed: RandomClickPolicy(processor, seed=seed)
+    factory = lambda model, processor, rl_cfg, seed, settings: RandomClickPolicy(processor, seed=seed)
     seen = []
     out = train_grpo(config, rl, samples, ClassicalTool(), str(tmp_path), init_dir=init_dir,
                      policy_factory=factory, hooks=[lambda step, m: seen.append((step, m))])
@@ -82,17 +82,17 @@ def test_each_step_samples_with_its_own_seed():
     assert rollout_seed(RLConfig(seed=1), 0) != seeds[0]
 
 
-def test_grpo_refuses_a_config_whose_system_prompt_differs_from_the_model_record(init_dir, tmp_path):
+def test_grpo_refuses_a_config_that_differs_from_the_model_record(init_dir, tmp_path):
     import shutil
 
-    from ibis_jax.agent.prompts import AGENT_FILE, save_agent_prompt
+    from ibis_jax.agent.settings import AGENT_FILE, AgentSettings, save_agent_settings
 
     short_dir = tmp_path / "short"
     shutil.copytree(init_dir, short_dir)
-    save_agent_prompt(short_dir, "short")
+    save_agent_settings(short_dir, AgentSettings("short", image_size=56))
     samples = [Sample(s.image, s.mask, s.target, "Synthetic", s.sample_id, "shapes", {})
                for s in synthetic_shapes(1, size=64, seed=0)]
-    with pytest.raises(ValueError, match=f"'short' system prompt \\({AGENT_FILE}\\).*set the config to 'short'"):
+    with pytest.raises(ValueError, match=f"system_prompt='short' \\({AGENT_FILE}\\).*set the config to 'short'"):
         train_grpo(TrainConfig(image_size=56, mesh_shape=(1, 1, 1)), RLConfig(steps=1), samples, ClassicalTool(),
                    str(tmp_path / "work"), init_dir=str(short_dir))
     assert not (tmp_path / "work" / "metrics.jsonl").exists()

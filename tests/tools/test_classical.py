@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ibis_jax.agent.oracle import run_oracle_episode
+from ibis_jax.agent.oracle import run_oracle
 from ibis_jax.data.shapes import synthetic_shapes
 from ibis_jax.tools import SegmentationTool, ToolError, make_tool
 from ibis_jax.tools.classical import ClassicalTool
@@ -34,7 +34,7 @@ def test_one_click_on_a_flat_object_segments_it():
 
 def test_oracle_clicks_reach_useful_masks_on_shapes():
     tool = ClassicalTool()
-    finals = [run_oracle_episode(tool, s.image, s.mask, max_clicks=8).click_iou_curve[-1]
+    finals = [run_oracle(tool, s.image, s.mask, max_clicks=8).click_iou_curve[-1]
               for s in synthetic_shapes(4, size=96, seed=5)]
     assert np.mean(finals) > 0.75, finals
 

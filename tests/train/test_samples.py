@@ -5,7 +5,8 @@ import numpy as np
 
 from helpers import make_config, make_record, write_dataset
 from ibis_jax.train.pipeline import load_tokenizer, make_pipeline
-from ibis_jax.train.samples import prepare_image, record_samples
+from ibis_jax.models.qwen2_5_vl.processor import prepare_image
+from ibis_jax.train.samples import record_samples
 
 
 def test_loss_only_on_assistant_tokens_and_wrong_turn_excluded(tok_dir):

@@ -57,6 +57,17 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def require_sam2() -> None:
+    """The optional PyTorch side, checked before any work starts: a ToolError naming the install."""
+    import importlib.util
+
+    missing = [p for p in ("torch", "sam2") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ToolError(f"the medsam2 backend needs {' and '.join(missing)}: pip install torch==2.14.1 "
+                        "torchvision==0.29.1, then SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0 "
+                        "(bash scripts/install.sh does both)")
+
+
 def backbone_feature_sizes(image_size: int) -> list[tuple[int, int]]:
     """The predictor's ``_bb_feat_sizes`` for an input side: strides 4, 8 and 16."""
     return [(image_size // 4,) * 2, (image_size // 8,) * 2, (image_size // 16,) * 2]
@@ -117,6 +128,7 @@ class MedSAM2Backend(Backend):
         num_threads: int = 0,
         fuse_decoder: bool = False,
     ) -> None:
+        require_sam2()
         import torch
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 

@@ -75,7 +75,7 @@ def nuclei_arrays() -> tuple[np.ndarray, np.ndarray]:
     """The stardist nuclei image windowed to ``uint8 [512, 512]`` and its label map ``[512, 512]``."""
     import tifffile
 
-    folder = package_dir("stardist", "pip install --no-deps stardist") / "data" / "images"
+    folder = package_dir("stardist", "pip install --no-deps stardist==0.9.2 csbdeep==0.8.2") / "data" / "images"
     paths = [folder / "img2d.tif", folder / "mask2d.tif"]
     for path in paths:
         if not path.is_file():
@@ -126,6 +126,9 @@ class DemoSource:
         unknown = set(self.parts) - set(DEMO_PARTS)
         if unknown:
             raise ValueError(f"unknown demo parts {sorted(unknown)}; choose from {DEMO_PARTS}")
+        if "nuclei" in self.parts:  # an optional package: checked before any work starts
+            package_dir("stardist", "install its wheel without dependencies: "
+                        "pip install --no-deps stardist==0.9.2 csbdeep==0.8.2 (scripts/install.sh does)")
         items: list[Item] = []
         if "mri" in self.parts:
             _, masks = mni_volumes()

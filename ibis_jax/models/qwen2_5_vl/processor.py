@@ -106,6 +106,36 @@ def preprocess_images(
     return np.concatenate(all_patches).astype(np.float32), np.asarray(grids, np.int64)
 
 
+def prepare_image(image: np.ndarray, image_size: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> [image_size, image_size, 3] (bicubic): the one image preparation of
+    training and inference. Square, so normalised click coordinates keep their meaning and every
+    image has the same patch grid; ``image_size`` is a multiple of 28 (14 px patches, 2x2 merge)."""
+    from PIL import Image
+
+    if image_size % 28:
+        raise ValueError(f"image_size {image_size} must be a multiple of 28 (14 px patches, 2x2 merge)")
+    image = np.asarray(image, np.uint8)
+    if image.shape[:2] == (image_size, image_size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BICUBIC))
+
+
+def image_tokens(image_size: int) -> int:
+    """Visual tokens of one prepared image: (image_size / 28)^2."""
+    return (image_size // 28) ** 2
+
+
+def eos_token_ids(tokenizer: Any, text_config: Any) -> tuple[int, ...]:
+    """The ids that end a turn: the tokenizer's eos and the model config's ``eos_token_id``(s)."""
+    eos: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    cfg_eos = getattr(text_config, "eos_token_id", None)
+    if cfg_eos is not None:
+        eos |= set([cfg_eos] if isinstance(cfg_eos, int) else cfg_eos)
+    return tuple(sorted(eos))
+
+
 def _images_in(messages: Sequence[dict]) -> list[Any]:
     found = []
     for m in messages:

@@ -4,9 +4,13 @@ The client remembers each open episode's image and the clicks of every step. Whe
 an episode (restart, cache eviction, failover to another address) it re-opens the episode and
 replays the missing steps, which reproduces the server-side logits chain, so the caller sees the
 same masks as without the fault; replayed answers are checked against the ones already returned.
-Transient failures are retried with exponential backoff; after ``max_attempts`` the call raises
-``ToolError`` naming the episode, the step and the last gRPC status. It never returns an empty
-mask in place of an error.
+Transient failures are retried with exponential backoff with jitter (also re-opens after
+``NOT_FOUND``, and ``RESOURCE_EXHAUSTED`` answers of a busy server or a full feature cache, which
+get their own budget ``max_busy_attempts``); after ``max_attempts`` the call raises ``ToolError``
+naming the episode, the step and the last gRPC status. Before the first call to an address the
+client waits at most ``connect_timeout_s`` for a connection and otherwise raises a one-line
+``ToolError`` naming the address (after that, with one address, a server restart is waited out
+within the per-call deadline). It never returns an empty mask in place of an error.
 
 ``prev_logits`` is accepted for protocol compatibility and ignored: the server keeps the logits,
 and results carry ``logits=None``.
@@ -18,7 +22,9 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import random
 import threading
+import time
 import uuid
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
@@ -101,7 +107,12 @@ class AsyncBridgeClient:
       tls: certificates for TLS; ``None`` for a plaintext channel (loopback only).
       deadline_s: per-call deadline (an open includes the encoder and any queueing).
       max_attempts: tries per call before ``ToolError``.
-      backoff_s, max_backoff_s: exponential backoff between tries.
+      max_busy_attempts: tries per call answered ``RESOURCE_EXHAUSTED`` (queue or feature cache
+        full: waiting helps), counted apart from ``max_attempts``.
+      backoff_s, max_backoff_s: exponential backoff between tries, each wait drawn in [1/2, 1] of
+        the current step (jitter, so refused clients do not come back together).
+      connect_timeout_s: how long to wait for a first connection to an address; then a
+        ``ToolError`` naming it (with several addresses the next one is tried).
       strict_replay: raise if a replayed step answers differently than before (e.g. a server with
         another checkpoint); with ``False`` a mismatch is logged and the new answer used.
     """
@@ -114,8 +125,10 @@ class AsyncBridgeClient:
         tls: ClientTLS | None = None,
         deadline_s: float = 60.0,
         max_attempts: int = 6,
+        max_busy_attempts: int = 30,
         backoff_s: float = 0.1,
         max_backoff_s: float = 2.0,
+        connect_timeout_s: float = 10.0,
         max_message_bytes: int = 64 << 20,
         strict_replay: bool = True,
     ) -> None:
@@ -124,7 +137,12 @@ class AsyncBridgeClient:
             raise ToolError("tool bridge client: give at least one server address host:port")
         self.token, self.tls = token, tls
         self.deadline_s, self.max_attempts = deadline_s, max(1, max_attempts)
+        self.max_busy_attempts = max(1, max_busy_attempts)
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.connect_timeout_s = connect_timeout_s
+        self._connected: set[str] = set()
+        self._unreachable: dict[str, float] = {}  # address -> monotonic time to try it again
+        self._jitter = random.Random()
         self.max_message_bytes = max_message_bytes
         self.strict_replay = strict_replay
         # Server-side ids are namespaced so that clients sharing a server never cross episodes.
@@ -134,8 +152,30 @@ class AsyncBridgeClient:
         self._checkpoints: dict[str, str] = {}
         self._round_robin = itertools.count()
         self.replays = 0  # steps re-sent after a server lost an episode
+        self.busy_retries = 0  # RESOURCE_EXHAUSTED answers waited out
 
     # ---- channels ---------------------------------------------------------------------------
+
+    async def _connect(self, address: str) -> None:
+        """Waits up to ``connect_timeout_s`` for the first connection to ``address``."""
+        if address in self._connected:
+            return
+        if self._unreachable.get(address, 0.0) > time.monotonic():
+            raise ToolError(f"tool bridge: no server answered at {address} a moment ago; not retried yet")
+        self._stub(address)
+        channel = self._stubs[address][0]
+        try:
+            await asyncio.wait_for(channel.channel_ready(), self.connect_timeout_s)
+        except asyncio.TimeoutError:
+            if len(self.addresses) > 1:  # let other episodes go elsewhere for a while
+                self._unreachable[address] = time.monotonic() + max(30.0, self.connect_timeout_s)
+            raise ToolError(
+                f"tool bridge: no server answers at {address} within {self.connect_timeout_s:g} s "
+                f"(connect_timeout_s; channel {channel.get_state().name}): start one with 'ibis-jax "
+                "tool serve', check the host:port, or match the server's TLS setting"
+            ) from None
+        self._connected.add(address)
+        self._unreachable.pop(address, None)
 
     def _stub(self, address: str) -> pb_grpc.ToolBridgeStub:
         if address not in self._stubs:
@@ -183,6 +223,7 @@ class AsyncBridgeClient:
     async def info(self, address: str | None = None) -> pb.InfoReply:
         """The server's ``Info`` (backend, checkpoint sha256, image size, device, version...)."""
         address = address or self.addresses[0]
+        await self._connect(address)
         return await self._retry(f"info from {address}", lambda: self._stub(address).Info(
             pb.InfoRequest(), **self._call_kwargs()))
 
@@ -193,7 +234,8 @@ class AsyncBridgeClient:
     ) -> T:
         delay = self.backoff_s
         last: grpc.aio.AioRpcError | None = None
-        for number in range(1, self.max_attempts + 1):
+        failures = busy = 0
+        while True:
             try:
                 return await attempt()
             except grpc.aio.AioRpcError as error:
@@ -203,28 +245,53 @@ class AsyncBridgeClient:
                 if code not in _RETRYABLE or too_big:
                     raise ToolError(f"tool bridge: {what}: {code.name}: {error.details()}") from error
                 last = error
-                log.warning("tool bridge: %s: attempt %d/%d: %s %s", what, number, self.max_attempts,
-                            code.name, error.details())
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy: waiting is the cure
+                    busy += 1
+                    self.busy_retries += 1
+                    if busy >= self.max_busy_attempts:
+                        break
+                else:
+                    failures += 1
+                    if failures >= self.max_attempts:
+                        break
+                log.log(logging.INFO if code == grpc.StatusCode.RESOURCE_EXHAUSTED else logging.WARNING,
+                        "tool bridge: %s: attempt %d: %s %s", what, failures + busy, code.name, error.details())
                 if episode is not None:
                     if code in _LOST:
-                        episode.needs_open = True
-                        continue  # the server answered; re-open at once
+                        episode.needs_open = True  # re-open (after the backoff: a fresh server may be busy)
                     if code in _DOWN and len(self.addresses) > 1:
                         episode.address = (episode.address + 1) % len(self.addresses)
                         episode.needs_open = True
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay * self._jitter.uniform(0.5, 1.0))
                 delay = min(self.max_backoff_s, delay * 2)
         where = self.addresses if episode is None else self.addresses[episode.address]
         raise ToolError(
-            f"tool bridge: {what} failed after {self.max_attempts} attempts on {where}: "
+            f"tool bridge: {what} failed after {failures + busy} attempts on {where}: "
             f"{last.code().name}: {last.details()}"
+        )
+
+    async def _reachable(self, episode: _Episode) -> str:
+        """The episode's address, or with several the next one that connects."""
+        for _ in range(len(self.addresses)):
+            address = self.addresses[episode.address]
+            try:
+                await self._connect(address)
+                return address
+            except ToolError as error:
+                if len(self.addresses) == 1:
+                    raise
+                log.warning("%s; trying the next address", error)
+                episode.address = (episode.address + 1) % len(self.addresses)
+        raise ToolError(
+            f"tool bridge: no server answers at any of {', '.join(self.addresses)} within "
+            f"{self.connect_timeout_s:g} s (connect_timeout_s)"
         )
 
     async def _ensure_open(self, episode: _Episode) -> None:
         """Opens the episode where it lives and replays the steps that server does not hold."""
         if not episode.needs_open:
             return
-        address = self.addresses[episode.address]
+        address = await self._reachable(episode)
         stub = self._stub(address)
         await self._check_address(address)
         height, width = episode.image.shape[:2]
@@ -329,6 +396,7 @@ class AsyncBridgeClient:
             array = np.ascontiguousarray(prev_logits, dtype=np.float32)
             request.prev_logits.CopyFrom(pb.Logits(data=array.tobytes(), shape=list(array.shape)))
         episode_address = next(self._round_robin) % len(self.addresses)
+        await self._connect(self.addresses[episode_address])
         reply = await self._retry(
             "segment", lambda: self._stub(self.addresses[episode_address]).Segment(request, **self._call_kwargs())
         )
@@ -342,6 +410,7 @@ class AsyncBridgeClient:
         for channel, _ in self._stubs.values():
             await channel.close()
         self._stubs.clear()
+        self._connected.clear()
 
 
 class BridgeClient:

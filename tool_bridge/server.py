@@ -5,6 +5,11 @@ the features under the episode id; each ``Step`` decodes all clicks so far again
 previous step's logits, kept here, and answers a COCO RLE mask and a score. Steps are idempotent
 on (episode, step index): a retried step is answered from the per-episode record. All model work
 runs on one worker thread (backends are not thread safe); the event loop only batches and routes.
+
+Open episodes are never evicted to make room: when the feature cache cannot take a new episode,
+``OpenEpisode`` answers ``RESOURCE_EXHAUSTED`` (the client backs off and retries) so that a full
+cache slows new episodes down instead of thrashing live ones. Episodes nobody touched for
+``idle_timeout_s`` (a crashed or careless client) are freed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 import grpc
@@ -59,8 +65,10 @@ class ServerConfig:
     cache_bytes: int = 2 << 30  # feature cache cap (MedSAM2: ~4 MiB per image)
     max_clicks: int = 64
     max_image_side: int = 2048
+    idle_timeout_s: float = 300.0  # free episodes with no request for this long (abandoned)
     max_message_bytes: int = 64 << 20
     image_root: str | None = None  # OpenEpisode/Segment by path read only under here
+    max_path_chars: int = 4096
     token: str | None = None  # shared secret, sent as "authorization: Bearer <token>"
     tls: TLSConfig | None = None
 
@@ -181,6 +189,7 @@ class _Episode:
     steps: list[_StepRecord] = dataclasses.field(default_factory=list)
     last_logits: np.ndarray | None = None
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def nbytes(self) -> int:
@@ -188,15 +197,26 @@ class _Episode:
         return self.encoded.nbytes + logits
 
 
-class EpisodeCache:
-    """LRU over episodes, capped in bytes of features; the newest entry is never evicted."""
+class CacheFull(Exception):
+    """The feature cache cannot take another episode without evicting an open one."""
 
-    def __init__(self, cap_bytes: int, on_evict: Callable[[str, _Episode], None]) -> None:
+
+class EpisodeCache:
+    """Open episodes by id, capped in bytes of features. Nothing is ever evicted to make room:
+    ``admit`` refuses a new episode instead (only an empty cache takes one over the cap, or no
+    image could ever be served); ``expire`` frees the episodes idle for too long.
+
+    ``reserve``/``unreserve`` hold room for opens whose features are still being computed, so that
+    concurrent opens cannot all pass the check and overshoot together."""
+
+    def __init__(self, cap_bytes: int) -> None:
         self.cap_bytes = cap_bytes
         self._entries: collections.OrderedDict[str, _Episode] = collections.OrderedDict()
-        self._on_evict = on_evict
         self.bytes = 0
-        self.evictions = 0
+        self.reserved = 0
+        self.largest = 0  # the largest episode seen (features + logits): the estimate for a new one
+        self.refusals = 0
+        self.expirations = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -204,20 +224,50 @@ class EpisodeCache:
     def get(self, key: str) -> _Episode | None:
         entry = self._entries.get(key)
         if entry is not None:
+            entry.last_used = time.monotonic()
             self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: str, entry: _Episode) -> None:
+    def _full_message(self, needed: int) -> str:
+        return (f"feature cache full: {len(self._entries)} open episodes hold {self.bytes >> 20} MiB"
+                f"{f' (+{self.reserved >> 20} MiB opening)' if self.reserved else ''} of --cache-mb "
+                f"{self.cap_bytes >> 20}, a new one needs ~{max(needed, 1 << 20) >> 20} MiB; open "
+                "episodes are never evicted: retry after some close, or raise --cache-mb")
+
+    def reserve(self) -> int:
+        """Holds room for one more episode of the largest size seen; raises ``CacheFull``."""
+        needed = self.largest
+        busy = len(self._entries) > 0 or self.reserved > 0
+        if busy and self.bytes + self.reserved + needed > self.cap_bytes:
+            self.refusals += 1
+            raise CacheFull(self._full_message(needed))
+        self.reserved += needed
+        return needed
+
+    def unreserve(self, amount: int) -> None:
+        self.reserved -= amount
+
+    def admit(self, key: str, entry: _Episode) -> None:
+        """Adds an open episode; raises ``CacheFull`` if it does not fit next to the others.
+
+        It must fit at the largest size an episode reached so far (features plus the logits its
+        steps add): steps grow episodes without eviction, so the cap can only be overshot by the
+        logits of the first episodes, before any step showed their size."""
+        needed = max(entry.nbytes, self.largest)
+        if self._entries and self.bytes + self.reserved + needed > self.cap_bytes:
+            self.refusals += 1
+            raise CacheFull(self._full_message(needed))
         self.pop(key)
         self._entries[key] = entry
         self.bytes += entry.nbytes
-        self._shrink()
+        self.largest = max(self.largest, entry.nbytes)
 
     def resize(self, key: str, old_nbytes: int) -> None:
+        """A step changed an episode's size (its logits); may overshoot the cap, never evicts."""
         entry = self._entries.get(key)
         if entry is not None:
             self.bytes += entry.nbytes - old_nbytes
-            self._shrink()
+            self.largest = max(self.largest, entry.nbytes)
 
     def pop(self, key: str) -> _Episode | None:
         entry = self._entries.pop(key, None)
@@ -225,12 +275,13 @@ class EpisodeCache:
             self.bytes -= entry.nbytes
         return entry
 
-    def _shrink(self) -> None:
-        while self.bytes > self.cap_bytes and len(self._entries) > 1:
-            key, entry = self._entries.popitem(last=False)
-            self.bytes -= entry.nbytes
-            self.evictions += 1
-            self._on_evict(key, entry)
+    def expire(self, idle_s: float, now: float | None = None) -> list[tuple[str, _Episode]]:
+        """Removes and returns the episodes unused for ``idle_s`` seconds and not mid-step."""
+        now = time.monotonic() if now is None else now
+        stale = [key for key, entry in self._entries.items()
+                 if now - entry.last_used >= idle_s and not entry.lock.locked()]
+        self.expirations += len(stale)
+        return [(key, self.pop(key)) for key in stale]
 
 
 def _image_digest(image: np.ndarray) -> str:
@@ -259,13 +310,30 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
         self.backend = backend
         self.config = config
         self.batcher = Batcher(backend, config)
-        self.cache = EpisodeCache(config.cache_bytes, self._evicted)
+        self.cache = EpisodeCache(config.cache_bytes)
         self._opening: dict[str, asyncio.Future] = {}
         self.root = os.path.realpath(config.image_root) if config.image_root else None
+        self._sweeper: asyncio.Task | None = None
 
-    def _evicted(self, key: str, entry: _Episode) -> None:
-        log.info("evicted episode %s (%d bytes) to stay under %d", key, entry.nbytes, self.cache.cap_bytes)
-        asyncio.get_running_loop().create_task(self._release(entry))
+    def start(self) -> None:
+        self.batcher.start()
+        if self.config.idle_timeout_s and self.config.idle_timeout_s > 0:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.batcher.stop()
+
+    async def _sweep(self) -> None:
+        """Frees abandoned episodes: checks a few times per idle timeout (at most every 10 s)."""
+        idle = self.config.idle_timeout_s
+        period = min(max(idle / 4, 0.05), 10.0)
+        while True:
+            await asyncio.sleep(period)
+            for key, entry in self.cache.expire(idle):
+                log.info("freed episode %s: no request for %.0f s (--idle-timeout-s)", key, idle)
+                await self._release(entry)
 
     async def _release(self, entry: _Episode) -> None:
         async with entry.lock:  # a step already decoding against these features finishes first
@@ -315,25 +383,51 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this server reads no files; start it with --image-root DIR or send image bytes",
             )
-        full = os.path.realpath(os.path.join(self.root, path))
-        if os.path.commonpath([self.root, full]) != self.root:
+        if not path or "\0" in path or len(path) > self.config.max_path_chars:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"path must be 1..{self.config.max_path_chars} characters without NUL bytes, got "
+                f"{len(path)} characters{' with a NUL byte' if chr(0) in path else ''}",
+            )
+        try:
+            full = os.path.realpath(os.path.join(self.root, path))
+            inside = os.path.commonpath([self.root, full]) == self.root
+            is_file = inside and os.path.isfile(full)
+        except (ValueError, OSError) as error:  # undecodable, too long for the OS, ...
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {path[:200]!r} is not a usable path: {error}")
+        if not inside:
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED, f"path {path!r} lies outside the image root")
-        if not os.path.isfile(full):
+        if not is_file:
             raise _Abort(grpc.StatusCode.NOT_FOUND, f"path {path!r} is not a file under the image root")
+        from PIL import Image
+
+        side = self.config.max_image_side
         try:
             if full.endswith(".npy"):
-                image = np.load(full, allow_pickle=False)
+                header = np.load(full, mmap_mode="r", allow_pickle=False)  # reads the header only
+                self._check_side(path, tuple(header.shape))
+                image = np.array(header)
             else:
-                from PIL import Image
-
-                with Image.open(full) as handle:
-                    image = np.asarray(handle.convert("RGB"))
+                with warnings.catch_warnings():  # our own size check below comes first
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(full) as handle:  # lazy: the header gives the size, nothing decoded
+                        self._check_side(path, (handle.height, handle.width))
+                        image = np.asarray(handle.convert("RGB"))
+        except _Abort:
+            raise
+        except Image.DecompressionBombError as error:  # over 2x PIL's pixel limit: refused in open()
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"path {path!r}: image too large (max side {side}, --max-image-side): {error}")
         except Exception as error:  # noqa: BLE001 - any decoder error is the file's fault
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {path!r}: cannot read image: {error}")
-        side = self.config.max_image_side
-        if image.ndim < 2 or max(image.shape[:2]) > side:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {path!r}: image {image.shape} too large (max side {side})")
+        self._check_side(path, image.shape)
         return image
+
+    def _check_side(self, path: str, shape: tuple[int, ...]) -> None:
+        side = self.config.max_image_side
+        if len(shape) < 2 or max(shape[:2]) > side:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"path {path!r}: image {shape} too large (max side {side}, --max-image-side)")
 
     def _clicks(self, clicks: pb.Clicks, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         if len(clicks.points) != 2 * len(clicks.labels):
@@ -387,13 +481,24 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
             pending = self._opening.get(episode_id)
             if pending is None:
                 break
-            await asyncio.shield(pending)  # a concurrent open of the same id: reuse its work
+            await asyncio.shield(pending)  # a concurrent open of the same id: reuse its work (or retry)
+        try:
+            reserved = self.cache.reserve()  # refuse before encoding when the cache is surely full
+        except CacheFull as error:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         pending = asyncio.get_running_loop().create_future()
         self._opening[episode_id] = pending
         try:
             encoded = await self._model(self.batcher.encode, image)
-            self.cache.put(episode_id, _Episode(encoded, digest))
+            self.cache.unreserve(reserved)
+            reserved = 0
+            try:
+                self.cache.admit(episode_id, _Episode(encoded, digest))
+            except CacheFull as error:
+                await self.batcher.call(self.backend.release, encoded)
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         finally:
+            self.cache.unreserve(reserved)
             del self._opening[episode_id]
             pending.set_result(None)
         return pb.OpenEpisodeReply(height=encoded.height, width=encoded.width, next_step=0)
@@ -407,8 +512,8 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
         if episode is None:
             raise _Abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"episode {episode_id!r} is not open here (never opened, closed, evicted or the "
-                "server restarted); re-open it and replay its steps",
+                f"episode {episode_id!r} is not open here (never opened, closed, freed after "
+                "--idle-timeout-s or the server restarted); re-open it and replay its steps",
             )
         points, labels = self._clicks(request.clicks, episode.encoded.height, episode.encoded.width)
         prompt = _prompt_digest(points, labels)
@@ -560,7 +665,7 @@ class BridgeServer:
             raise ToolError(f"could not bind {address} (in use?)")
 
     async def start(self) -> None:
-        self.servicer.batcher.start()
+        self.servicer.start()
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -568,7 +673,7 @@ class BridgeServer:
     async def stop(self, grace: float | None = 1.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        await self.servicer.batcher.stop()
+        await self.servicer.stop()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -107,16 +107,31 @@ def format_turn(reasoning: str, action: Action, answer: str | None = None) -> st
 
 
 _NUM = r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))"
+# Every run of whitespace is matched by one possessive quantifier, so a failed match backtracks in
+# linear time (``\s*point\s*[:\s]*`` and ``\s*\.?\s*$`` were quadratic on long runs of spaces).
 _POINT_LENIENT = re.compile(
-    rf"^\s*(positive|negative)\s*point\s*[:\s]*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*\.?\s*$", re.I
+    rf"^\s*+(positive|negative)\s*+point[:\s]*+\(\s*+{_NUM}\s*+,\s*+{_NUM}\s*+\)\s*+(?:\.\s*+)?$", re.I
 )
 _POINT_STRICT = re.compile(r"^(Positive|Negative) Point \((\d+(?:\.\d+)?), (\d+(?:\.\d+)?)\)$")
-_STRICT_TURN = re.compile(r"<think>\n(.*?)\n</think>\n\s*<action>\n(.*?)\n</action>", re.S)
-_STRICT_ANSWER = re.compile(r"\s*<answer>\n(.*?)\n</answer>\s*", re.S)
+_TAG_OPEN = {tag: re.compile(f"<{tag}>", re.I) for tag in ("think", "action", "answer")}
+_TAG_CLOSE = {tag: re.compile(f"</{tag}>", re.I) for tag in ("think", "action", "answer")}
 
 
 def _tag_spans(text: str, tag: str) -> list[str]:
-    return re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.S | re.I)
+    """The contents of ``<tag>...</tag>`` blocks, as ``re.findall(r"<tag>(.*?)</tag>", S | I)``
+    finds them, in one left-to-right pass (the lazy regex rescans the rest of the text from every
+    unclosed opening tag: quadratic). Tags match case-insensitively as in that regex."""
+    opening, closing = _TAG_OPEN[tag], _TAG_CLOSE[tag]
+    spans, pos = [], 0
+    while True:
+        start = opening.search(text, pos)
+        if start is None:
+            return spans
+        end = closing.search(text, start.end())
+        if end is None:  # no closing tag after this opening one, hence none after any later one
+            return spans
+        spans.append(text[start.end():end.start()])
+        pos = end.end()
 
 
 def _to_unit(value: str, axis: str) -> float:
@@ -185,21 +200,60 @@ def _no_nested_tags(content: str, block: str) -> None:
         raise ActionParseError("format", f"<{block}> holds the tag {tag.group(0)!r}; write each block once")
 
 
+def _strict_blocks(text: str) -> tuple[str, str, str] | None:
+    """``(reasoning, action, rest)`` of ``<think>\\n(.*?)\\n</think>\\n\\s*<action>\\n(.*?)\\n</action>``
+    matched at the start of ``text``, or ``None``, by string search in linear time.
+
+    Only the first ``\\n</think>\\n`` is tried as the end of the reasoning: the lazy regex would go
+    on to later ones (quadratic on many of them), but a reasoning reaching past the first one holds
+    ``</think>``, which the caller rejects as a nested tag anyway, with the same reason."""
+    head = "<think>\n"
+    if not text.startswith(head):
+        return None
+    think_end = text.find("\n</think>\n", len(head))
+    if think_end < 0:
+        return None
+    after = think_end + len("\n</think>\n")
+    action_at = after + (len(text) - after - len(text[after:].lstrip()))
+    if not text.startswith("<action>\n", action_at):
+        return None
+    content_at = action_at + len("<action>\n")
+    content_end = text.find("\n</action>", content_at)
+    if content_end < 0:
+        return None
+    rest = text[content_end + len("\n</action>"):]
+    return text[len(head):think_end], text[content_at:content_end], rest
+
+
+def _strict_answer(rest: str) -> str | None:
+    """The group of ``\\s*<answer>\\n(.*?)\\n</answer>\\s*`` fullmatched on ``rest``, or ``None``.
+
+    Only the last ``\\n</answer>`` can be followed by nothing but whitespace, so the lazy group ends
+    there whenever the fullmatch succeeds."""
+    body = rest.lstrip()
+    head = "<answer>\n"
+    if not body.startswith(head):
+        return None
+    end = body.rfind("\n</answer>", len(head))
+    if end < 0 or body[end + len("\n</answer>"):].strip():
+        return None
+    return body[len(head):end]
+
+
 def _parse_strict(text: str) -> ParsedTurn:
-    match = _STRICT_TURN.match(text.lstrip())
-    if not match:
+    blocks = _strict_blocks(text.lstrip())
+    if blocks is None:
         raise ActionParseError(
             "format", "expected '<think>\\n...\\n</think>\\n<action>\\n...\\n</action>' at the start"
         )
-    reasoning, content = match.group(1), match.group(2)
-    rest = text.lstrip()[match.end():]
+    reasoning, content, rest = blocks
     _no_nested_tags(reasoning, "think")
     if content in ("Terminate", "Termination"):
-        answer = _STRICT_ANSWER.fullmatch(rest)
-        if not answer:
+        answer = _strict_answer(rest)
+        if answer is None:
             raise ActionParseError("missing_answer", "a terminate must be followed by '<answer>\\n...\\n</answer>'")
-        _no_nested_tags(answer.group(1), "answer")
-        return ParsedTurn(reasoning, Terminate(), answer.group(1))
+        _no_nested_tags(answer, "answer")
+        return ParsedTurn(reasoning, Terminate(), answer)
     if rest.strip():
         raise ActionParseError("format", "text after </action> (only a terminate is followed by an answer)")
     point = _POINT_STRICT.match(content)

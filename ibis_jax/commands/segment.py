@@ -32,6 +32,7 @@ import numpy as np
 
 from ibis_jax.agent.conversation import HISTORY_MODES
 from ibis_jax.data.clicks import CLICK_RULES
+from ibis_jax.data.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from ibis_jax.agent.episode import Episode
@@ -63,6 +64,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=20, help="actions at most (default 20)")
     parser.add_argument("--rule", default="ritm", choices=CLICK_RULES, help="oracle click rule")
     parser.add_argument("--stop-iou", type=float, default=0.9, help="oracle: terminate at this IoU (default 0.9)")
+    parser.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse inputs over this many pixels (default {DEFAULT_MAX_PIXELS / 1e6:g} million; "
+                             "0: no limit); checked from the file header before decoding")
     parser.set_defaults(run=run_command)
 
 
@@ -96,6 +100,22 @@ def _kind(path: Path) -> str:
     return "dicom" if head[128:132] == b"DICM" else "image"
 
 
+def _check_dicom_size(path: Path, max_pixels: int | None) -> None:
+    """Rows x Columns from the DICOM header (pixel data not read) against ``max_pixels``."""
+    if not max_pixels:
+        return
+    import pydicom
+
+    from ibis_jax.data.images import check_pixels
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except Exception:  # noqa: BLE001 - unreadable headers are read_dicom's to report
+        return
+    check_pixels(rows, cols, where=f"--image {path}", max_pixels=max_pixels)
+
+
 def parse_slice(spec: str | None, shape: tuple[int, ...]) -> tuple[int, int]:
     """``AXIS:INDEX`` -> (RAS axis, index); ``None`` -> the middle axial slice."""
     from ibis_jax.data.sources.nifti import resolve_axis
@@ -123,11 +143,15 @@ def _canonical(volume) -> np.ndarray:
 
 
 def load_input(path: str | Path, *, slice_spec: str | None = None, window: str | None = None,
-               modality: str | None = None) -> InputImage:
-    """Reads one input image (see the module docstring) into the agent's RGB view."""
+               modality: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputImage:
+    """Reads one input image (see the module docstring) into the agent's RGB view.
+
+    ``max_pixels``: larger inputs are refused with an ``ImageError``/``SourceError`` naming the
+    file, its size and ``--max-pixels`` (PNG/JPEG/TIFF from the header, before decoding; DICOM from
+    its Rows/Columns; NIfTI per slice); ``None`` or 0: no limit."""
     import nibabel as nib
 
-    from ibis_jax.data.images import to_rgb_uint8
+    from ibis_jax.data.images import check_pixels, to_rgb_uint8
     from ibis_jax.data.sources.base import SourceError, image_to_rgb, read_image_file
     from ibis_jax.data.sources.dicom import MODALITY_NAMES, dicom_window, read_dicom
     from ibis_jax.data.sources.nifti import slice_volume
@@ -138,6 +162,7 @@ def load_input(path: str | Path, *, slice_spec: str | None = None, window: str |
         raise FileNotFoundError(f"--image {path}: no such file")
     kind = _kind(path)
     if kind == "dicom":
+        _check_dicom_size(path, max_pixels)
         values, ds = read_dicom(path)
         tag = str(getattr(ds, "Modality", "") or "").upper()
         modality = modality or MODALITY_NAMES.get(tag, tag or "unknown")
@@ -153,12 +178,14 @@ def load_input(path: str | Path, *, slice_spec: str | None = None, window: str |
         if data.ndim != 3:
             raise ValueError(f"--image {path}: expected a 3D volume, got shape {data.shape}")
         axis, index = parse_slice(slice_spec, data.shape)
+        plane = [n for a, n in enumerate(data.shape) if a != axis]
+        check_pixels(plane[0], plane[1], where=f"--image {path} slice {index}", max_pixels=max_pixels)
         modality = modality or "unknown"
         chosen = parse_window(window) if window else default_window(modality)
         display = chosen.apply(data, where=str(path), nonzero=chosen.kind == "percentile")
         image = to_rgb_uint8(slice_volume(display, axis, index), where=f"{path} slice {index}")
         return InputImage(image, kind, modality, chosen.describe(), volume, axis, index)
-    array = read_image_file(path)
+    array = read_image_file(path, max_pixels=max_pixels)
     chosen = parse_window(window) if window else Window("minmax")
     return InputImage(image_to_rgb(array, path, chosen if array.dtype != np.uint8 else None), kind,
                       modality or "unknown", chosen.describe() if array.dtype != np.uint8 else "none")
@@ -281,7 +308,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         if is_oracle(args.model) and not args.gt:
             raise ValueError("--model oracle clicks from the ground truth: pass --gt MASK")
-        loaded = load_input(args.image, slice_spec=args.slice, window=args.window, modality=args.modality)
+        loaded = load_input(args.image, slice_spec=args.slice, window=args.window, modality=args.modality,
+                            max_pixels=int(args.max_pixels))
         gt = load_mask(args.gt, loaded, args.gt_label, what="gt") if args.gt else None
         init = load_mask(args.mask_init, loaded, args.mask_label, what="mask-init") if args.mask_init else None
         policy = load_policy(args.model, rule=args.rule, stop_iou=args.stop_iou or None, max_clicks=args.max_steps)

@@ -14,6 +14,28 @@ class ImageError(ValueError):
     """An image or mask cannot be used as given."""
 
 
+# The input pixel limit of the commands that take user images (``segment --max-pixels``). 50 MP
+# holds every single-frame medical image in common use with room to spare (CT/MR slices 0.26 MP,
+# chest radiographs ~9 MP, full-field mammograms ~14-24 MP, 5000 x 5000 microscopy tiles 25 MP)
+# while refusing what is almost surely a mistake or a decompression bomb (a 12000 x 12000 PNG is
+# 144 MP; whole-slide pathology needs tiling first). The agent never sees more than a few hundred
+# pixels a side anyway; the limit bounds what the overlays and reports of an episode hold in
+# memory (each step keeps a full-size RGB overlay: an 8000 x 8000 input took 3.3 GB).
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def check_pixels(height: int, width: int, *, where: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 flag: str = "--max-pixels") -> None:
+    """Raises ``ImageError`` naming ``where``, the size and ``flag`` when ``height * width`` is over
+    ``max_pixels`` (``None`` or 0: no limit). Cheap: call it with the size from a file's header."""
+    if max_pixels and height * width > max_pixels:
+        raise ImageError(
+            f"{where}: {width} x {height} px = {height * width / 1e6:.3g} megapixels is over the input "
+            f"limit of {max_pixels / 1e6:g} megapixels; raise it with {flag} N (0: no limit) or "
+            "downscale the image"
+        )
+
+
 def to_rgb_uint8(image: np.ndarray, *, where: str = "image") -> np.ndarray:
     """Converts an image to RGB ``uint8 [H, W, 3]``.
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ibis_jax.agent.overlay import render_overlay
 from ibis_jax.data.records import TrajectoryRecord
-from ibis_jax.report.pictures import GT_COLOR, episode_gif, initial_mask, png_bytes, step_frame
+from ibis_jax.report.pictures import GT_COLOR, episode_gif, fit_within, initial_mask, png_bytes, step_frame
 
 _STYLE = """
 body { font-family: sans-serif; margin: 24px; color: #222; background: #fafafa; }
@@ -30,6 +30,15 @@ h1 { font-size: 22px; margin-bottom: 4px; }
 .reasoning { white-space: pre-wrap; font-size: 13px; }
 .iou { font-weight: bold; }
 """
+
+
+MAX_PICTURE_SIDE = 1024  # report pictures are for the eye: larger inputs are shown scaled down
+
+
+def _picture(frame: np.ndarray) -> str:
+    """A PNG data URI of ``frame``, scaled down (area average) to at most MAX_PICTURE_SIDE a side."""
+    small = fit_within(frame, MAX_PICTURE_SIDE, MAX_PICTURE_SIDE, nearest=False)
+    return _data_uri(png_bytes(small), "image/png")
 
 
 def _data_uri(data: bytes, mime: str) -> str:
@@ -65,13 +74,11 @@ def episode_html(record: TrajectoryRecord, *, title: str = "IBIS agent episode",
             f'src="{_data_uri(episode_gif(record), "image/gif")}"></div>']
     gt = record.gt()
     if gt is not None:
-        picture = png_bytes(render_overlay(image, gt, GT_COLOR, 0.45))
-        hero.append(f'<div class="card"><h3>Ground truth</h3><img alt="ground truth" '
-                    f'src="{_data_uri(picture, "image/png")}"></div>')
+        picture = _picture(render_overlay(image, gt, GT_COLOR, 0.45))
+        hero.append(f'<div class="card"><h3>Ground truth</h3><img alt="ground truth" src="{picture}"></div>')
     if initial_mask(record).any():
-        picture = png_bytes(step_frame(record, -1, image))
-        hero.append(f'<div class="card"><h3>Starting mask</h3><img alt="starting mask" '
-                    f'src="{_data_uri(picture, "image/png")}"></div>')
+        picture = _picture(step_frame(record, -1, image))
+        hero.append(f'<div class="card"><h3>Starting mask</h3><img alt="starting mask" src="{picture}"></div>')
 
     cards = []
     for step in record.steps:
@@ -80,7 +87,7 @@ def episode_html(record: TrajectoryRecord, *, title: str = "IBIS agent episode",
         answer = f"<div><b>Answer:</b> {esc(step.answer)}</div>" if step.answer else ""
         cards.append(
             f'<div class="card step" id="step-{step.index + 1}"><h3>Step {step.index + 1}</h3>'
-            f'<img alt="overlay after step {step.index + 1}" src="{_data_uri(png_bytes(frame), "image/png")}">'
+            f'<img alt="overlay after step {step.index + 1}" src="{_picture(frame)}">'
             f'<div><span class="action">{esc(step.action or "(unparseable turn)")}</span></div>{iou}'
             f'<div class="reasoning">{esc(step.reasoning)}</div>{answer}</div>'
         )

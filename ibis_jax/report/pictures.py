@@ -45,10 +45,39 @@ def step_frame(record: TrajectoryRecord, index: int, image: np.ndarray | None = 
     return draw_clicks(render_overlay(image, mask), clicks)
 
 
-def labelled_panel(panel: np.ndarray, label: str, panel_height: int) -> np.ndarray:
-    """``panel`` scaled to ``panel_height`` (nearest) under an 18-px white caption strip."""
-    scale = panel_height / panel.shape[0]
-    panel = cv2.resize(panel, (max(1, round(panel.shape[1] * scale)), panel_height), interpolation=cv2.INTER_NEAREST)
+MAX_PANEL_ASPECT = 4.0  # a panel is at most this many times as wide as it is tall
+MIN_PANEL_WIDTH = 64  # and at least this wide, so a caption fits beside a tall, thin image
+
+
+def fit_within(image: np.ndarray, max_height: int, max_width: int, *, nearest: bool = True) -> np.ndarray:
+    """``image`` scaled down (never up) to fit ``max_height x max_width``, aspect kept, each side
+    at least 1 px; returned unchanged when it already fits."""
+    height, width = image.shape[:2]
+    scale = min(1.0, max_height / height, max_width / width)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+
+
+def labelled_panel(panel: np.ndarray, label: str, panel_height: int, max_width: int | None = None) -> np.ndarray:
+    """``panel`` scaled (nearest) to ``panel_height`` under an 18-px white caption strip.
+
+    Any aspect ratio gives a bounded panel: an image wider than ``max_width`` (default
+    ``MAX_PANEL_ASPECT * panel_height``) is scaled to that width instead and centred on a black
+    ``panel_height`` canvas; a very tall, thin one is centred on one ``MIN_PANEL_WIDTH`` wide. (A
+    2 x 5000 px image scaled to a 256-px height alone would be 640,000 px wide.)"""
+    max_width = max_width or round(MAX_PANEL_ASPECT * panel_height)
+    height, width = panel.shape[:2]
+    scale = min(panel_height / height, max_width / width)
+    size = (min(max_width, max(1, round(width * scale))), min(panel_height, max(1, round(height * scale))))
+    panel = cv2.resize(panel, size, interpolation=cv2.INTER_NEAREST)
+    canvas_width = max(size[0], min(MIN_PANEL_WIDTH, max_width))
+    if (size[1], size[0]) != (panel_height, canvas_width):
+        canvas = np.zeros((panel_height, canvas_width, 3), dtype=np.uint8)
+        top, left = (panel_height - size[1]) // 2, (canvas_width - size[0]) // 2
+        canvas[top:top + size[1], left:left + size[0]] = panel
+        panel = canvas
     header = np.full((18, panel.shape[1], 3), 255, dtype=np.uint8)
     cv2.putText(header, label, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([header, panel], axis=0)

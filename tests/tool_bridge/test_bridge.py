@@ -136,25 +136,30 @@ def test_step_is_idempotent_and_lost_episodes_are_replayed(server, episodes):
                 expected)
 
 
-def test_byte_capped_cache_evicts_and_client_replays(backend, episodes):
-    # Room for one episode's features (4 MiB): alternating two episodes evicts at every step.
+def test_byte_capped_cache_never_evicts_an_open_episode(backend, episodes):
+    # Room for one episode's features (4 MiB): a second open is refused while the first is open.
     thread = ServerThread(backend, ServerConfig(port=0, cache_bytes=5 << 20))
     try:
-        with BridgeClient(thread.address) as client:
+        with BridgeClient(thread.address, max_busy_attempts=2, backoff_s=0.01) as client:
             (image_a, clicks_a, expected_a), (image_b, clicks_b, expected_b) = episodes[0], episodes[2]
             client.open("a", image_a)
-            client.open("b", image_b)
-            got_a, got_b = [], []
-            for k in range(2):
-                for eid, clicks, got in (("a", clicks_a, got_a), ("b", clicks_b, got_b)):
+            with pytest.raises(ToolError, match="RESOURCE_EXHAUSTED: feature cache full.*--cache-mb"):
+                client.open("b", image_b)
+            got = {"a": [], "b": []}
+            for eid, clicks in (("a", clicks_a), ("b", clicks_b)):
+                if eid == "b":
+                    client.close("a")
+                    client.open("b", image_b)
+                for k in range(2):
                     points = np.array([c[0] for c in clicks[: k + 1]])
                     labels = np.array([c[1] for c in clicks[: k + 1]])
                     result = client.segment(eid, points, labels)
-                    got.append((result.mask, result.score))
-            assert thread.server.servicer.cache.evictions >= 3
+                    got[eid].append((result.mask, result.score))
+            assert thread.server.servicer.cache.refusals >= 2
             assert len(thread.server.servicer.cache) == 1
-        assert_same(got_a, expected_a[:2])
-        assert_same(got_b, expected_b[:2])
+            assert client.aio.replays == 0
+        assert_same(got["a"], expected_a[:2])
+        assert_same(got["b"], expected_b[:2])
     finally:
         thread.stop()
 

@@ -148,13 +148,48 @@ def test_servers_with_different_checkpoints_are_refused():
         b.stop()
 
 
+def test_no_server_fails_within_the_connect_deadline_naming_the_address():
+    address = f"127.0.0.1:{free_port()}"  # nothing listens here
+    for call in ("open", "info", "segment_image"):
+        started = time.monotonic()
+        with BridgeClient(address, connect_timeout_s=1.0) as client:
+            with pytest.raises(ToolError) as error:
+                if call == "open":
+                    client.open("e", make_images(1)[0])
+                elif call == "info":
+                    client.info()
+                else:
+                    client.segment_image(make_images(1)[0], np.array([[3.0, 3.0]]), np.array([1]))
+        elapsed = time.monotonic() - started
+        message = str(error.value)
+        assert f"no server answers at {address} within 1 s (connect_timeout_s" in message, call
+        assert "\n" not in message
+        assert 0.9 < elapsed < 4.0, (call, elapsed)  # before: 6 attempts x 60 s wait-for-ready
+
+
 def test_dead_server_gives_a_clear_tool_error_not_an_empty_mask():
-    address = f"127.0.0.1:{free_port()}"
-    started = time.monotonic()
-    with BridgeClient(address, deadline_s=0.3, max_attempts=3, backoff_s=0.05) as client:
-        with pytest.raises(ToolError, match=r"open episode 'e' failed after 3 attempts on .*DEADLINE_EXCEEDED"):
-            client.open("e", make_images(1)[0])
+    thread = ServerThread(FakeBackend(), ServerConfig(port=0))
+    image = make_images(1)[0]
+    with BridgeClient(thread.address, deadline_s=0.3, max_attempts=3, backoff_s=0.05) as client:
+        client.open("e", image)
+        thread.stop()  # connected once, then gone: retried within the per-call deadline
+        started = time.monotonic()
+        with pytest.raises(ToolError, match=r"step 0 of episode 'e' failed after 3 attempts on .*DEADLINE_EXCEEDED"):
+            client.segment("e", np.array([CLICKS[0][0]]), np.array([1]))
     assert time.monotonic() - started < 10
+
+
+def test_several_addresses_skip_one_that_never_answers():
+    good = ServerThread(FakeBackend(), ServerConfig(port=0))
+    dead = f"127.0.0.1:{free_port()}"
+    image = make_images(1, seed=2)[0]
+    try:
+        with BridgeClient([dead, good.address], connect_timeout_s=0.5, backoff_s=0.05) as client:
+            assert_same(client_episode(client, "one", image), expected_episode(image))  # assigned to dead
+            assert client.aio._episodes["one"].address == 1
+            assert_same(client_episode(client, "two", image), expected_episode(image))
+    finally:
+        good.stop()
 
 
 def test_token_is_required_and_health_stays_open():
@@ -205,11 +240,12 @@ def test_mutual_tls(tmp_path):
             assert_same(client_episode(client, "e", image), expected_episode(image))
         # Without a client certificate the handshake fails; the client gives up cleanly.
         with BridgeClient(address, tls=ClientTLS(ca=p("ca.pem")), token="t", deadline_s=1,
-                          max_attempts=2, backoff_s=0.05) as client:
-            with pytest.raises(ToolError, match="failed after 2 attempts"):
+                          max_attempts=2, backoff_s=0.05, connect_timeout_s=1) as client:
+            with pytest.raises(ToolError, match=f"no server answers at {address}.*TLS"):
                 client.info()
-        with BridgeClient(address, token="t", deadline_s=1, max_attempts=2, backoff_s=0.05) as client:
-            with pytest.raises(ToolError):  # plaintext against a TLS port
+        with BridgeClient(address, token="t", deadline_s=1, max_attempts=2, backoff_s=0.05,
+                          connect_timeout_s=1) as client:
+            with pytest.raises(ToolError, match="TLS"):  # plaintext against a TLS port
                 client.info()
     finally:
         thread.stop()

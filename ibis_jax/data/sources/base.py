@@ -33,6 +33,7 @@ ERROR_REASONS = (
     "nan_values",
     "missing_target",
     "unreadable_dicom",
+    "too_large",
     "tool_error",
     "unexpected",
 )
@@ -104,17 +105,41 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def read_image_file(path: str | Path) -> np.ndarray:
-    """Reads a PNG/JPEG/TIFF into a numpy array (any dtype/channels), or raises ``SourceError``."""
+def read_image_file(path: str | Path, *, max_pixels: int | None = None,
+                    flag: str = "--max-pixels") -> np.ndarray:
+    """Reads a PNG/JPEG/TIFF into a numpy array (any dtype/channels), or raises ``SourceError``.
+
+    ``max_pixels``: refuse larger images (reason ``too_large``, naming ``flag``) from the size in
+    the file's header, before decoding anything; ``None`` or 0: no limit of ours (PIL's own
+    decompression-bomb check, about 179 MP, still applies)."""
+    import warnings
+
+    from ibis_jax.data.images import ImageError, check_pixels
+
     path = Path(path)
     if not path.is_file():
         raise SourceError(path, "missing_file", "file does not exist")
     try:
-        with Image.open(path) as handle:
+        with warnings.catch_warnings():  # the check of our own, with the flag to raise it, comes first
+            if max_pixels:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            handle = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise SourceError(path, "too_large", f"{e}; downscale or tile the image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise SourceError(path, "corrupt_image", f"cannot decode image ({e}); re-export the file") from None
+    try:
+        with handle:
+            try:
+                check_pixels(handle.height, handle.width, where=str(path), max_pixels=max_pixels, flag=flag)
+            except ImageError as e:
+                raise SourceError(path, "too_large", str(e)[len(str(path)) + 2:]) from None
             handle.load()  # decode now, so a truncated file fails here and not later
             if handle.mode == "P":
                 handle = handle.convert("RGB") if "transparency" not in handle.info else handle.convert("RGBA")
             array = np.array(handle)
+    except SourceError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise SourceError(path, "corrupt_image", f"cannot decode image ({e}); re-export the file") from None
     return array

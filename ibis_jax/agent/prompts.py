@@ -77,7 +77,9 @@ def save_agent_prompt(directory: str | os.PathLike, name: str) -> None:
     """Record in a model directory which system prompt the model was trained with."""
     system_prompt(name)
     path = Path(directory) / AGENT_FILE
-    path.write_text(json.dumps({"system_prompt": name}, indent=2) + "\n")
+    from ibis_jax.fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"system_prompt": name}, indent=2) + "\n")
 
 
 def load_agent_prompt(directory: str | os.PathLike) -> str:

@@ -199,6 +199,8 @@ def write_report(out: Path, stats, sft, grpo, runs, times) -> Path:
     examples = sorted((out / "eval").glob("*/examples/*.png"))
     if examples:
         lines += ["## Example episodes", ""] + [f"![{p.parent.parent.name}]({p.relative_to(out)})" for p in examples[:6]]
+    from ibis_jax.fileio import atomic_write_text
+
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

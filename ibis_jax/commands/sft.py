@@ -39,6 +39,12 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     out = train(config, args.data, args.workdir, progress=not args.no_progress)
     m = out["metrics"]
+    if out.get("already_finished"):
+        print(f"{args.workdir}: already finished at step {out['step']}/{out['total_steps']}"
+              + (f" (loss {m['loss']:.4f})" if "loss" in m else "")
+              + (f"; HF export in {args.workdir}/hf" if config.export_hf else "")
+              + "; nothing to train: use a new --workdir, or raise max_steps to continue")
+        return 0
     print(
         f"step {out['step']}/{out['total_steps']} loss {m.get('loss', float('nan')):.4f} "
         f"action acc {m.get('action_accuracy', float('nan')):.3f}"

@@ -141,8 +141,12 @@ def run_command(args: argparse.Namespace) -> int:
     if stats["filtered"]:
         print("filtered trajectories by reason: " + ", ".join(f"{k}={v}" for k, v in stats["filtered"].items()))
     done = stats.get("shards_skipped_as_done", 0)
+    redone = stats.get("shards_resynthesized", [])
+    for entry in redone:
+        print(f"re-synthesized {entry['shard']}: {entry['reason']}")
     print(f"{stats['all']['samples']} trajectories, {stats['all']['sft_samples']} SFT samples in {args.out} "
-          f"({stats['shards']} shards, {done} already done; {time.perf_counter() - start:.1f} s)")
+          f"({stats['shards']} shards, {done} already done, {len(redone)} corrupt or incomplete ones redone; "
+          f"{time.perf_counter() - start:.1f} s)")
     for path in stats.get("examples", []):
         print(f"example: {path}")
     return 0

@@ -262,11 +262,11 @@ def evaluate(
 
         metrics["records"] = str(out / shard_name(0, 1))
         metrics["examples"] = [str(p) for p in write_examples(records, out / "examples", config.num_examples)]
-        with open(out / "cases.jsonl", "w") as handle:
-            for case in cases:
-                handle.write(json.dumps(dataclasses.asdict(case)) + "\n")
+        from ibis_jax.fileio import atomic_write_text
+
+        atomic_write_text(out / "cases.jsonl", "".join(json.dumps(dataclasses.asdict(c)) + "\n" for c in cases))
         write_json_atomic(out / "metrics.json", metrics)
-        (out / "metrics.md").write_text(format_markdown(metrics))
+        atomic_write_text(out / "metrics.md", format_markdown(metrics))
     return metrics
 
 

@@ -35,4 +35,12 @@ def load_policy(
             f"{spec}: model policy not available yet (ibis_jax.generate.policy does not import: {e}); "
             "use the oracle ('oracle', which needs ground-truth masks) until the model policy lands"
         ) from None
-    return ModelPolicy.from_pretrained_dir(str(path))
+    from ibis_jax.errors import DataError, UserError
+
+    try:
+        return ModelPolicy.from_pretrained_dir(str(path))
+    except (UserError, FileNotFoundError):  # already name the file
+        raise
+    except Exception as e:  # a torn or foreign model directory: name it (--debug: the traceback)
+        raise DataError(f"{spec}: cannot load the model directory ({type(e).__name__}: {' '.join(str(e).split())}); "
+                        "re-export it (rerun the training command) or pick another --policy/--model") from None

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
-
 from ibis_jax.data.records import TrajectoryRecord
+from ibis_jax.fileio import atomic_write_text, write_png_atomic
 
 
 def _pct(value: float | None) -> str:
@@ -113,7 +112,7 @@ def write_examples(records: Sequence[TrajectoryRecord], folder: Path, num: int) 
         record = records[i]
         stem = folder / record.record_id.replace("/", "_")
         png, page = stem.with_suffix(".png"), stem.with_suffix(".html")
-        cv2.imwrite(str(png), cv2.cvtColor(trajectory_picture(record), cv2.COLOR_RGB2BGR))
-        page.write_text(episode_html(record, title=f"{record.record_id}: {record.query}"))
+        write_png_atomic(png, trajectory_picture(record))
+        atomic_write_text(page, episode_html(record, title=f"{record.record_id}: {record.query}"))
         paths += [png, page]
     return paths

@@ -27,7 +27,12 @@ def make_tool(spec: str) -> SegmentationTool:
         import importlib
 
         module, name = spec.split(":", 1)
-        return getattr(importlib.import_module(module), name)()
+        try:
+            factory = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"--tool {spec!r}: cannot load {name} from module {module} ({e}); give "
+                             "'classical', a bridge address HOST:PORT, or an importable module:factory") from None
+        return factory()
     raise ValueError(
         f"unknown tool {spec!r}: use 'classical', a bridge address HOST:PORT, or 'module:factory'"
     )

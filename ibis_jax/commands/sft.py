@@ -30,13 +30,17 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ibis_jax.data.records import check_dataset
     from ibis_jax.train.config import load_config
+
+    # Bad config, overrides or data are reported before JAX is imported (a second, not twenty).
+    config = load_config(args.config, args.overrides)
+    check_dataset(args.data)
     from ibis_jax.train.sft import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    config = load_config(args.config, args.overrides)
     out = train(config, args.data, args.workdir, progress=not args.no_progress)
     m = out["metrics"]
     if out.get("already_finished"):

@@ -380,8 +380,6 @@ class TrajectoryDataSource:
     """
 
     def __init__(self, paths: str | Path | Sequence[str | Path], *, decode: bool = True):
-        import grain
-
         if isinstance(paths, (str, Path)) and Path(paths).is_dir():
             files = shard_paths(paths)
             if not files:
@@ -398,26 +396,22 @@ class TrajectoryDataSource:
         self.decode = decode
         self._counts: list[int] | None = None
         try:
-            self._source = grain.sources.ArrayRecordDataSource(self.paths) if self.paths else None
+            self._source = _array_record_source(self.paths) if self.paths else None
         except Exception as e:  # Riegeli/ArrayRecord name no file: find the shard that does not open
             raise self._locate_open_error(e) from None
 
     def _locate_open_error(self, error: Exception) -> Exception:
-        import grain
-
         for p in self.paths:
             try:
-                grain.sources.ArrayRecordDataSource([p])
+                _array_record_source([p])
             except Exception as e:
                 return _corrupt(p, f"does not open as ArrayRecord: {one_line_error(e)}")
         return _corrupt(", ".join(self.paths), one_line_error(error))
 
     def _shard_of(self, index: int) -> tuple[str, int]:
         """(shard path, index within it) of a global record index."""
-        import grain
-
         if self._counts is None:
-            self._counts = [len(grain.sources.ArrayRecordDataSource([p])) for p in self.paths]
+            self._counts = [len(_array_record_source([p])) for p in self.paths]
         for path, count in zip(self.paths, self._counts):
             if index < count:
                 return path, index
@@ -445,6 +439,23 @@ class TrajectoryDataSource:
 
     def __repr__(self) -> str:
         return f"TrajectoryDataSource({len(self.paths)} shards, {len(self)} records)"
+
+
+def _array_record_source(paths: list[str]):
+    """ArrayRecord random access (grain's ``ArrayRecordDataSource`` is this class plus counters;
+    the plain one opens without importing grain, and so JAX: bad data is named in a second)."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    return ArrayRecordDataSource(paths)
+
+
+def check_dataset(path: str | Path) -> int:
+    """The number of records of a dataset folder; a missing, empty or corrupt one raises an error
+    naming it (cheap: shard sizes against their manifest entries, no record is decoded)."""
+    count = len(TrajectoryDataSource(path))
+    if count == 0:
+        raise DataError(f"{path}: the dataset has no records; re-run `ibis-jax synth --out {path}`")
+    return count
 
 
 def one_line_error(error: Exception) -> str:

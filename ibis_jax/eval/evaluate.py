@@ -205,14 +205,14 @@ def evaluate(
     cases: list[CaseResult] = []
     records: list[TrajectoryRecord] = []
     progress = None
-    if show_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(desc="eval episodes", unit="episode")
     episode_config = EpisodeConfig(max_actions=config.max_steps)
     samples = iter_samples(source, limit=config.limit, on_error=config.on_error, skipped=skipped)
     try:
         for batch in _batches(samples, max(1, config.batch_size)):
+            if show_progress and progress is None:  # after the first samples load: a bad source
+                from tqdm import tqdm                # fails with its one-line error and no bar
+
+                progress = tqdm(desc="eval episodes", unit="episode")
             episodes = [
                 Episode(s.image, sample_query(s, config.query_style, config.seed), s.mask, config=episode_config,
                         episode_id=f"eval-{len(cases) + i}")

@@ -28,6 +28,10 @@ def load_policy(
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"{spec!r}: no such checkpoint or model directory (or use 'oracle')")
+    if (path / "config.json").is_file():  # a torn export is named before JAX is imported
+        from ibis_jax.fileio import read_json
+
+        read_json(path / "config.json", "model config (config.json)")
     try:
         from ibis_jax.generate.policy import ModelPolicy
     except ImportError as e:

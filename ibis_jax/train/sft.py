@@ -120,11 +120,9 @@ def train(
 
     stop_at_step: save and return after this step, as a preemption would (tests).
     """
-    from ibis_jax.data.records import TrajectoryDataSource
+    from ibis_jax.data.records import check_dataset
 
-    # A missing, empty or corrupt dataset is named before anything is built or written.
-    if len(TrajectoryDataSource(data_dir)) == 0:
-        raise ValueError(f"{data_dir}: the dataset has no records; re-run `ibis-jax synth --out {data_dir}`")
+    check_dataset(data_dir)  # a missing, empty or corrupt dataset is named before anything is written
     os.makedirs(workdir, exist_ok=True)
     # ---------------------------------------------------------------- distributed + mesh
     if int(os.environ.get("IBIS_NUM_PROCESSES", "1")) > 1 and not jax.distributed.is_initialized():

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ibis_jax.train.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger().setLevel(logging.INFO)  # also when an import configured logging first
     if not os.path.isfile(os.path.join(args.init, "config.json")):
         raise FileNotFoundError(f"--init {args.init}: no model directory (config.json) there; give the SFT "
                                 "export, e.g. SFT_WORKDIR/hf")

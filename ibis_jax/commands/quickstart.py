@@ -169,7 +169,10 @@ def _curve(path: Path, keys: list[str], png: Path, title: str) -> bool:
         ax.set_xlabel("step")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
+    from ibis_jax.fileio import atomic_file
+
+    with atomic_file(png, ".png") as partial:
+        fig.savefig(partial, dpi=90)
     plt.close(fig)
     return True
 

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ibis_jax.train.sft import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO)  # also when an import configured logging first
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = train(config, args.data, args.workdir, progress=not args.no_progress)

@@ -4,6 +4,11 @@ Each sub-command lives in its own module exposing ``register(parser)``; that fun
 sub-command's arguments and sets ``run`` (a callable taking the parsed namespace and returning an
 exit code). Modules are imported lazily so ``ibis-jax tool serve`` never imports JAX and
 ``ibis-jax synth`` never imports torch.
+
+Errors: :func:`main` is the one place that turns expected failures (``ibis_jax.errors``: bad
+config or override, missing or unreadable files, an unreachable tool, corrupt data) into one line
+on stderr, ``ibis-jax COMMAND: error: MESSAGE``, exit code 1; usage errors exit 2, also on one
+line. ``--debug`` (before the command) or ``IBIS_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -25,10 +30,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (``PROG: error: MESSAGE (see PROG --help)``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ibis-jax", description="Agentic interactive biomedical segmentation in JAX."
-    )
+    parser = _Parser(prog="ibis-jax", description="Agentic interactive biomedical segmentation in JAX.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
@@ -46,7 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
-    return int(args.run(args) or 0)
+    from ibis_jax.errors import debug_enabled, expected_errors, one_line
+
+    try:
+        return int(args.run(args) or 0)
+    except Exception as e:  # expected failures become one line; anything else keeps its traceback
+        if args.debug or debug_enabled() or not isinstance(e, expected_errors()):
+            raise
+        print(f"ibis-jax {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 1))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 from ibis_jax.agent.conversation import HISTORY_MODES
 from ibis_jax.agent.overlay import DEFAULT_ALPHA, DEFAULT_COLOR
 from ibis_jax.agent.prompts import system_prompt
+from ibis_jax.fileio import atomic_write_text
 
 AGENT_FILE = "ibis_agent.json"
 
@@ -57,10 +58,7 @@ HF_DEFAULTS = AgentSettings()
 
 def save_agent_settings(directory: str | os.PathLike, settings: AgentSettings) -> None:
     """Writes ``AGENT_FILE`` into a model directory (atomically: a temp file, then a rename)."""
-    path = Path(directory) / AGENT_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(Path(directory) / AGENT_FILE, json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
 
 
 def load_agent_settings(directory: str | os.PathLike) -> AgentSettings:

@@ -9,18 +9,17 @@ and ``metrics.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import cv2
 from tqdm import tqdm
 
 from ibis_jax.agent.oracle import oracle_iou_curve, run_oracle
 from ibis_jax.data.clicks import CLICK_RULES
 from ibis_jax.agent.trajectory import record_from_episode
 from ibis_jax.data.sources.demo import DemoSource
+from ibis_jax.fileio import atomic_write_json, write_png_atomic
 from ibis_jax.report.pictures import trajectory_picture
 from ibis_jax.metrics import interactive_summary
 from ibis_jax.tools.auto import AutoTool
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                 record = record_from_episode(episode, record_id=sample.sample_id, target=sample.target,
                                              modality=sample.modality)
                 path = out / "pictures" / (sample.sample_id.replace("/", "_") + ".png")
-                cv2.imwrite(str(path), cv2.cvtColor(trajectory_picture(record), cv2.COLOR_RGB2BGR))
+                write_png_atomic(path, trajectory_picture(record))
                 pictures.append(str(path))
     ks = tuple(k for k in (1, 3, 5) if k <= args.max_clicks)
     rows = {m: {"samples": len(c), **interactive_summary(c, args.max_clicks, ks)} for m, c in curves.items()}
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = {"tool": presets,
                "rule": args.rule, "max_clicks": args.max_clicks, "per_modality": rows,
                "seconds": round(time.perf_counter() - start, 1), "pictures": pictures}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(out / "metrics.json", metrics, indent=2)
     columns = [k for k in rows["all"] if k != "samples"]
     print(f"\nOracle clicker ({args.rule}) + classical tool (tissue preset on MRI and microscopy), "
           f"{args.max_clicks} clicks:")

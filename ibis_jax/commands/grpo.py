@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 
 from ibis_jax.commands.synth import add_source_arguments, build_source
 
@@ -37,6 +38,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward", action="append", default=[], help="extra reward 'file.py:function'")
     parser.add_argument("--limit", type=int, default=None, help="use the first N source items as prompts")
     parser.add_argument("overrides", nargs="*", help="key=value (TrainConfig) and rl.key=value")
+    parser.add_argument("--source", default="demo", choices=("folder", "nifti", "dicom", "demo"),
+                        help="prompt images and masks (default demo)")
+    parser.add_argument("--seed", type=int, default=0, help="source seed (nifti/demo)")
     add_source_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -52,7 +56,10 @@ def rl_config_from(overrides: list[str]):
         if name not in RL_FIELDS:
             raise ValueError(f"override {item!r}: unknown rl field; choose from {', '.join(sorted(RL_FIELDS))}")
         where, parse = RL_FIELDS[name]
-        parts[where]["mode" if name == "reward_mode" else name] = parse(value)
+        try:
+            parts[where]["mode" if name == "reward_mode" else name] = parse(value)
+        except ValueError as e:
+            raise ValueError(f"override {item!r}: {e}") from None
     return dataclasses.replace(
         rl, **parts["rl"], grpo=dataclasses.replace(rl.grpo, **parts["grpo"]),
         reward=dataclasses.replace(rl.reward, **parts["reward"]),
@@ -66,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
     from ibis_jax.train.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger().setLevel(logging.INFO)  # also when an import configured logging first
+    if not os.path.isfile(os.path.join(args.init, "config.json")):
+        raise FileNotFoundError(f"--init {args.init}: no model directory (config.json) there; give the SFT "
+                                "export, e.g. SFT_WORKDIR/hf")
     rl_items = [o for o in args.overrides if o.startswith("rl.")]
     config = load_config(args.config, [o for o in args.overrides if not o.startswith("rl.")])
     rl = rl_config_from(rl_items)
@@ -76,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
     samples = [s for item in items for s in source.load(item) if s.mask.any()]
     out = train_grpo(config, rl, samples, make_tool(args.tool), args.workdir, init_dir=args.init)
     m = out["metrics"]
-    if m:
+    if out.get("already_finished"):
+        print(f"{args.workdir}: GRPO already finished at step {out['step']}; nothing to train: use a new "
+              "--workdir, or raise rl.steps to continue")
+    elif m:
         print(f"GRPO done: reward {m['reward']:.3f}, IoU {m['iou']:.3f}, steps/episode {m['steps_per_episode']:.2f}; "
               f"metrics in {args.workdir}/metrics.jsonl")
     return 0

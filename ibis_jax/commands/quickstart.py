@@ -170,7 +170,10 @@ def _curve(path: Path, keys: list[str], png: Path, title: str) -> bool:
         ax.set_xlabel("step")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
+    from ibis_jax.fileio import atomic_file
+
+    with atomic_file(png, ".png") as partial:
+        fig.savefig(partial, dpi=90)
     plt.close(fig)
     return True
 
@@ -200,6 +203,8 @@ def write_report(out: Path, stats, sft, grpo, runs, times) -> Path:
     examples = sorted((out / "eval").glob("*/examples/*.png"))
     if examples:
         lines += ["## Example episodes", ""] + [f"![{p.parent.parent.name}]({p.relative_to(out)})" for p in examples[:6]]
+    from ibis_jax.fileio import atomic_write_text
+
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

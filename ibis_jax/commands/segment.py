@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -259,6 +258,7 @@ def write_outputs(out: Path, episode: Episode, trace: EpisodeTrace, loaded: Inpu
     from ibis_jax.agent.prompts import user_turn
     from ibis_jax.agent.trajectory import record_from_episode
     from ibis_jax.data.rle import encode_rle
+    from ibis_jax.fileio import atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text
     from ibis_jax.report.html import episode_html
     from ibis_jax.report.pictures import episode_gif
 
@@ -268,10 +268,12 @@ def write_outputs(out: Path, episode: Episode, trace: EpisodeTrace, loaded: Inpu
         import nibabel as nib
 
         mask_path = out / "mask.nii.gz"
-        nib.save(nifti_mask_image(mask, loaded), str(mask_path))
+        with atomic_file(mask_path, ".nii.gz") as partial:  # every output: a temporary name, then a rename
+            nib.save(nifti_mask_image(mask, loaded), str(partial))
     else:
         mask_path = out / "mask.png"
-        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        with atomic_file(mask_path, ".png") as partial:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(partial)
     meta: dict[str, Any] = {"model": model, "tool": tool_name, "input": source_path, "window": loaded.window}
     if episode.initial_mask.any():
         meta["initial_mask"] = encode_rle(episode.initial_mask)
@@ -284,8 +286,8 @@ def write_outputs(out: Path, episode: Episode, trace: EpisodeTrace, loaded: Inpu
                      f"{sum(s.tool_seconds for s in episode.steps):.2f} s"}
     if loaded.kind == "nifti":
         facts["slice"] = f"axis {loaded.axis} (RAS), index {loaded.index}"
-    (out / "report.html").write_text(episode_html(record, title=f"ibis-jax segment: {episode.query}", facts=facts))
-    (out / "episode.gif").write_bytes(episode_gif(record))
+    atomic_write_text(out / "report.html", episode_html(record, title=f"ibis-jax segment: {episode.query}", facts=facts))
+    atomic_write_bytes(out / "episode.gif", episode_gif(record))
     summary = {
         "input": source_path, "kind": loaded.kind, "query": episode.query, "model": model, "tool": tool_name,
         "end_reason": episode.end_reason, "clicks": len(episode.clicks), "turns": len(episode.steps),
@@ -294,7 +296,7 @@ def write_outputs(out: Path, episode: Episode, trace: EpisodeTrace, loaded: Inpu
         "mask": str(mask_path), "report": str(out / "report.html"), "gif": str(out / "episode.gif"),
         "mask_pixels": int(mask.sum()),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / "summary.json", summary)
     return summary
 
 

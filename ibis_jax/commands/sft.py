@@ -30,15 +30,26 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ibis_jax.data.records import check_dataset
     from ibis_jax.train.config import load_config
+
+    # Bad config, overrides or data are reported before JAX is imported (a second, not twenty).
+    config = load_config(args.config, args.overrides)
+    check_dataset(args.data)
     from ibis_jax.train.sft import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO)  # also when an import configured logging first
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    config = load_config(args.config, args.overrides)
     out = train(config, args.data, args.workdir, progress=not args.no_progress)
     m = out["metrics"]
+    if out.get("already_finished"):
+        print(f"{args.workdir}: already finished at step {out['step']}/{out['total_steps']}"
+              + (f" (loss {m['loss']:.4f})" if "loss" in m else "")
+              + (f"; HF export in {args.workdir}/hf" if config.export_hf else "")
+              + "; nothing to train: use a new --workdir, or raise max_steps to continue")
+        return 0
     print(
         f"step {out['step']}/{out['total_steps']} loss {m.get('loss', float('nan')):.4f} "
         f"action acc {m.get('action_accuracy', float('nan')):.3f}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from ibis_jax.data.queries import QUERY_STYLES
 
@@ -121,6 +122,8 @@ def run_command(args: argparse.Namespace) -> int:
     from ibis_jax.synth import ConfigMismatch, SynthConfig, run_synthesis
 
     start = time.perf_counter()
+    settings_file = Path(args.out) / "config.json"
+    first_run = not settings_file.exists()
     try:
         source = build_source(args)
         config = SynthConfig(
@@ -134,17 +137,27 @@ def run_command(args: argparse.Namespace) -> int:
             on_error=args.on_error, limit=args.limit, teacher=args.teacher, num_examples=args.examples,
             overwrite=args.overwrite, show_progress=not args.no_progress,
         )
-    except (SourceError, ConfigMismatch, ValueError, FileNotFoundError) as e:
-        print(f"ibis-jax synth: error: {e}", file=sys.stderr)
-        return 1
+    except BaseException as e:
+        from ibis_jax.data.records import shard_paths
+
+        if first_run and settings_file.exists() and not shard_paths(args.out):
+            settings_file.unlink()  # a first run that failed pins nothing: the fixed rerun starts clean
+        if isinstance(e, (SourceError, ConfigMismatch, ValueError, FileNotFoundError)):
+            print(f"ibis-jax synth: error: {e}", file=sys.stderr)
+            return 1
+        raise
     print(format_table(stats))
     if stats["skipped"]:
         print("skipped items by reason: " + ", ".join(f"{k}={v}" for k, v in stats["skipped"].items()))
     if stats["filtered"]:
         print("filtered trajectories by reason: " + ", ".join(f"{k}={v}" for k, v in stats["filtered"].items()))
     done = stats.get("shards_skipped_as_done", 0)
+    redone = stats.get("shards_resynthesized", [])
+    for entry in redone:
+        print(f"re-synthesized {entry['shard']}: {entry['reason']}")
     print(f"{stats['all']['samples']} trajectories, {stats['all']['sft_samples']} SFT samples in {args.out} "
-          f"({stats['shards']} shards, {done} already done; {time.perf_counter() - start:.1f} s)")
+          f"({stats['shards']} shards, {done} already done, {len(redone)} corrupt or incomplete ones redone; "
+          f"{time.perf_counter() - start:.1f} s)")
     for path in stats.get("examples", []):
         print(f"example: {path}")
     return 0

@@ -13,11 +13,16 @@ Bytes layout of one record (``TrajectoryRecord.to_bytes``)::
 
 Files: ``trajectories-SSSSS-of-NNNNN.array_record`` (one record per trajectory). A shard is written
 under a temporary name and renamed when complete, so a reader never sees a half-written shard.
+After the rename its manifest entry ``trajectories-SSSSS-of-NNNNN.manifest.json`` (record count,
+byte size, SHA-256) is written: a shard counts as complete only when its entry says so
+(:func:`shard_is_complete`), and readers refuse a shard whose size disagrees with its entry, naming
+the shard (as they do for a record that does not decode).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -30,11 +35,14 @@ import numpy as np
 from PIL import Image
 
 from ibis_jax.data.rle import decode_rle
+from ibis_jax.errors import DataError
+from ibis_jax.fileio import atomic_write_json
 
 MAGIC = b"IBTR"
 VERSION = 1
 SHARD_PATTERN = "trajectories-{index:05d}-of-{count:05d}.array_record"
 SHARD_GLOB = "trajectories-*-of-*.array_record"
+MANIFEST_SUFFIX = ".manifest.json"
 STEP_TAGS = ("oracle", "first", "wrong", "correction", "final", "absent", "policy")
 
 
@@ -197,7 +205,8 @@ def shard_name(index: int, count: int) -> str:
 
 class ShardWriter:
     """Writes one ArrayRecord shard atomically: records go to ``<path>.tmp``; :meth:`commit`
-    renames it into place. Leaving the ``with`` block on an exception deletes the temporary file."""
+    renames it into place, then writes its manifest entry. Leaving the ``with`` block on an
+    exception deletes the temporary file."""
 
     def __init__(self, path: str | Path):
         from array_record.python.array_record_module import ArrayRecordWriter
@@ -205,6 +214,7 @@ class ShardWriter:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.tmp.unlink(missing_ok=True)
+        manifest_path(self.path).unlink(missing_ok=True)  # rewriting: the old entry no longer holds
         # group_size:1 keeps random access cheap (one record per chunk), which grain wants.
         self._writer = ArrayRecordWriter(str(self.tmp), "group_size:1")
         self.count = 0
@@ -222,6 +232,7 @@ class ShardWriter:
     def commit(self) -> Path:
         self._close()
         os.replace(self.tmp, self.path)
+        write_manifest_entry(self.path, self.count)  # after the file is closed and in place
         return self.path
 
     def abort(self) -> None:
@@ -252,15 +263,72 @@ def to_jsonable(value: Any) -> Any:
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Writes JSON through a temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def shard_paths(directory: str | Path) -> list[Path]:
     """The finished shard files of a dataset folder, in order."""
     return sorted(Path(directory).glob(SHARD_GLOB))
+
+
+# -- the manifest: which shards are complete -----------------------------------------------------
+
+def manifest_path(shard: str | Path) -> Path:
+    """``trajectories-00000-of-00004.array_record`` -> ``trajectories-00000-of-00004.manifest.json``."""
+    shard = Path(shard)
+    return shard.with_name(shard.name.removesuffix(".array_record") + MANIFEST_SUFFIX)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest_entry(shard: str | Path, records: int) -> dict[str, Any]:
+    """Records that ``shard`` (closed, in place) is complete: its record count, size and SHA-256."""
+    shard = Path(shard)
+    entry = {"file": shard.name, "records": int(records), "bytes": shard.stat().st_size, "sha256": file_sha256(shard)}
+    atomic_write_json(manifest_path(shard), entry)
+    return entry
+
+
+def read_manifest_entry(shard: str | Path) -> dict[str, Any] | None:
+    """The shard's manifest entry, or ``None`` when it has none (or an unreadable one)."""
+    try:
+        entry = json.loads(manifest_path(shard).read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and {"records", "bytes", "sha256"} <= set(entry) else None
+
+
+def shard_problem(shard: str | Path, *, checksum: bool = True) -> str | None:
+    """Why ``shard`` is not complete (``None``: it is): missing, no manifest entry, or a size or
+    checksum that disagrees with the entry. ``checksum=False`` checks the size only (cheap)."""
+    shard = Path(shard)
+    if not shard.is_file():
+        return "missing"
+    entry = read_manifest_entry(shard)
+    if entry is None:
+        return f"no manifest entry ({manifest_path(shard).name}): its write did not finish"
+    size = shard.stat().st_size
+    if size != entry["bytes"]:
+        return f"{size} bytes but the manifest says {entry['bytes']} (truncated or overwritten)"
+    if checksum and file_sha256(shard) != entry["sha256"]:
+        return "its SHA-256 differs from the manifest's (corrupt)"
+    return None
+
+
+def shard_is_complete(shard: str | Path) -> bool:
+    """True when the shard's manifest entry exists and its size and checksum match."""
+    return shard_problem(shard) is None
+
+
+def _corrupt(shard: str | Path, problem: str) -> DataError:
+    return DataError(f"{shard}: corrupt or incomplete shard ({problem}); re-run `ibis-jax synth` with the same "
+                     "--out to re-synthesize it, or delete the shard")
 
 
 class TrajectoryDataSource:
@@ -272,17 +340,43 @@ class TrajectoryDataSource:
     """
 
     def __init__(self, paths: str | Path | Sequence[str | Path], *, decode: bool = True):
-        import grain
-
         if isinstance(paths, (str, Path)) and Path(paths).is_dir():
             files = shard_paths(paths)
             if not files:
                 raise FileNotFoundError(f"{paths}: no {SHARD_GLOB} files; run `ibis-jax synth --out {paths}` first")
+        elif isinstance(paths, (str, Path)) and not Path(paths).exists():
+            raise FileNotFoundError(f"{paths}: no such dataset folder or shard file; run `ibis-jax synth --out "
+                                    f"{paths}` first")
         else:
             files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        for f in files:  # cheap: a size check against the manifest entry (the checksum is synth's)
+            if read_manifest_entry(f) is not None and (problem := shard_problem(f, checksum=False)):
+                raise _corrupt(f, problem)
         self.paths = [str(p) for p in files]
         self.decode = decode
-        self._source = grain.sources.ArrayRecordDataSource(self.paths) if self.paths else None
+        self._counts: list[int] | None = None
+        try:
+            self._source = _array_record_source(self.paths) if self.paths else None
+        except Exception as e:  # Riegeli/ArrayRecord name no file: find the shard that does not open
+            raise self._locate_open_error(e) from None
+
+    def _locate_open_error(self, error: Exception) -> Exception:
+        for p in self.paths:
+            try:
+                _array_record_source([p])
+            except Exception as e:
+                return _corrupt(p, f"does not open as ArrayRecord: {one_line_error(e)}")
+        return _corrupt(", ".join(self.paths), one_line_error(error))
+
+    def _shard_of(self, index: int) -> tuple[str, int]:
+        """(shard path, index within it) of a global record index."""
+        if self._counts is None:
+            self._counts = [len(_array_record_source([p])) for p in self.paths]
+        for path, count in zip(self.paths, self._counts):
+            if index < count:
+                return path, index
+            index -= count
+        return self.paths[-1], index
 
     def __len__(self) -> int:
         return 0 if self._source is None else len(self._source)
@@ -290,8 +384,14 @@ class TrajectoryDataSource:
     def __getitem__(self, index: int) -> TrajectoryRecord | bytes:
         if self._source is None:
             raise IndexError(f"index {index} out of range for an empty dataset")
-        data = self._source[index]
-        return TrajectoryRecord.from_bytes(data) if self.decode else data
+        try:
+            data = self._source[index]
+            return TrajectoryRecord.from_bytes(data) if self.decode else data
+        except IndexError:
+            raise
+        except Exception as e:  # a record that does not read or decode: name the shard and record
+            shard, local = self._shard_of(index)
+            raise _corrupt(shard, f"record {local} does not read: {one_line_error(e)}") from None
 
     def __iter__(self) -> Iterator[TrajectoryRecord | bytes]:
         for i in range(len(self)):
@@ -299,6 +399,27 @@ class TrajectoryDataSource:
 
     def __repr__(self) -> str:
         return f"TrajectoryDataSource({len(self.paths)} shards, {len(self)} records)"
+
+
+def _array_record_source(paths: list[str]):
+    """ArrayRecord random access (grain's ``ArrayRecordDataSource`` is this class plus counters;
+    the plain one opens without importing grain, and so JAX: bad data is named in a second)."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    return ArrayRecordDataSource(paths)
+
+
+def check_dataset(path: str | Path) -> int:
+    """The number of records of a dataset folder; a missing, empty or corrupt one raises an error
+    naming it (cheap: shard sizes against their manifest entries, no record is decoded)."""
+    count = len(TrajectoryDataSource(path))
+    if count == 0:
+        raise DataError(f"{path}: the dataset has no records; re-run `ibis-jax synth --out {path}`")
+    return count
+
+
+def one_line_error(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def read_records(path: str | Path) -> list[TrajectoryRecord]:

@@ -210,14 +210,14 @@ def evaluate(
     cases: list[CaseResult] = []
     records: list[TrajectoryRecord] = []
     progress = None
-    if show_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(desc="eval episodes", unit="episode")
     episode_config = EpisodeConfig(max_actions=config.max_steps)
     samples = iter_samples(source, limit=config.limit, on_error=config.on_error, skipped=skipped)
     try:
         for batch in _batches(samples, max(1, config.batch_size)):
+            if show_progress and progress is None:  # after the first samples load: a bad source
+                from tqdm import tqdm                # fails with its one-line error and no bar
+
+                progress = tqdm(desc="eval episodes", unit="episode")
             episodes = [
                 Episode(s.image, sample_query(s, config.query_style, config.seed), s.mask, config=episode_config,
                         episode_id=f"eval-{len(cases) + i}")
@@ -270,11 +270,11 @@ def evaluate(
 
         metrics["records"] = str(out / shard_name(0, 1))
         metrics["examples"] = [str(p) for p in write_examples(records, out / "examples", config.num_examples)]
-        with open(out / "cases.jsonl", "w") as handle:
-            for case in cases:
-                handle.write(json.dumps(dataclasses.asdict(case)) + "\n")
+        from ibis_jax.fileio import atomic_write_text
+
+        atomic_write_text(out / "cases.jsonl", "".join(json.dumps(dataclasses.asdict(c)) + "\n" for c in cases))
         write_json_atomic(out / "metrics.json", metrics)
-        (out / "metrics.md").write_text(format_markdown(metrics))
+        atomic_write_text(out / "metrics.md", format_markdown(metrics))
     return metrics
 
 

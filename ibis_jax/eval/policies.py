@@ -29,6 +29,10 @@ def load_policy(
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"{spec!r}: no such checkpoint or model directory (or use 'oracle')")
+    if (path / "config.json").is_file():  # a torn export is named before JAX is imported
+        from ibis_jax.fileio import read_json
+
+        read_json(path / "config.json", "model config (config.json)")
     try:
         from ibis_jax.generate.policy import ModelPolicy
     except ImportError as e:
@@ -36,4 +40,12 @@ def load_policy(
             f"{spec}: model policy not available yet (ibis_jax.generate.policy does not import: {e}); "
             "use the oracle ('oracle', which needs ground-truth masks) until the model policy lands"
         ) from None
-    return ModelPolicy.from_pretrained_dir(str(path))
+    from ibis_jax.errors import DataError, UserError
+
+    try:
+        return ModelPolicy.from_pretrained_dir(str(path))
+    except (UserError, FileNotFoundError):  # already name the file
+        raise
+    except Exception as e:  # a torn or foreign model directory: name it (--debug: the traceback)
+        raise DataError(f"{spec}: cannot load the model directory ({type(e).__name__}: {' '.join(str(e).split())}); "
+                        "re-export it (rerun the training command) or pick another --policy/--model") from None

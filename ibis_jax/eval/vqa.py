@@ -117,9 +117,7 @@ def evaluate_vqa(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "vqa_cases.jsonl", "w") as handle:
-            for case in cases:
-                handle.write(json.dumps(case) + "\n")
+        atomic_write_text(out / "vqa_cases.jsonl", "".join(json.dumps(case) + "\n" for case in cases))
         write_json_atomic(out / "vqa_metrics.json", metrics)
     return metrics
 

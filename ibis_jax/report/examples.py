@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
-
 from ibis_jax.data.records import TrajectoryRecord
+from ibis_jax.fileio import atomic_write_text, write_png_atomic
 
 
 def pick_examples(records: Sequence[TrajectoryRecord], num: int) -> list[int]:
@@ -40,10 +39,10 @@ def write_examples(records: Sequence[TrajectoryRecord], folder: Path, num: int, 
         record = records[i]
         stem = folder / record.record_id.replace("/", "_")
         png = stem.with_suffix(".png")
-        cv2.imwrite(str(png), cv2.cvtColor(trajectory_picture(record), cv2.COLOR_RGB2BGR))
+        write_png_atomic(png, trajectory_picture(record))
         paths.append(png)
         if html:
             page = stem.with_suffix(".html")
-            page.write_text(episode_html(record, title=f"{record.record_id}: {record.query}"))
+            atomic_write_text(page, episode_html(record, title=f"{record.record_id}: {record.query}"))
             paths.append(page)
     return paths

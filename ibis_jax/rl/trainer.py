@@ -151,10 +151,10 @@ def train_grpo(
     # ---------------------------------------------------------------- restore
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = 0
-    if ckpt.latest_step is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        state, _, _, start = ckpt.restore(abstract_with_shardings(abstract, shardings))
-        log.info("resumed GRPO from %s at step %d", ckpt.directory, start)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))  # logs "resumed from step N"
+    if restored is not None:
+        state, _, _, start = restored
     # ---------------------------------------------------------------- the update step
     # The default policy never samples the multimodal placeholders (ModelPolicy); the loss scores
     # rollouts under the same distribution.
@@ -174,7 +174,7 @@ def train_grpo(
                                       batch["targets"][0])[0][None]
 
     # ---------------------------------------------------------------- the loop
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start_step=start)
     episode_config = EpisodeConfig(max_actions=rl.max_turns)
     summary: dict[str, Any] = {}
     try:
@@ -234,4 +234,5 @@ def train_grpo(
     finally:
         writer.close()
         ckpt.close()
-    return {"state": state, "model_def": model_def, "metrics": summary, "processor": processor}
+    return {"state": state, "model_def": model_def, "metrics": summary, "processor": processor,
+            "step": max(start, rl.steps), "already_finished": start >= rl.steps}

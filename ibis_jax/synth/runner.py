@@ -10,7 +10,7 @@ Table-6 statistics (:mod:`ibis_jax.report.synth_stats`); ``examples/`` a few pic
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import time
 import traceback
 from collections import Counter
@@ -20,9 +20,17 @@ from typing import Any
 
 from ibis_jax.data.images import ImageError
 from ibis_jax.data.reasoning import TeacherFn
-from ibis_jax.data.records import ShardWriter, TrajectoryDataSource, shard_name, to_jsonable, write_json_atomic
+from ibis_jax.data.records import (
+    ShardWriter,
+    TrajectoryDataSource,
+    shard_name,
+    shard_problem,
+    to_jsonable,
+    write_json_atomic,
+)
 from ibis_jax.data.sources.base import Item, Source, SourceError
 from ibis_jax.data.windowing import WindowError
+from ibis_jax.fileio import PARTIAL, atomic_write_text, read_json
 from ibis_jax.plugins import load_object
 from ibis_jax.report.examples import write_examples as write_example_pictures
 from ibis_jax.report.synth_stats import aggregate_stats, format_table
@@ -30,6 +38,7 @@ from ibis_jax.synth.trajectory import SynthConfig, synthesize_trajectory
 from ibis_jax.tools import make_tool
 from ibis_jax.tools.protocol import SegmentationTool, ToolError
 
+log = logging.getLogger(__name__)
 
 def write_examples(out_dir: Path, num: int = 6) -> list[Path]:
     """Pictures of up to ``num`` trajectories (one per modality first) under ``out_dir/examples``."""
@@ -54,8 +63,17 @@ def shard_stats_path(out_dir: Path, index: int, count: int) -> Path:
 
 
 def shard_done(out_dir: Path, index: int, count: int) -> bool:
-    """A shard is finished when both its records and its stats sidecar were renamed into place."""
-    return (out_dir / shard_name(index, count)).is_file() and shard_stats_path(out_dir, index, count).is_file()
+    """A shard is finished when its manifest entry matches its records (``records.shard_problem``)
+    and its stats sidecar was renamed into place."""
+    return shard_redo_reason(out_dir, index, count) is None
+
+
+def shard_redo_reason(out_dir: Path, index: int, count: int) -> str | None:
+    """Why shard ``index`` must be (re-)synthesized, or ``None`` when it is done."""
+    problem = shard_problem(out_dir / shard_name(index, count))
+    if problem is None and not shard_stats_path(out_dir, index, count).is_file():
+        problem = "no stats sidecar: its write did not finish"
+    return problem
 
 
 def process_shard(
@@ -131,7 +149,8 @@ def process_shard(
 
 
 def load_shard_stats(out_dir: Path, count: int) -> list[dict[str, Any]]:
-    return [json.loads(shard_stats_path(out_dir, i, count).read_text()) for i in range(count) if shard_done(out_dir, i, count)]
+    return [read_json(shard_stats_path(out_dir, i, count), "shard stats") for i in range(count)
+            if shard_done(out_dir, i, count)]
 
 
 # -- a whole run -----------------------------------------------------------------------------------
@@ -198,7 +217,7 @@ def run_synthesis(
     }
     config_path = out_dir / "config.json"
     if config_path.is_file():
-        previous = json.loads(config_path.read_text())
+        previous = read_json(config_path, "synthesis settings (delete it to start over)")
         if previous != settings:
             if not overwrite:
                 changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
@@ -209,11 +228,17 @@ def run_synthesis(
             for path in [*out_dir.glob("trajectories-*"), *out_dir.glob("examples/*.png")]:
                 path.unlink()
     write_json_atomic(config_path, settings)
-    for stale in out_dir.glob("*.tmp"):  # left by a killed run
+    for stale in [*out_dir.glob("*.tmp"), *out_dir.glob(f".*{PARTIAL}*")]:  # left by a killed run
         stale.unlink()
 
-    todo = [(i, shard) for i, shard in enumerate(shards) if not shard_done(out_dir, i, count)]
-    done_items = sum(len(shards[i]) for i in range(count) if shard_done(out_dir, i, count))
+    reasons = {i: shard_redo_reason(out_dir, i, count) for i in range(count)}
+    todo = [(i, shard) for i, shard in enumerate(shards) if reasons[i] is not None]
+    done_items = sum(len(shards[i]) for i in range(count) if reasons[i] is None)
+    # Shards a previous run left behind but that are corrupt or incomplete: say which, then redo them.
+    redone = [{"shard": shard_name(i, count), "reason": r} for i, r in reasons.items()
+              if r is not None and r != "missing"]
+    for entry in redone:
+        log.warning("re-synthesizing %s: %s", entry["shard"], entry["reason"])
     start = time.perf_counter()
     bar = tqdm(total=len(items), initial=done_items, unit="item", desc="synth", disable=not show_progress)
     try:
@@ -230,10 +255,10 @@ def run_synthesis(
     shard_stats = load_shard_stats(out_dir, count)
     stats = aggregate_stats(shard_stats, {
         "config": settings, "wall_seconds_this_run": round(time.perf_counter() - start, 2),
-        "shards_skipped_as_done": count - len(todo),
+        "shards_skipped_as_done": count - len(todo), "shards_resynthesized": redone,
     })
     write_json_atomic(out_dir / "stats.json", stats)
-    (out_dir / "stats.md").write_text(format_table(stats) + "\n")
+    atomic_write_text(out_dir / "stats.md", format_table(stats) + "\n")
     stats["examples"] = [str(p) for p in write_examples(out_dir, num_examples)]
     return stats
 

@@ -32,7 +32,12 @@ def make_tool(spec: str) -> SegmentationTool:
     if ":" in spec:
         from ibis_jax.plugins import load_object
 
-        return load_object(spec, what="tool")()
+        try:
+            factory = load_object(spec, what="--tool")
+        except (ImportError, AttributeError, FileNotFoundError) as e:
+            raise ValueError(f"{e}; give 'auto', 'classical', a bridge address HOST:PORT, or an importable "
+                             "module:factory") from None
+        return factory()
     raise ValueError(
         f"unknown tool {spec!r}: use 'auto', 'classical', 'classical-tissue', a bridge address HOST:PORT, or 'module:factory'"
     )

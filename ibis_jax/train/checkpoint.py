@@ -5,17 +5,29 @@ optimizer state and step (sharded arrays, restored straight into their shardings
 grain iterator state of this process (JSON; one item per process when several); `config` the
 TrainConfig. Restoring the state, iterator and config of step k and running on reproduces the
 uninterrupted run bit for bit (same data order, same arithmetic).
+
+Faults: Orbax writes a step under a temporary name and renames it when complete, so a kill during a
+save leaves the previous steps intact. :meth:`Checkpointer.restore_latest` restores the newest
+step that restores; a newer one that does not (corrupt files) is skipped with a warning naming it
+and moved to ``WORKDIR/checkpoints-unrestorable/`` so later saves do not collide with it. The HF
+export is built in a hidden sibling folder and renamed when complete (``fileio.atomic_dir``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from ibis_jax.errors import DataError
+from ibis_jax.fileio import atomic_dir
 from ibis_jax.train.state import ModelDef, TrainState
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -61,6 +73,47 @@ class Checkpointer:
         key = f"data_{jax.process_index()}" if jax.process_count() > 1 else "data"
         return out.state, out.data[key], out.config, step
 
+    def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, Any, dict, int] | None:
+        """:meth:`restore` of the newest step that restores, or ``None`` without checkpoints.
+
+        Steps that fail to restore are skipped with a warning naming them and, once an older one
+        restored, moved aside (``checkpoints-unrestorable/``). When none restores nothing is moved
+        and a :class:`~ibis_jax.errors.DataError` names the folder and the first error.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        failed: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                out = self.restore(abstract_state, step)
+            except Exception as e:  # corrupt or truncated files: Orbax, tensorstore and JSON errors
+                reason = " ".join(str(e).split())[:300] or type(e).__name__
+                failed.append((step, reason))
+                log.warning("checkpoint %s does not restore (%s: %s); skipping it", self._step_dir(step),
+                            type(e).__name__, reason)
+                continue
+            if failed:
+                self._set_aside([s for s, _ in failed])
+            log.info("resumed from step %d (%s)", step, self._step_dir(step))
+            return out
+        if failed:
+            step, reason = failed[0]
+            raise DataError(f"{self.directory}: no checkpoint restores (tried steps {[s for s, _ in failed]}; "
+                            f"step {step}: {reason}); fix or delete the folder to start over")
+        return None
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            aside = os.path.join(os.path.dirname(self.directory), "checkpoints-unrestorable")
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, f"{step}-{int(time.time())}")
+                os.replace(self._step_dir(step), target)
+                log.warning("moved the checkpoint of step %d that does not restore to %s", step, target)
+        self.manager.reload()
+
     def close(self) -> None:
         self.manager.close()
 
@@ -78,5 +131,6 @@ def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir
 
     model = model_def.build(jax.device_get(state.params), jax.device_get(state.frozen))
     if jax.process_index() == 0:
-        save_hf(model, directory, source_dir=source_dir)
-        save_agent_settings(directory, settings or HF_DEFAULTS)
+        with atomic_dir(directory) as partial:  # a kill mid-export leaves no half directory
+            save_hf(model, partial, source_dir=source_dir)
+            save_agent_settings(partial, settings or HF_DEFAULTS)

@@ -109,7 +109,8 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
         try:
             changes[key] = _parse(value, hints[key])
         except ValueError as e:
-            raise ValueError(f"override {key}={value}: {e} (type {hints[key]})") from None
+            kind = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+            raise ValueError(f"override {key}={value}: {e} (the field is a {kind})") from None
     return dataclasses.replace(config, **changes)
 
 
@@ -120,13 +121,24 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     if spec is None or not os.path.exists(path):
         raise FileNotFoundError(f"config file {path} not found (see configs/ for examples)")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if hasattr(module, "get_config"):
-        config = module.get_config()
-    elif hasattr(module, "config"):
-        config = module.config
-    else:
-        raise ValueError(f"{path}: define get_config() -> TrainConfig")
+    try:
+        spec.loader.exec_module(module)
+        if hasattr(module, "get_config"):
+            config = module.get_config()
+        elif hasattr(module, "config"):
+            config = module.config
+        else:
+            raise ValueError(f"{path}: define get_config() -> TrainConfig")
+    except ValueError as e:  # a field check of TrainConfig: its message names the field
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"config file {path}: {e}") from None
+    except Exception as e:  # a syntax error, a bad import...: the file is the user's to fix
+        line = getattr(e, "lineno", None)
+        raise ValueError(f"config file {path}{f' line {line}' if line else ''}: cannot run it "
+                         f"({type(e).__name__}: {e}); fix the file (see configs/ for examples)") from None
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config file {path}: get_config() returned {type(config).__name__}, not a TrainConfig")
     return apply_overrides(config, overrides)
 
 

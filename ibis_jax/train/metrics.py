@@ -60,16 +60,49 @@ def step_flops(
     return text + (1 if freeze_vision else 3) * tower + 3 * merger
 
 
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The rows of `workdir/metrics.jsonl` (a torn last line from a kill is left out)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "step" in row:
+                    rows.append(row)
+    return rows
+
+
+def last_metrics(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """The logged row of `step` (default: the last one), or {}."""
+    rows = [r for r in read_metrics(workdir) if step is None or r["step"] == step]
+    return rows[-1] if rows else {}
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to `metrics.jsonl` and writes TensorBoard scalars
-    (tensorboardX) under `tb/`. Only process 0 writes."""
+    (tensorboardX) under `tb/`. Only process 0 writes.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    start_step: the step training (re)starts from. Rows past it (logged after the checkpoint a
+    resume restored, by the run that was interrupted) are dropped first, so the file keeps one row
+    per step across resumes.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None):
         self.enabled = enabled and jax.process_index() == 0
         self._f = self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            if start_step is not None and os.path.exists(path):
+                from ibis_jax.fileio import atomic_write_text
+
+                kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            self._f = open(path, "a")
             try:
                 from tensorboardX import SummaryWriter
 

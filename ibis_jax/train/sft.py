@@ -27,7 +27,7 @@ from ibis_jax.train import mesh as mesh_lib
 from ibis_jax.train.checkpoint import Checkpointer, abstract_with_shardings, export_hf
 from ibis_jax.train.config import TrainConfig, to_dict
 from ibis_jax.train.loss import LOSSES
-from ibis_jax.train.metrics import MetricsWriter, peak_flops_per_device, step_flops
+from ibis_jax.train.metrics import MetricsWriter, last_metrics, peak_flops_per_device, step_flops
 from ibis_jax.train.optim import make_optimizer
 from ibis_jax.train.pipeline import make_pipeline
 from ibis_jax.train.state import ModelDef, TrainState, init_fn_for, make_model, split_model, state_specs, _dtype
@@ -51,7 +51,11 @@ def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None
 
         tok = config.tokenizer_dir or os.path.join(workdir, "tokenizer")
         if not os.path.exists(os.path.join(tok, "tokenizer.json")) and jax.process_index() == 0:
-            make_tokenizer_dir(tok, vocab_size=TINY_VOCAB, corpus=_dataset_texts(data_dir), grammar_tokens=True)
+            from ibis_jax.fileio import atomic_dir
+
+            # A new folder is built aside and renamed when complete: a failure leaves none behind.
+            with atomic_dir(tok) if not os.path.exists(tok) else _nullcontext(tok) as out:
+                make_tokenizer_dir(out, vocab_size=TINY_VOCAB, corpus=_dataset_texts(data_dir), grammar_tokens=True)
         return tiny_config(tok), tok
     presets = {"qwen2_5_vl_3b": Qwen25VLConfig.qwen2_5_vl_3b, "qwen2_5_vl_7b": Qwen25VLConfig.qwen2_5_vl_7b}
     if config.model not in presets:
@@ -59,6 +63,12 @@ def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None
     if not config.tokenizer_dir:
         raise ValueError(f"config model {config.model!r} without hf_dir needs tokenizer_dir (a local HF dir)")
     return presets[config.model](), config.tokenizer_dir
+
+
+def _nullcontext(value):
+    import contextlib
+
+    return contextlib.nullcontext(value)
 
 
 def _dataset_texts(data_dir: str | None):
@@ -111,6 +121,9 @@ def train(
 
     stop_at_step: save and return after this step, as a preemption would (tests).
     """
+    from ibis_jax.data.records import check_dataset
+
+    check_dataset(data_dir)  # a missing, empty or corrupt dataset is named before anything is written
     os.makedirs(workdir, exist_ok=True)
     # ---------------------------------------------------------------- distributed + mesh
     if int(os.environ.get("IBIS_NUM_PROCESSES", "1")) > 1 and not jax.distributed.is_initialized():
@@ -141,10 +154,10 @@ def train(
 
     # ---------------------------------------------------------------- init or restore
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
-    if ckpt.latest_step is not None:
-        state, data_state, _, start = ckpt.restore(abstract_with_shardings(abstract, shardings))
+    restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))  # logs "resumed from step N"
+    if restored is not None:
+        state, data_state, _, start = restored
         data_iter.set_state(data_state)
-        log.info("resumed from %s at step %d", ckpt.directory, start)
     elif config.hf_dir:
         model = load_hf(config.hf_dir, _dtype(config.param_dtype), mesh, compute_dtype=_dtype(config.compute_dtype),
                         remat=config.remat, freeze_vision=config.freeze_vision)
@@ -177,7 +190,7 @@ def train(
         preempted["flag"] = True  # finish the step, checkpoint, exit
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start_step=start)
     bar = _progress(progress, start, total_steps)
     last = time.perf_counter()
     batch = first
@@ -230,13 +243,18 @@ def train(
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     finished = step >= total_steps
+    already_finished = start >= total_steps  # a rerun of a finished run: nothing trained
+    if already_finished:
+        metrics_out = last_metrics(workdir, start)
+        log.info("%s: already finished at step %d/%d", workdir, start, total_steps)
     # ---------------------------------------------------------------- export
-    if finished and config.export_hf:
-        export_hf(model_def, state, os.path.join(workdir, "hf"), source_dir=tokenizer_dir,
-                  settings=AgentSettings.from_train_config(config))
+    hf_out = os.path.join(workdir, "hf")
+    if finished and config.export_hf and not (already_finished and os.path.isdir(hf_out)):
+        export_hf(model_def, state, hf_out, source_dir=tokenizer_dir, settings=AgentSettings.from_train_config(config))
     ckpt.close()
     return {"step": step, "total_steps": total_steps, "finished": finished, "state": state,
-            "model_def": model_def, "metrics": metrics_out, "tokenizer_dir": tokenizer_dir}
+            "model_def": model_def, "metrics": metrics_out, "tokenizer_dir": tokenizer_dir,
+            "already_finished": already_finished}
 
 
 def _main_thread() -> bool:

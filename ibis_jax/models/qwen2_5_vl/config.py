@@ -8,7 +8,6 @@ nested `text_config` layout of transformers >= 5) and written back with `to_hf_d
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -176,8 +175,9 @@ class Qwen25VLConfig:
             path = os.fspath(config)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            with open(path) as f:
-                config = json.load(f)
+            from ibis_jax.fileio import read_json
+
+            config = read_json(path, "model config (config.json)")
         if config.get("model_type") not in (None, "qwen2_5_vl"):
             raise ValueError(f"config model_type is {config.get('model_type')!r}; expected 'qwen2_5_vl'")
         text = dict(config.get("text_config") or {})

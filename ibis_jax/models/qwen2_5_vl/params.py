@@ -140,8 +140,9 @@ class _Checkpoint:
         index = os.path.join(directory, "model.safetensors.index.json")
         single = os.path.join(directory, "model.safetensors")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            from ibis_jax.fileio import read_json
+
+            weight_map = read_json(index, "safetensors index")["weight_map"]
         elif os.path.exists(single):
             with safe_open(single, framework="np") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
@@ -304,9 +305,10 @@ def save_hf(
     dtype: storage dtype of the written tensors (default: the parameters' own dtype).
     legacy_keys: write `model.layers.*` / `visual.*` names, as transformers' own
     `save_pretrained` does (5.x included); both layouts load in `load_hf` and transformers.
+    An existing `directory` is replaced as a whole, once the new one is complete.
     """
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    from ibis_jax.fileio import atomic_dir
+
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -322,26 +324,27 @@ def save_hf(
         shards[-1][key] = x
         size += x.nbytes
         total += x.nbytes
-    for old in os.listdir(directory):  # stale shards of an earlier save would confuse loaders
-        if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
-            os.remove(os.path.join(directory, old))
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for n, shard in enumerate(shards, 1):
-            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    hf_config = model.config.to_hf_dict()
-    hf_config["dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(stored_dtype), "float32")
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    if source_dir is not None:
-        source_dir = os.fspath(source_dir)
-        for name in PROCESSOR_FILES:
-            src = os.path.join(source_dir, name)
-            if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(directory, name)):
-                shutil.copy2(src, os.path.join(directory, name))
+    # Built in a hidden sibling folder and renamed when complete: a kill during the export leaves
+    # the previous directory (or none), never a torn one (a 0-byte config.json).
+    with atomic_dir(directory) as out:
+        out = os.fspath(out)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for n, shard in enumerate(shards, 1):
+                name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(out, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        hf_config = model.config.to_hf_dict()
+        hf_config["dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(stored_dtype), "float32")
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        if source_dir is not None:
+            source_dir = os.fspath(source_dir)
+            for name in PROCESSOR_FILES:
+                src = os.path.join(source_dir, name)
+                if os.path.exists(src):  # from the old directory too when source_dir is directory
+                    shutil.copy2(src, os.path.join(out, name))

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Sequence
@@ -161,8 +160,9 @@ class Qwen25VLProcessor:
         cfg: dict[str, Any] = {}
         path = os.path.join(directory, "preprocessor_config.json")
         if os.path.exists(path):
-            with open(path) as f:
-                cfg = json.load(f)
+            from ibis_jax.fileio import read_json
+
+            cfg = read_json(path, "preprocessor config")
         size = cfg.get("size") or {}
         self.image_kwargs = dict(
             min_pixels=int(size.get("shortest_edge", cfg.get("min_pixels", 56 * 56))),

@@ -313,13 +313,14 @@ class VolumeOraclePolicy:
     ``clicker="3d"``: the RITM rule on the whole volume (clicks any slice; an upper bound).
     ``clicker="slice"``: the RITM rule on the slice on view only (what a policy that sees one slice
     can do); it terminates when the slice on view has nothing left to fix.
-    Terminates at ``stop_dice`` (3D Dice), after ``max_clicks`` clicks, or with nothing to click.
+    Terminates at ``stop_dice`` (3D Dice) or ``stop_iou``, after ``max_clicks`` clicks, or with nothing to click.
     """
 
-    def __init__(self, clicker: str = "3d", stop_dice: float | None = None, max_clicks: int = 20):
+    def __init__(self, clicker: str = "3d", stop_dice: float | None = None, max_clicks: int = 20,
+                 stop_iou: float | None = None):
         if clicker not in VOLUME_CLICKERS:
             raise ValueError(f"clicker {clicker!r}: choose one of {VOLUME_CLICKERS}")
-        self.clicker, self.stop_dice, self.max_clicks = clicker, stop_dice, max_clicks
+        self.clicker, self.stop_dice, self.max_clicks, self.stop_iou = clicker, stop_dice, max_clicks, stop_iou
 
     def generate(self, requests) -> list:
         from ibis_jax.agent.loop import PolicyTurn
@@ -330,7 +331,8 @@ class VolumeOraclePolicy:
         if episode.gt_mask is None:
             raise ValueError("the oracle policy needs episodes with a ground-truth mask")
         clicks = episode.clicks
-        done = (self.stop_dice is not None and episode.dices[-1] >= self.stop_dice) or len(clicks) >= self.max_clicks
+        done = ((self.stop_dice is not None and episode.dices[-1] >= self.stop_dice)
+                or (self.stop_iou is not None and episode.ious[-1] >= self.stop_iou) or len(clicks) >= self.max_clicks)
         sim = None
         if not done:
             d, h, w = episode.shape

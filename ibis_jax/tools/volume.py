@@ -11,7 +11,7 @@ The 3D counterpart of ``tools.protocol.SegmentationTool``:
 - ``close(episode_id)``.
 
 :class:`ClassicalVolumeTool` is scikit-image's random walker on the whole volume with the header's
-anisotropic spacing (edge weights use intensity differences per mm).
+anisotropic spacing (relative to the finest axis, so a thick-slice axis has weaker links).
 """
 
 from __future__ import annotations
@@ -140,10 +140,13 @@ class ClassicalVolumeTool:
         seeds[pos] = 1
         if not (seeds == 2).any():
             return VolumeSegmentResult(np.ones(data.shape, bool), None, 1.0)
+        # scikit-image divides squared neighbour differences by spacing**2: relative spacing keeps
+        # the anisotropy without making every edge of a 4 mm volume 16 times weaker than at 1 mm.
+        relative = tuple(s / min(spacing) for s in spacing)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "isolated voxels" / "not converged" warnings
             prob = random_walker(data, seeds, beta=self.config.beta, mode="cg_j", tol=self.config.tol,
-                                 return_full_prob=True, spacing=spacing)[0]
+                                 return_full_prob=True, spacing=relative)[0]
         prob = prob.astype(np.float32)
         mask = prob > 0.5
         inside = prob[mask]

@@ -21,7 +21,7 @@ from ibis_jax.agent.volume import SLICE_RULES, VOLUME_CLICKERS, VolumeEpisode, V
 from ibis_jax.data.volumes import ellipsoid_volume, to_view, view_spacing
 from ibis_jax.data.windowing import window_percentile
 from ibis_jax.metrics import interactive_summary
-from ibis_jax.tools.volume import ClassicalVolumeTool
+from ibis_jax.tools.volume import TISSUE_3D, ClassicalVolumeTool, ClassicalVolumeToolConfig
 
 
 def _pool(data: np.ndarray, factor: int) -> np.ndarray:
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--clicker", choices=VOLUME_CLICKERS, default="3d")
     parser.add_argument("--slice-rule", choices=SLICE_RULES, default="changed")
     parser.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance, mm")
+    parser.add_argument("--tissue", action="store_true", help="the TISSUE_3D preset (intensity prior)")
     args = parser.parse_args()
     start = time.perf_counter()
     if args.data == "mni":
@@ -65,14 +66,14 @@ def main() -> None:
         query = "Segment the ellipsoid."
     config = VolumeEpisodeConfig(max_actions=args.clicks + 1, slice_rule=args.slice_rule)
     episodes = [VolumeEpisode(v, sp, query, g, config=config) for v, g, sp in cases]
-    run_volume_agent(VolumeOraclePolicy(args.clicker, max_clicks=args.clicks), ClassicalVolumeTool(), episodes)
+    run_volume_agent(VolumeOraclePolicy(args.clicker, max_clicks=args.clicks), ClassicalVolumeTool(TISSUE_3D if args.tissue else ClassicalVolumeToolConfig()), episodes)
     seconds = time.perf_counter() - start
     dices = [e.dices[-1] for e in episodes]
     nsd = [e.surface_dice(args.tolerance) for e in episodes]
     curves = [e.click_iou_curve for e in episodes]
     summary = interactive_summary(curves, max_clicks=args.clicks, ks=())
     clicks = [len(e.clicks) for e in episodes]
-    print(f"data={args.data} shape={episodes[0].shape} spacing={tuple(round(s, 2) for s in episodes[0].spacing)} "
+    print(f"tool={'TISSUE_3D' if args.tissue else 'default'} data={args.data} shape={episodes[0].shape} spacing={tuple(round(s, 2) for s in episodes[0].spacing)} "
           f"volumes={len(episodes)} clicker={args.clicker} slice_rule={args.slice_rule}")
     print(f"mean 3D Dice {np.mean(dices):.4f} (min {np.min(dices):.4f})  IoU {np.mean([e.ious[-1] for e in episodes]):.4f}  "
           f"NSD@{args.tolerance:g}mm {np.mean(nsd):.4f}  clicks {np.mean(clicks):.2f}  "

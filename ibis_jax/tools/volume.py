@@ -80,6 +80,12 @@ class ClassicalVolumeToolConfig:
     seed_radius_mm: float = 2.0  # a click seeds a ball of this radius (at least its own voxel)
     border_seeds: bool = True  # the volume's border seeds the background, except near positive clicks
     tol: float = 1e-2  # conjugate-gradient tolerance; 1e-3 took 4x longer for the same masks on 32^3 ellipsoids
+    prior_weight: float = 0.0  # > 0: Grady's prior term toward the seeds' intensity model (own solver)
+
+
+TISSUE_3D = dataclasses.replace(ClassicalVolumeToolConfig(), prior_weight=0.01)
+"""For tissue-class targets with no enclosing edge (white matter): as the 2D ``TISSUE`` preset, the
+seeds' intensity histogram pulls every voxel, so a click on white matter claims it everywhere."""
 
 
 class ClassicalVolumeTool:
@@ -140,6 +146,13 @@ class ClassicalVolumeTool:
         seeds[pos] = 1
         if not (seeds == 2).any():
             return VolumeSegmentResult(np.ones(data.shape, bool), None, 1.0)
+        if self.config.prior_weight > 0:
+            prior = intensity_prior(data, pos, seeds == 2)
+            prob = random_walk_3d(data, seeds, spacing, beta=10.0, prior=prior, prior_weight=self.config.prior_weight,
+                                  x0=prev_logits, tol=self.config.tol)
+            mask = prob > 0.5
+            inside = prob[mask]
+            return VolumeSegmentResult(mask, prob, float(inside.mean()) if inside.size else 0.0)
         # scikit-image divides squared neighbour differences by spacing**2: relative spacing keeps
         # the anisotropy without making every edge of a 4 mm volume 16 times weaker than at 1 mm.
         relative = tuple(s / min(spacing) for s in spacing)
@@ -151,3 +164,66 @@ class ClassicalVolumeTool:
         mask = prob > 0.5
         inside = prob[mask]
         return VolumeSegmentResult(mask, prob, float(inside.mean()) if inside.size else 0.0)
+
+
+def intensity_prior(data: np.ndarray, positive: np.ndarray, negative: np.ndarray, bins: int = 32) -> np.ndarray:
+    """P(object | intensity) from the seeds' histograms (smoothed); half the background model is
+    uniform, so intensities no seed has shown lean to the background."""
+    index = np.clip((data * bins).astype(np.int32), 0, bins - 1)
+
+    def model(region):
+        hist = np.bincount(index[region], minlength=bins).astype(np.float64)
+        hist = ndimage.gaussian_filter1d(hist / max(hist.sum(), 1.0), 1.0)
+        return hist / max(hist.sum(), 1e-12)
+
+    fg = model(positive)[index]
+    bg = (0.5 * model(negative) + 0.5 / bins)[index]
+    return (fg / (fg + bg + 1e-12)).astype(np.float64)
+
+
+def random_walk_3d(data: np.ndarray, seeds: np.ndarray, spacing, *, beta: float = 10.0, prior: np.ndarray | None = None,
+                   prior_weight: float = 0.0, x0: np.ndarray | None = None, tol: float = 1e-2) -> np.ndarray:
+    """Grady's random walker with his prior term on a volume, solved by Jacobi-preconditioned CG.
+
+    Edge weights ``exp(-beta * d^2 / mean(d^2)) / (s_a / min(s))`` over the 6-neighbourhood (weaker
+    links along coarse axes); ``x0`` (a previous probability volume) warm-starts the solve.
+    Returns P(object) ``float32 [D, H, W]``.
+    """
+    from scipy import sparse
+    from scipy.sparse.linalg import LinearOperator, cg
+
+    shape = data.shape
+    n = data.size
+    ids = np.arange(n).reshape(shape)
+    rel = np.asarray(spacing, np.float64) / min(spacing)
+    rows, cols, d2s, scales = [], [], [], []
+    for axis in range(3):
+        a = np.take(ids, range(shape[axis] - 1), axis=axis).ravel()
+        b = np.take(ids, range(1, shape[axis]), axis=axis).ravel()
+        diff = np.diff(data, axis=axis).ravel()
+        rows.append(a)
+        cols.append(b)
+        d2s.append(diff**2)
+        scales.append(np.full(a.size, 1.0 / rel[axis]))
+    d2 = np.concatenate(d2s)
+    weights = np.exp(-beta * d2 / max(d2.mean(), 1e-12)) * np.concatenate(scales) + 1e-6
+    adjacency = sparse.coo_matrix((weights, (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)).tocsr()
+    adjacency = adjacency + adjacency.T
+    laplacian = (sparse.diags(np.asarray(adjacency.sum(axis=1)).ravel()) - adjacency).tocsr()
+    flat = seeds.ravel()
+    marked = flat > 0
+    free = ~marked
+    x_marked = (flat[marked] == 1).astype(np.float64)
+    system = laplacian[free][:, free]
+    rhs = -laplacian[free][:, marked] @ x_marked
+    if prior is not None and prior_weight > 0:
+        system = system + prior_weight * sparse.eye(int(free.sum()), format="csr")
+        rhs = rhs + prior_weight * prior.ravel()[free]
+    diagonal = system.diagonal()
+    preconditioner = LinearOperator(system.shape, matvec=lambda v: v / diagonal)
+    start = None if x0 is None or x0.shape != shape else np.asarray(x0, np.float64).ravel()[free]
+    solution, _ = cg(system, rhs, x0=start, rtol=tol, maxiter=2000, M=preconditioner)
+    out = np.zeros(n)
+    out[marked] = x_marked
+    out[free] = solution
+    return np.clip(out, 0.0, 1.0).reshape(shape).astype(np.float32)

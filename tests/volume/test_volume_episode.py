@@ -145,3 +145,20 @@ def test_classical_3d_tool_oracle_small_ellipsoids():
 def test_done_when_ellipsoids_dice_085_within_5_clicks():
     dices, _ = _oracle_dice(range(8), (32, 32, 32), max_clicks=5)
     assert np.mean(dices) >= 0.85, dices
+
+
+def test_random_walk_3d_with_prior_claims_the_seeded_intensity_everywhere():
+    from ibis_jax.tools.volume import random_walk_3d
+
+    # two bright slabs separated by a dark one: no path of bright voxels joins them, yet the
+    # intensity prior claims both from one seed; without the prior the far slab stays background
+    data = np.zeros((9, 6, 6))
+    data[1:3] = data[6:8] = 0.8
+    seeds = np.zeros(data.shape, np.int32)
+    seeds[0], seeds[-1], seeds[4] = 2, 2, 2
+    seeds[1, 3, 3] = 1
+    prior = (data > 0.5).astype(float)
+    with_prior = random_walk_3d(data, seeds, (1, 1, 1), prior=prior, prior_weight=0.1)
+    plain = random_walk_3d(data, seeds, (1, 1, 1))
+    assert with_prior[6:8].min() > 0.5 and plain[6:8].max() < 0.5
+    assert with_prior[1:3].min() > 0.5 and plain[2].min() > 0.5

@@ -17,6 +17,12 @@ way for NIfTI input (``--gt-label`` / ``--mask-label`` pick a label; default: no
 Writes ``OUT/mask.png`` (0/255), or ``OUT/mask.nii.gz`` for NIfTI input (the mask in the input
 volume's voxel grid and affine, zero outside the slice), ``OUT/report.html`` (self-contained),
 ``OUT/episode.gif`` and ``OUT/summary.json``.
+
+3D: ``--volume FILE_OR_DICOM_FOLDER`` instead of ``--image`` runs a volume episode and writes a 3D
+NIfTI mask in the input's grid (``ibis_jax.commands.segment_volume``), e.g.::
+
+    ibis-jax segment --volume ct.nii.gz --model oracle --tool classical --gt labels.nii.gz --gt-label 1 \\
+        --query "Segment the liver." --out runs/liver3d
 """
 
 from __future__ import annotations

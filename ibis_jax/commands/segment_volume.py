@@ -4,7 +4,9 @@
         --query "Segment the liver." --out runs/liver3d
     ibis-jax segment --volume dicom_series/ --model ckpt/hf --query "Segment the liver." --window liver
 
-``--volume`` is a NIfTI file or a folder holding one DICOM series. The policy looks at one slice of
+``--volume`` is a NIfTI file or a folder holding one DICOM series. ``--tool``: ``classical`` (3D
+random walker), ``classical-tissue`` (with an intensity prior, for white matter and other tissue
+classes) or ``medsam2-3d:CHECKPOINT`` (sam2's video predictor in process). The policy looks at one slice of
 the ``--axis`` (default axial) at a time, starting at ``--start-slice`` (default the middle one);
 after each click the next slice on view is chosen by ``--slice-rule``. Writes ``OUT/mask.nii.gz``
 (``uint8``, in the input's voxel grid: its shape, affine and orientation; for a DICOM series the
@@ -37,6 +39,23 @@ def load_volume_input(path: str | Path, *, axis: str = "axial", window: str | No
         raise VolumeInputError(path, "corrupt_image", "path",
                                "--volume takes a NIfTI file (.nii, .nii.gz) or a folder of one DICOM series")
     return load_nifti_volume(path, axis=axis, window=window, modality=modality or "unknown")
+
+
+VOLUME_TOOLS = "'classical' (3D random walker), 'classical-tissue' (with the intensity prior, for tissue classes such as white matter) or 'medsam2-3d:CHECKPOINT' (sam2's video predictor, in process)"
+
+
+def make_volume_tool(spec: str):
+    from ibis_jax.tools.volume import TISSUE_3D, ClassicalVolumeTool
+
+    if spec == "classical":
+        return ClassicalVolumeTool()
+    if spec == "classical-tissue":
+        return ClassicalVolumeTool(TISSUE_3D)
+    if spec.startswith("medsam2-3d:"):
+        from tool_bridge.backends.medsam2_video import MedSAM2VolumeTool
+
+        return MedSAM2VolumeTool(spec.split(":", 1)[1])
+    raise ValueError(f"--tool {spec!r} for a volume: use {VOLUME_TOOLS}")
 
 
 def _png(rgb: np.ndarray) -> str:
@@ -94,14 +113,13 @@ def run_volume_command(args: argparse.Namespace) -> int:
     from ibis_jax.data.volumes import load_label_volume, save_nifti_atomic
     from ibis_jax.data.windowing import WindowError
     from ibis_jax.eval.policies import PolicyUnavailable, is_oracle, load_policy
-    from ibis_jax.tools.volume import ClassicalVolumeTool
+    from ibis_jax.tools.protocol import ToolError
 
     out = Path(args.out)
     try:
         if is_oracle(args.model) and not args.gt:
             raise ValueError("--model oracle clicks from the ground truth: pass --gt LABELS.nii.gz")
-        if args.tool != "classical":
-            raise ValueError(f"--tool {args.tool!r}: volumes run with --tool classical (the 3D random walker) for now")
+        tool = make_volume_tool(args.tool)
         volume = load_volume_input(args.volume, axis=args.axis, window=args.window, modality=args.modality)
         gt = load_label_volume(args.gt, volume, args.gt_label, what="gt") if args.gt else None
         init = load_label_volume(args.mask_init, volume, args.mask_label, what="mask-init") if args.mask_init else None
@@ -113,11 +131,11 @@ def run_volume_command(args: argparse.Namespace) -> int:
                                 config=VolumeEpisodeConfig(max_actions=args.max_steps, slice_rule=args.slice_rule),
                                 initial_mask=init, start_slice=args.start_slice)
         start = time.perf_counter()
-        [trace] = run_volume_agent(policy, ClassicalVolumeTool(), [episode], history=args.history)
+        [trace] = run_volume_agent(policy, tool, [episode], history=args.history)
         seconds = time.perf_counter() - start
         out.mkdir(parents=True, exist_ok=True)
         mask_path = save_nifti_atomic(volume.mask_image(episode.current_mask), out / "mask.nii.gz")
-    except (SourceError, PolicyUnavailable, WindowError, ValueError, FileNotFoundError) as e:
+    except (SourceError, PolicyUnavailable, WindowError, ValueError, FileNotFoundError, ToolError) as e:
         print(f"ibis-jax segment: error: {e}", file=sys.stderr)
         return 1
     metrics = {}

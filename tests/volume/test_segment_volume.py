@@ -179,3 +179,13 @@ def test_segment_a_dicom_series_writes_a_nifti_with_the_series_affine(tmp_path, 
     assert code == 0, capsys.readouterr().err
     mask = nib.load(str(tmp_path / "o" / "mask.nii.gz"))
     assert mask.shape == (12, 10, 6) and np.allclose(mask.affine, vol.image.affine)
+
+
+def test_unknown_volume_tool_is_a_named_error(tmp_path, capsys):
+    values, target = _scene()
+    volume = _write(tmp_path / "ct.nii.gz", values, AFFINES["ras_aniso"])
+    gt = _write(tmp_path / "gt.nii.gz", target, AFFINES["ras_aniso"])
+    code = main(["segment", "--volume", str(volume), "--gt", str(gt), "--model", "oracle", "--tool", "localhost:1",
+                 "--query", "q", "--out", str(tmp_path / "o")])
+    assert code == 1 and "classical-tissue" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "mask.nii.gz").exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ibis_jax.cli import main
-from ibis_jax.data.volumes import VolumeInputError, load_dicom_series, load_nifti_volume
+from ibis_jax.data.volumes import VolumeInputError, load_dicom_series
 
 SHAPE = (20, 18, 12)  # file axes i, j, k
 

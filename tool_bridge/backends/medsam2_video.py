@@ -21,7 +21,7 @@ import numpy as np
 
 from ibis_jax.tools.protocol import ToolError
 from ibis_jax.tools.volume import VolumeSegmentResult, validate_volume, validate_volume_prompt
-from tool_bridge.backends.medsam2 import MEDSAM2, PRESETS
+from tool_bridge.backends.medsam2 import PRESETS
 
 IMG_MEAN = (0.485, 0.456, 0.406)
 IMG_STD = (0.229, 0.224, 0.225)

@@ -71,3 +71,48 @@ def interactive_summary(
         summary[f"mIoU@{k}"] = miou_at_k(curves, k)
     summary[f"mIoU@{max_clicks}"] = miou_at_k(curves, max_clicks)
     return summary
+
+
+# -- volumes ---------------------------------------------------------------------------------------
+# ``iou``, ``dice`` and the curve metrics (NoC, NoF, mIoU@k) take masks of any shape, so they are the
+# 3D metrics too (a curve holds the 3D IoU after click 1, 2, ...). The surface metric needs spacing.
+
+
+def surface_voxels(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a face neighbour outside it (the array's outside counts as outside)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    padded = np.pad(mask, 1, mode="constant", constant_values=False)
+    eroded = ndimage.binary_erosion(padded, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+    return (padded & ~eroded)[(slice(1, -1),) * mask.ndim]
+
+
+def surface_dice(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:
+    """Normalised surface Dice (Nikolov et al. 2021) at ``tolerance_mm``.
+
+    The share of both surfaces' voxels lying within ``tolerance_mm`` of the other surface, with
+    distances in millimetres from ``spacing`` (one entry per axis). Two empty masks give 1.0, one
+    empty mask 0.0.
+    """
+    from scipy import ndimage
+
+    pred = np.asarray(pred, dtype=bool)
+    gt = np.asarray(gt, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"mask shape {pred.shape} differs from ground truth shape {gt.shape}")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != pred.ndim or not all(s > 0 for s in spacing):
+        raise ValueError(f"spacing must have {pred.ndim} positive entries, got {spacing}")
+    if tolerance_mm < 0:
+        raise ValueError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
+    surf_p, surf_g = surface_voxels(pred), surface_voxels(gt)
+    n_p, n_g = int(surf_p.sum()), int(surf_g.sum())
+    if n_p == 0 and n_g == 0:
+        return 1.0
+    if n_p == 0 or n_g == 0:
+        return 0.0
+    to_g = ndimage.distance_transform_edt(~surf_g, sampling=spacing)
+    to_p = ndimage.distance_transform_edt(~surf_p, sampling=spacing)
+    close = np.count_nonzero(to_g[surf_p] <= tolerance_mm) + np.count_nonzero(to_p[surf_g] <= tolerance_mm)
+    return close / (n_p + n_g)

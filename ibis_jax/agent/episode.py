@@ -23,6 +23,7 @@ from ibis_jax.agent.grammar import (
     Action,
     ActionParseError,
     Click,
+    SliceClick,
     Terminate,
     format_action,
     format_turn,
@@ -248,5 +249,8 @@ class Episode:
             turn = parse_turn(text)
         except ActionParseError as error:
             return self.record_parse_failure(text, error)
+        if isinstance(turn.action, SliceClick):  # the volume form names a slice a 2D image lacks
+            return self.record_parse_failure(text, ActionParseError(
+                "bad_action", "a slice click (x, y, z) in a 2D episode; write 'Positive Point (x, y)'"))
         return self.step(turn.action, tool, reasoning=turn.reasoning, text=text, answer=turn.answer,
                          loss_weight=loss_weight)

@@ -77,7 +77,39 @@ class Terminate:
     """The policy declares the mask finished."""
 
 
-Action = Union[Click, Terminate]
+@dataclasses.dataclass(frozen=True)
+class SliceClick:
+    """A click in a volume: normalised ``(x, y)`` on slice ``z`` of the viewing axis.
+
+    ``z`` is normalised like ``x`` and ``y``: slice index / number of slices, so slice ``k`` of
+    ``D`` is written ``(k + 0.5) / D`` and read back as ``min(int(z * D), D - 1)``. Text form:
+    ``Positive Point (0.4512, 0.4238, 0.5156)``.
+    """
+
+    x: float
+    y: float
+    z: float
+    positive: bool
+
+    def __post_init__(self):
+        for name, value in (("x", self.x), ("y", self.y), ("z", self.z)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"SliceClick.{name} must be a finite number in [0, 1], got {value!r}")
+
+    def voxel(self, depth: int, height: int, width: int) -> tuple[int, int, int]:
+        """The clicked voxel ``(slice, row, col)`` in view order."""
+        return (min(int(self.z * depth), depth - 1), min(int(self.y * height), height - 1),
+                min(int(self.x * width), width - 1))
+
+    @classmethod
+    def from_voxel(cls, index: int, row: int, col: int, depth: int, height: int, width: int,
+                   positive: bool) -> "SliceClick":
+        """The click at a voxel's centre, rounded to four decimals (round-trips up to 5,000 a side)."""
+        return cls(round((col + 0.5) / width, 4), round((row + 0.5) / height, 4),
+                   round((index + 0.5) / depth, 4), positive)
+
+
+Action = Union[Click, Terminate, SliceClick]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +127,9 @@ def format_action(action: Action) -> str:
     if isinstance(action, Click):
         kind = "Positive" if action.positive else "Negative"
         return f"{kind} Point ({action.x:.4f}, {action.y:.4f})"
+    if isinstance(action, SliceClick):
+        kind = "Positive" if action.positive else "Negative"
+        return f"{kind} Point ({action.x:.4f}, {action.y:.4f}, {action.z:.4f})"
     raise TypeError(f"format_action: expected Click or Terminate, got {type(action).__name__}")
 
 
@@ -115,6 +150,32 @@ _POINT_LENIENT = re.compile(
 _POINT_STRICT = re.compile(r"^(Positive|Negative) Point \((\d+(?:\.\d+)?), (\d+(?:\.\d+)?)\)$")
 _TAG_OPEN = {tag: re.compile(f"<{tag}>", re.I) for tag in ("think", "action", "answer")}
 _TAG_CLOSE = {tag: re.compile(f"</{tag}>", re.I) for tag in ("think", "action", "answer")}
+
+
+# The slice click: the point form with a third coordinate. Kept in its own expressions and
+# functions so the 2D forms stay as they are.
+_SLICE_POINT_LENIENT = re.compile(
+    rf"^\s*(positive|negative)\s*point\s*[:\s]*\(\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*\.?\s*$", re.I
+)
+_SLICE_POINT_STRICT = re.compile(
+    r"^(Positive|Negative) Point \((\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?)\)$"
+)
+
+
+def _slice_click(match: re.Match | None) -> SliceClick | None:
+    if not match:
+        return None
+    kind, xs, ys, zs = match.groups()
+    return SliceClick(_to_unit(xs, "x"), _to_unit(ys, "y"), _to_unit(zs, "z"), kind.lower() == "positive")
+
+
+def _parse_slice_point_lenient(content: str) -> SliceClick | None:
+    """``Positive Point (x, y, z)`` read leniently, or None when it is not that form."""
+    return _slice_click(_SLICE_POINT_LENIENT.match(content))
+
+
+def _parse_slice_point_strict(content: str) -> SliceClick | None:
+    return _slice_click(_SLICE_POINT_STRICT.match(content))
 
 
 def _tag_spans(text: str, tag: str) -> list[str]:
@@ -180,6 +241,8 @@ def _parse_action_lenient(content: str) -> tuple[Action, str | None]:
         return _parse_json_click(stripped)
     match = _POINT_LENIENT.match(stripped)
     if not match:
+        if (slice_click := _parse_slice_point_lenient(stripped)) is not None:
+            return slice_click, None
         raise ActionParseError(
             "bad_action",
             f"expected 'Positive Point (x, y)', 'Negative Point (x, y)' or 'Terminate', got {stripped[:80]!r}",
@@ -258,6 +321,8 @@ def _parse_strict(text: str) -> ParsedTurn:
         raise ActionParseError("format", "text after </action> (only a terminate is followed by an answer)")
     point = _POINT_STRICT.match(content)
     if not point:
+        if (slice_click := _parse_slice_point_strict(content)) is not None:
+            return ParsedTurn(reasoning, slice_click)
         raise ActionParseError("bad_action", f"strict action must be the point form or 'Terminate', got {content[:80]!r}")
     kind, xs, ys = point.groups()
     return ParsedTurn(reasoning, Click(_to_unit(xs, "x"), _to_unit(ys, "y"), kind == "Positive"))

@@ -17,6 +17,12 @@ way for NIfTI input (``--gt-label`` / ``--mask-label`` pick a label; default: no
 Writes ``OUT/mask.png`` (0/255), or ``OUT/mask.nii.gz`` for NIfTI input (the mask in the input
 volume's voxel grid and affine, zero outside the slice), ``OUT/report.html`` (self-contained),
 ``OUT/episode.gif`` and ``OUT/summary.json``.
+
+3D: ``--volume FILE_OR_DICOM_FOLDER`` instead of ``--image`` runs a volume episode and writes a 3D
+NIfTI mask in the input's grid (``ibis_jax.commands.segment_volume``), e.g.::
+
+    ibis-jax segment --volume ct.nii.gz --model oracle --tool classical --gt labels.nii.gz --gt-label 1 \\
+        --query "Segment the liver." --out runs/liver3d
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__.split("\n\n", 1)[1] if __doc__ else None
     parser.add_argument("--model", required=True, help="'oracle' (needs --gt) or a model checkpoint / HF dir")
-    parser.add_argument("--image", required=True, help="PNG/JPEG/TIFF, DICOM file, or NIfTI volume")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="PNG/JPEG/TIFF, DICOM file, or NIfTI volume (one slice of it)")
+    source.add_argument("--volume", help="3D: a NIfTI volume or a DICOM series folder (see segment_volume)")
     parser.add_argument("--query", required=True, help='what to segment, e.g. "Segment the liver."')
     parser.add_argument("--tool", default="auto", help="'auto' (the classical tool's preset per target; "
                         "default), 'classical', 'classical-tissue', a bridge HOST:PORT, or module:factory")
@@ -66,6 +74,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse inputs over this many pixels (default {DEFAULT_MAX_PIXELS / 1e6:g} million; "
                              "0: no limit); checked from the file header before decoding")
+    volume = parser.add_argument_group("volumes (--volume)")
+    volume.add_argument("--axis", default="axial", help="viewing axis: axial / coronal / sagittal (RAS)")
+    volume.add_argument("--start-slice", type=int, default=None, help="first slice on view (default the middle)")
+    volume.add_argument("--slice-rule", default="changed", choices=("changed", "uncertain", "stay", "error"),
+                        help="which slice is shown after a click (default: where the mask changed most)")
+    volume.add_argument("--clicker", default="3d", choices=("3d", "slice"),
+                        help="oracle: click anywhere in 3D, or only on the slice on view")
+    volume.add_argument("--nsd-tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     parser.set_defaults(run=run_command)
 
 
@@ -307,6 +323,10 @@ def run_command(args: argparse.Namespace) -> int:
     from ibis_jax.eval.policies import PolicyUnavailable, is_oracle, load_policy
     from ibis_jax.tools import make_tool
 
+    if getattr(args, "volume", None):
+        from ibis_jax.commands.segment_volume import run_volume_command
+
+        return run_volume_command(args)
     try:
         if is_oracle(args.model) and not args.gt:
             raise ValueError("--model oracle clicks from the ground truth: pass --gt MASK")

@@ -40,6 +40,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--cache-mb", type=int, default=2048,
                        help="feature cache cap in MiB; open episodes are never evicted: a full cache "
                             "answers new opens RESOURCE_EXHAUSTED (clients back off and retry)")
+    serve.add_argument("--admit-wait-s", type=float, default=2.0,
+                       help="an open that does not fit the cache waits this long for a close before "
+                            "RESOURCE_EXHAUSTED (default 2)")
     serve.add_argument("--idle-timeout-s", type=float, default=300.0,
                        help="free an episode after this many seconds without a request (abandoned by "
                             "its client; 0: never). Default 300")
@@ -92,7 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, cache_bytes=args.cache_mb << 20, max_clicks=args.max_clicks,
         max_image_side=args.max_image_side, max_message_bytes=args.max_message_mb << 20,
-        idle_timeout_s=args.idle_timeout_s,
+        idle_timeout_s=args.idle_timeout_s, admit_wait_s=args.admit_wait_s,
         image_root=args.image_root, token=_token(args),
         tls=TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
     )

@@ -108,7 +108,8 @@ class AsyncBridgeClient:
       deadline_s: per-call deadline (an open includes the encoder and any queueing).
       max_attempts: tries per call before ``ToolError``.
       max_busy_attempts: tries per call answered ``RESOURCE_EXHAUSTED`` (queue or feature cache
-        full: waiting helps), counted apart from ``max_attempts``.
+        full: waiting for other episodes to close helps), counted apart from ``max_attempts``; the
+        default waits about 5 minutes (200 tries at ``max_backoff_s`` 2 s with jitter).
       backoff_s, max_backoff_s: exponential backoff between tries, each wait drawn in [1/2, 1] of
         the current step (jitter, so refused clients do not come back together).
       connect_timeout_s: how long to wait for a first connection to an address; then a
@@ -125,7 +126,7 @@ class AsyncBridgeClient:
         tls: ClientTLS | None = None,
         deadline_s: float = 60.0,
         max_attempts: int = 6,
-        max_busy_attempts: int = 30,
+        max_busy_attempts: int = 200,
         backoff_s: float = 0.1,
         max_backoff_s: float = 2.0,
         connect_timeout_s: float = 10.0,

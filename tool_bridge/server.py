@@ -7,7 +7,8 @@ on (episode, step index): a retried step is answered from the per-episode record
 runs on one worker thread (backends are not thread safe); the event loop only batches and routes.
 
 Open episodes are never evicted to make room: when the feature cache cannot take a new episode,
-``OpenEpisode`` answers ``RESOURCE_EXHAUSTED`` (the client backs off and retries) so that a full
+``OpenEpisode`` waits up to ``admit_wait_s`` for a close (waiters are served first come, first
+served), then answers ``RESOURCE_EXHAUSTED`` (the client backs off and retries), so that a full
 cache slows new episodes down instead of thrashing live ones. Episodes nobody touched for
 ``idle_timeout_s`` (a crashed or careless client) are freed.
 """
@@ -66,6 +67,7 @@ class ServerConfig:
     max_clicks: int = 64
     max_image_side: int = 2048
     idle_timeout_s: float = 300.0  # free episodes with no request for this long (abandoned)
+    admit_wait_s: float = 2.0  # an open that does not fit waits this long for a close, then RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 << 20
     image_root: str | None = None  # OpenEpisode/Segment by path read only under here
     max_path_chars: int = 4096
@@ -229,10 +231,11 @@ class EpisodeCache:
         return entry
 
     def _full_message(self, needed: int) -> str:
-        return (f"feature cache full: {len(self._entries)} open episodes hold {self.bytes >> 20} MiB"
-                f"{f' (+{self.reserved >> 20} MiB opening)' if self.reserved else ''} of --cache-mb "
-                f"{self.cap_bytes >> 20}, a new one needs ~{max(needed, 1 << 20) >> 20} MiB; open "
-                "episodes are never evicted: retry after some close, or raise --cache-mb")
+        mib = 1 << 20
+        return (f"feature cache full: {len(self._entries)} open episodes hold {self.bytes / mib:.1f} MiB"
+                f"{f' (+{self.reserved / mib:.1f} MiB opening)' if self.reserved else ''} of --cache-mb "
+                f"{self.cap_bytes / mib:g}, a new one needs ~{needed / mib:.1f} MiB; open episodes are "
+                "never evicted: retry after some close, or raise --cache-mb")
 
     def reserve(self) -> int:
         """Holds room for one more episode of the largest size seen; raises ``CacheFull``."""
@@ -314,6 +317,27 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
         self._opening: dict[str, asyncio.Future] = {}
         self.root = os.path.realpath(config.image_root) if config.image_root else None
         self._sweeper: asyncio.Task | None = None
+        self._room = asyncio.Condition()  # notified whenever cache room is freed
+
+    async def _room_freed(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    async def _reserve(self) -> int:
+        """Room for one new episode, waiting up to ``admit_wait_s`` for a close; ``CacheFull`` after."""
+        deadline = time.monotonic() + max(0.0, self.config.admit_wait_s)
+        while True:
+            try:
+                return self.cache.reserve()
+            except CacheFull:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                async with self._room:
+                    try:
+                        await asyncio.wait_for(self._room.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        pass
 
     def start(self) -> None:
         self.batcher.start()
@@ -331,9 +355,12 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
         period = min(max(idle / 4, 0.05), 10.0)
         while True:
             await asyncio.sleep(period)
-            for key, entry in self.cache.expire(idle):
+            expired = self.cache.expire(idle)
+            for key, entry in expired:
                 log.info("freed episode %s: no request for %.0f s (--idle-timeout-s)", key, idle)
                 await self._release(entry)
+            if expired:
+                await self._room_freed()
 
     async def _release(self, entry: _Episode) -> None:
         async with entry.lock:  # a step already decoding against these features finishes first
@@ -483,7 +510,7 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
                 break
             await asyncio.shield(pending)  # a concurrent open of the same id: reuse its work (or retry)
         try:
-            reserved = self.cache.reserve()  # refuse before encoding when the cache is surely full
+            reserved = await self._reserve()  # wait or refuse before encoding when the cache is full
         except CacheFull as error:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         pending = asyncio.get_running_loop().create_future()
@@ -501,6 +528,7 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
             self.cache.unreserve(reserved)
             del self._opening[episode_id]
             pending.set_result(None)
+            await self._room_freed()  # a reservation ended: its estimate may have been too high
         return pb.OpenEpisodeReply(height=encoded.height, width=encoded.width, next_step=0)
 
     async def Step(self, request, context):
@@ -548,6 +576,7 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
     async def _close(self, request: pb.CloseEpisodeRequest) -> pb.CloseEpisodeReply:
         entry = self.cache.pop(self._episode_id(request.episode_id))
         if entry is not None:
+            await self._room_freed()
             await self._release(entry)
         return pb.CloseEpisodeReply(existed=entry is not None)
 

@@ -25,6 +25,7 @@ from ibis_jax.agent.episode import Episode, EpisodeConfig
 from ibis_jax.agent.loop import Policy, run_agent
 from ibis_jax.data.records import write_json_atomic
 from ibis_jax.data.sources.base import image_to_rgb, read_image_file
+from ibis_jax.fileio import atomic_write_text
 from ibis_jax.tools.protocol import SegmentationTool
 
 IMAGE_KEYS = ("image", "img_name", "image_name", "img_id")

@@ -138,7 +138,7 @@ def test_step_is_idempotent_and_lost_episodes_are_replayed(server, episodes):
 
 def test_byte_capped_cache_never_evicts_an_open_episode(backend, episodes):
     # Room for one episode's features (4 MiB): a second open is refused while the first is open.
-    thread = ServerThread(backend, ServerConfig(port=0, cache_bytes=5 << 20))
+    thread = ServerThread(backend, ServerConfig(port=0, cache_bytes=5 << 20, admit_wait_s=0.05))
     try:
         with BridgeClient(thread.address, max_busy_attempts=2, backoff_s=0.01) as client:
             (image_a, clicks_a, expected_a), (image_b, clicks_b, expected_b) = episodes[0], episodes[2]

@@ -360,12 +360,15 @@ class VolumeTrace:
 
 
 def run_volume_agent(policy, tool: VolumeSegmentationTool, episodes: Sequence[VolumeEpisode], *,
-                     history: HistoryMode = "none", system_prompt: str | None = None) -> list[VolumeTrace]:
-    """``run_agent`` for volume episodes: each user turn carries the slice on view and its text."""
+                     history: HistoryMode | None = None, system_prompt: str | None = None) -> list[VolumeTrace]:
+    """``run_agent`` for volume episodes: each user turn carries the slice on view and its text.
+    ``history`` None: the policy's ``settings.history``; the system text is the volume prompt."""
     from ibis_jax.agent.loop import TurnRequest
+    from ibis_jax.agent.settings import HF_DEFAULTS
 
     traces = [VolumeTrace() for _ in episodes]
-    system_prompt = system_prompt if system_prompt is not None else getattr(policy, "system_prompt", VOLUME_SYSTEM_PROMPT)
+    history = history or getattr(policy, "settings", HF_DEFAULTS).history
+    system_prompt = system_prompt if system_prompt is not None else VOLUME_SYSTEM_PROMPT
     opened: list[VolumeEpisode] = []
     try:
         for episode in episodes:

@@ -70,13 +70,26 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir: str | None = None,
-              system_prompt: str = "full") -> None:
-    """Write the trained model (LoRA merged into the weights) as an HF directory with `save_hf`,
-    with the name of the system prompt it was trained with (`agent.prompts.AGENT_FILE`)."""
+              system_prompt: str = "full", max_shard_size: int | str = "5GB") -> None:
+    """Write the trained model as an HF directory straight from the (sharded, possibly multi-host)
+    state: tensor by tensor, LoRA merged into each adapted kernel on the way out, one safetensors
+    shard in host memory at a time, written by process 0 (`save_hf_params`); with the name of the
+    system prompt it was trained with (`agent.prompts.AGENT_FILE`). Every process must call it."""
     from ibis_jax.agent.prompts import save_agent_prompt
-    from ibis_jax.models.qwen2_5_vl import save_hf
+    from ibis_jax.models.qwen2_5_vl.params import save_hf_params
+    from ibis_jax.train import lora as lora_lib
 
-    model = model_def.build(jax.device_get(state.params), jax.device_get(state.frozen))
+    transform = None
+    if model_def.lora_rank:
+        params, adapters = state.frozen, state.params
+        scale = model_def.lora_alpha / model_def.lora_rank
+
+        def transform(path, w):
+            ab = adapters.get(lora_lib.key_of(path))
+            return w if ab is None else lora_lib.merge_one(w, ab["a"], ab["b"], scale)
+    else:
+        params = model_def.all_params(state.params, state.frozen)  # a dict merge: no array is copied
+    save_hf_params(params, model_def.config, directory, source_dir=source_dir, max_shard_size=max_shard_size,
+                   transform=transform)
     if jax.process_index() == 0:
-        save_hf(model, directory, source_dir=source_dir)
         save_agent_prompt(directory, system_prompt)

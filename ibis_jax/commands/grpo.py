@@ -38,6 +38,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use the first N source items as prompts")
     parser.add_argument("overrides", nargs="*", help="key=value (TrainConfig) and rl.key=value")
     add_source_arguments(parser)
+    from ibis_jax.train.core import add_distributed_arguments
+
+    add_distributed_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -65,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
     from ibis_jax.tools import make_tool
     from ibis_jax.train.config import load_config
 
+    from ibis_jax.train import core
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    core.init_distributed(args.coordinator, args.num_processes, args.process_id)  # before any computation
+    core.quiet_other_processes()
     rl_items = [o for o in args.overrides if o.startswith("rl.")]
     config = load_config(args.config, [o for o in args.overrides if not o.startswith("rl.")])
     rl = rl_config_from(rl_items)
@@ -76,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
     samples = [s for item in items for s in source.load(item) if s.mask.any()]
     out = train_grpo(config, rl, samples, make_tool(args.tool), args.workdir, init_dir=args.init)
     m = out["metrics"]
-    if m:
+    import jax
+
+    if m and jax.process_index() == 0:
         print(f"GRPO done: reward {m['reward']:.3f}, IoU {m['iou']:.3f}, steps/episode {m['steps_per_episode']:.2f}; "
               f"metrics in {args.workdir}/metrics.jsonl")
     return 0

@@ -2,7 +2,7 @@
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. `state` holds params, frozen params,
 optimizer state and step (sharded arrays, restored straight into their shardings); `data` the
-grain iterator state of this process (JSON; one item per process when several); `config` the
+grain iterator state (JSON; the same on every process); `config` the
 TrainConfig. Restoring the state, iterator and config of step k and running on reproduces the
 uninterrupted run bit for bit (same data order, same arithmetic).
 """
@@ -32,7 +32,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, data_state: Any, config: dict) -> None:
-        key = f"data_{jax.process_index()}" if jax.process_count() > 1 else "data"
+        """Collective: every process calls it with its shards of `state`. The data-iterator state
+        is the same on every process (each took the same number of steps from its own slice),
+        so process 0's copy is the one written, and any process count restores from it."""
+        key = "data"
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -58,8 +61,8 @@ class Checkpointer:
                 config=ocp.args.JsonRestore(),
             ),
         )
-        key = f"data_{jax.process_index()}" if jax.process_count() > 1 else "data"
-        return out.state, out.data[key], out.config, step
+        data = out.data["data"] if "data" in out.data else out.data[f"data_{jax.process_index()}"]  # older layout
+        return out.state, data, out.config, step
 
     def close(self) -> None:
         self.manager.close()

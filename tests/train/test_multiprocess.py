@@ -38,6 +38,7 @@ def test_two_processes_equal_one(tmp_path):
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3, 4]
     assert [r["data_fingerprint"] for r in m1] == [r["data_fingerprint"] for r in m2]  # same global batches
     assert len({r["data_fingerprint"] for r in m1}) == 4
+    assert m1[-1]["loss"] < m1[0]["loss"] - 0.05  # the weights really move
     for a, b in zip(m1, m2):
         assert abs(a["loss"] - b["loss"]) < 1e-5 * a["loss"], (a["loss"], b["loss"])
     w1, w2 = _weights(os.path.join(one, "hf")), _weights(os.path.join(two, "hf"))

@@ -24,22 +24,34 @@ def env(devices: int) -> dict:
 
 
 def launch(args: list[str], processes: int, devices: int, log_dir: str, timeout: float = 600) -> list[str]:
-    """Run `python -m ibis_jax.cli ARGS` as `processes` processes; returns their logs. Raises
-    with the logs when one fails or the timeout passes (all children are killed)."""
+    """Run `python -m ibis_jax.cli ARGS` as `processes` processes on one coordinator port; returns
+    their logs. Raises with the logs when one fails or the timeout passes (all children killed)."""
+    return finish(*start(args, processes, devices, log_dir), timeout=timeout)
+
+
+def metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def start(args: list[str], processes: int, devices: int, log_dir: str) -> tuple[list, list[str]]:
+    """Like `launch` but returns the running (Popen, log file) pairs; `finish` waits for them."""
     os.makedirs(log_dir, exist_ok=True)
-    extra = [[]] if processes == 1 else [
-        ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", str(processes), "--process-id", str(i)]
-        for i in range(processes)]
-    if processes > 1:
-        extra = [["--coordinator", extra[0][1], *e[2:]] for e in extra]  # one port for all
-    logs = [os.path.join(log_dir, f"process_{i}.log") for i in range(processes)]
-    procs = []
+    port = free_port()
+    procs, logs = [], []
+    for i in range(processes):
+        extra = [] if processes == 1 else ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                                           "--process-id", str(i)]
+        logs.append(os.path.join(log_dir, f"process_{i}.log"))
+        f = open(logs[-1], "w")
+        procs.append((subprocess.Popen([sys.executable, "-m", "ibis_jax.cli", *args, *extra], env=env(devices),
+                                       stdout=f, stderr=subprocess.STDOUT, cwd=ROOT), f))
+    return procs, logs
+
+
+def finish(procs: list, logs: list[str], timeout: float = 600) -> list[str]:
     try:
-        for i in range(processes):
-            f = open(logs[i], "w")
-            procs.append((subprocess.Popen([sys.executable, "-m", "ibis_jax.cli", *args, *extra[i]], env=env(devices),
-                                           stdout=f, stderr=subprocess.STDOUT, cwd=ROOT), f))
-        for p, f in procs:
+        for p, _ in procs:
             p.wait(timeout=timeout)
     except BaseException:
         for p, _ in procs:
@@ -56,8 +68,3 @@ def launch(args: list[str], processes: int, devices: int, log_dir: str, timeout:
     if bad:
         raise AssertionError(f"processes {bad} failed:\n" + "\n".join(f"--- {i}\n{texts[i][-4000:]}" for i, _ in bad))
     return texts
-
-
-def metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]

@@ -3,13 +3,15 @@ a (2 data, 2 fsdp, 2 tensor) mesh through `ibis-jax sft --coordinator ...`: the 
 losses and exported HF weights as one process with 8 devices."""
 
 import os
+import signal
 import time
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from helpers import write_dataset
-from multiprocess import ROOT, launch, metrics
+from multiprocess import ROOT, finish, launch, metrics, start
 
 SFT = ["sft", "--config", os.path.join(ROOT, "configs", "tiny_cpu.py"), "--no-progress"]
 OVERRIDES = ["image_size=56", "seq_buckets=256", "drop_too_long=false", "batch_size=8", "max_steps=4",
@@ -49,3 +51,37 @@ def test_two_processes_equal_one(tmp_path):
     # 4 Adam steps of lr 1e-3 move weights by ~4e-3; fp32 reduction order differs between the
     # all-reduces of one and two processes (Adam magnifies that on near-zero gradients).
     assert diffs[worst] < 5e-5
+
+
+@pytest.mark.slow  # four multi-process launches: minutes on 2 cores
+def test_two_processes_sigterm_resume_is_bit_exact(tmp_path):
+    """SIGTERM to process 1 only, after step 2: both processes stop at the same step (the flag is
+    agreed on), checkpoint collectively; the rerun resumes to step 4 bit for bit."""
+    data = write_dataset(str(tmp_path / "data"), records=4)
+    tok = str(tmp_path / "one" / "tokenizer")
+    launch([*SFT, "--data", data, "--workdir", str(tmp_path / "one"), *OVERRIDES, "max_steps=1"], 1, 8,
+           str(tmp_path / "logs_tok"))  # fits the tokenizer once
+    args = [*OVERRIDES, f"tokenizer_dir={tok}"]
+    full = str(tmp_path / "full")
+    launch([*SFT, "--data", data, "--workdir", full, *args], 2, 4, str(tmp_path / "logs_full"))
+    resumed = str(tmp_path / "resumed")
+    procs, logs = start([*SFT, "--data", data, "--workdir", resumed, *args], 2, 4, str(tmp_path / "logs_a"))
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        path = os.path.join(resumed, "metrics.jsonl")
+        if os.path.exists(path) and any(r["step"] >= 2 for r in metrics(resumed)):
+            procs[1][0].send_signal(signal.SIGTERM)
+            break
+        if any(p.poll() is not None for p, _ in procs):
+            break
+        time.sleep(0.05)
+    logs_a = finish(procs, logs)
+    stopped = max(r["step"] for r in metrics(resumed))
+    assert 2 <= stopped < 4 and "not finished" in logs_a[0], logs_a[0][-2000:]
+    launch([*SFT, "--data", data, "--workdir", resumed, *args], 2, 4, str(tmp_path / "logs_b"))
+    a, b = _weights(os.path.join(full, "hf")), _weights(os.path.join(resumed, "hf"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    fa = {r["step"]: r["data_fingerprint"] for r in metrics(full)}
+    fb = {r["step"]: r["data_fingerprint"] for r in metrics(resumed)}
+    assert fa == fb and sorted(fa) == [1, 2, 3, 4]

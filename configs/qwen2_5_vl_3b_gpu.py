@@ -7,9 +7,16 @@ Global batch 256 (paper) = 32 per step x 8 accumulation steps.
     ibis-jax sft --config configs/qwen2_5_vl_3b_gpu.py --data data/sft --workdir runs/3b \\
         hf_dir=/models/Qwen2.5-VL-3B-Instruct
 
-One process drives all GPUs of the node (no jax.distributed needed). For several nodes, start one
-process per node with IBIS_NUM_PROCESSES=<nodes> and the JAX coordinator variables
-(JAX_COORDINATOR_ADDRESS, JAX_PROCESS_COUNT... or SLURM), and set mesh_shape=<nodes>,8,1.
+One process drives all GPUs of the node (no jax.distributed needed). Several nodes (here 2 x 8
+GPUs, data parallel across nodes, FSDP inside one): on node I (0 and 1), node 0 reachable at
+10.0.0.1, data and workdir on storage both nodes see,
+
+    ibis-jax sft --config configs/qwen2_5_vl_3b_gpu.py --data /shared/sft --workdir /shared/runs/3b \\
+        --coordinator 10.0.0.1:12355 --num-processes 2 --process-id I \\
+        hf_dir=/models/Qwen2.5-VL-3B-Instruct mesh_shape=2,8,1
+
+or under SLURM (JAX detects it; one process per GPU): srun --nodes=2 --ntasks-per-node=8
+--gpus-per-node=8 ibis-jax sft ... mesh_shape=2,8,1 (the same command without --coordinator).
 """
 
 from ibis_jax.train.config import TrainConfig

@@ -5,11 +5,15 @@ Mesh (data 4, fsdp 8, tensor 1): FSDP inside a host group, data parallel across;
 Global batch 256 = 128 per step x 2 accumulation steps (4 sequences of up to 4096 tokens per
 chip per micro-batch).
 
-Launch the same command on every host (e.g. `gcloud compute tpus tpu-vm ssh NAME --worker=all
---command=...`); jax.distributed.initialize() reads the TPU topology itself:
+Launch the same command on every host; JAX detects the TPU slice (hosts, ids, coordinator) itself,
+so no --coordinator flags are needed:
 
-    IBIS_NUM_PROCESSES=8 ibis-jax sft --config configs/qwen2_5_vl_7b_tpu.py \\
-        --data /mnt/shared/sft --workdir /mnt/shared/runs/7b hf_dir=/models/Qwen2.5-VL-7B-Instruct
+    gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command="ibis-jax sft \\
+        --config configs/qwen2_5_vl_7b_tpu.py --data /mnt/shared/sft --workdir /mnt/shared/runs/7b \\
+        hf_dir=/models/Qwen2.5-VL-7B-Instruct"
+
+(Explicit form, where detection is unavailable: add --coordinator WORKER0_IP:8476
+--num-processes 8 --process-id I on worker I.)
 
 (data and workdir on a filesystem every host sees, e.g. Filestore/NFS; each host reads only its
 slice of every batch. gs:// workdirs are not supported yet: os.makedirs / metrics.jsonl are local).

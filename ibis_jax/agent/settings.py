@@ -56,9 +56,14 @@ class AgentSettings:
 HF_DEFAULTS = AgentSettings()
 
 
+def settings_json(settings: AgentSettings) -> str:
+    """The text of ``AGENT_FILE``."""
+    return json.dumps(dataclasses.asdict(settings), indent=2) + "\n"
+
+
 def save_agent_settings(directory: str | os.PathLike, settings: AgentSettings) -> None:
     """Writes ``AGENT_FILE`` into a model directory (atomically: a temp file, then a rename)."""
-    atomic_write_text(Path(directory) / AGENT_FILE, json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
+    atomic_write_text(Path(directory) / AGENT_FILE, settings_json(settings))
 
 
 def load_agent_settings(directory: str | os.PathLike) -> AgentSettings:

@@ -6,7 +6,7 @@
 Plain ``key=value`` overrides set ``TrainConfig`` fields (optimizer, mesh, image size); ``rl.*``
 overrides set the rollout and reward fields (``rl.steps``, ``rl.prompts_per_step``,
 ``rl.group_size``, ``rl.max_turns``, ``rl.t_opt``, ``rl.pseg_drop_penalty``, ``rl.epsilon``,
-``rl.beta``, ``rl.reward_mode``...). ``--reward my_rewards.py:shape_bonus`` adds a reward (any
+``rl.beta``, ``rl.reward_mode``, ``rl.lr_schedule`` (constant | cosine), ``rl.warmup_steps``...). ``--reward my_rewards.py:shape_bonus`` adds a reward (any
 number of times). Rerunning with the same workdir resumes.
 """
 
@@ -22,6 +22,7 @@ from ibis_jax.commands.synth import add_source_arguments, build_source
 RL_FIELDS = {
     "steps": ("rl", int), "prompts_per_step": ("rl", int), "max_turns": ("rl", int), "history": ("rl", str),
     "temperature": ("rl", float), "max_new_tokens": ("rl", int), "seed": ("rl", int),
+    "lr_schedule": ("rl", str), "warmup_steps": ("rl", int),
     "group_size": ("grpo", int), "epsilon": ("grpo", float), "epsilon_high": ("grpo", float),
     "beta": ("grpo", float), "aggregation": ("grpo", str),
     "normalize_std": ("grpo", lambda v: v.lower() in ("1", "true", "yes")),
@@ -42,6 +43,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="prompt images and masks (default demo)")
     parser.add_argument("--seed", type=int, default=0, help="source seed (nifti/demo)")
     add_source_arguments(parser)
+    from ibis_jax.train.core import add_distributed_arguments
+
+    add_distributed_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -72,11 +76,15 @@ def run(args: argparse.Namespace) -> int:
     from ibis_jax.tools import make_tool
     from ibis_jax.train.config import load_config
 
+    from ibis_jax.train import core
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger().setLevel(logging.INFO)  # also when an import configured logging first
     if not os.path.isfile(os.path.join(args.init, "config.json")):
         raise FileNotFoundError(f"--init {args.init}: no model directory (config.json) there; give the SFT "
                                 "export, e.g. SFT_WORKDIR/hf")
+    core.init_distributed(args.coordinator, args.num_processes, args.process_id)  # before any computation
+    core.quiet_other_processes()
     rl_items = [o for o in args.overrides if o.startswith("rl.")]
     config = load_config(args.config, [o for o in args.overrides if not o.startswith("rl.")])
     rl = rl_config_from(rl_items)
@@ -87,10 +95,12 @@ def run(args: argparse.Namespace) -> int:
     samples = [s for item in items for s in source.load(item) if s.mask.any()]
     out = train_grpo(config, rl, samples, make_tool(args.tool), args.workdir, init_dir=args.init)
     m = out["metrics"]
-    if out.get("already_finished"):
+    import jax
+
+    if jax.process_index() == 0 and out.get("already_finished"):
         print(f"{args.workdir}: GRPO already finished at step {out['step']}; nothing to train: use a new "
               "--workdir, or raise rl.steps to continue")
-    elif m:
+    elif jax.process_index() == 0 and m:
         print(f"GRPO done: reward {m['reward']:.3f}, IoU {m['iou']:.3f}, steps/episode {m['steps_per_episode']:.2f}; "
               f"metrics in {args.workdir}/metrics.jsonl")
     return 0

@@ -6,6 +6,10 @@ Examples::
     ibis-jax sft --config configs/qwen2_5_vl_3b_gpu.py --data data/sft --workdir runs/3b \\
         hf_dir=/models/Qwen2.5-VL-3B-Instruct batch_size=64 lr=2e-5
 
+On several hosts run the same command on each, adding ``--coordinator HOST0:PORT --num-processes N
+--process-id I`` (or nothing where JAX detects the cluster: Cloud TPU VMs, GKE, SLURM, Open MPI);
+data and workdir on storage every host sees.
+
 Trailing ``key=value`` arguments override fields of the config's ``TrainConfig``. Rerunning with
 the same workdir resumes from its latest checkpoint (SIGTERM saves one before exiting). Writes
 ``WORKDIR/metrics.jsonl``, TensorBoard events under ``WORKDIR/tb``, checkpoints under
@@ -26,6 +30,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics, tokenizer, HF export")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config fields")
+    from ibis_jax.train.core import add_distributed_arguments
+
+    add_distributed_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -42,7 +49,15 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.INFO)  # also when an import configured logging first
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ibis_jax.train import core
+
+    core.init_distributed(args.coordinator, args.num_processes, args.process_id)  # before any computation
+    core.quiet_other_processes()
     out = train(config, args.data, args.workdir, progress=not args.no_progress)
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
     m = out["metrics"]
     if out.get("already_finished"):
         print(f"{args.workdir}: already finished at step {out['step']}/{out['total_steps']}"

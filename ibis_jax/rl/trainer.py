@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ibis_jax.agent.conversation import Message, turn_messages
@@ -36,19 +37,21 @@ from ibis_jax.data.queries import sample_query
 from ibis_jax.data.sources.base import Sample
 from ibis_jax.models.qwen2_5_vl import load_hf
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor, eos_token_ids
-from ibis_jax.rl.batch import TurnExample, build_grpo_batch
+from ibis_jax.rl.batch import TurnExample, build_grpo_batch, row_bucket
 from ibis_jax.rl.grpo import GRPOConfig, group_advantages
 from ibis_jax.train.loss import chunked_token_logprobs
 from ibis_jax.rl.loss import make_grpo_loss, sampling_logits
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
 from ibis_jax.tools.protocol import SegmentationTool
+from ibis_jax.train import core
+from ibis_jax.train import lora as lora_lib
 from ibis_jax.train import mesh as mesh_lib
 from ibis_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from ibis_jax.train.config import TrainConfig, to_dict
 from ibis_jax.train.metrics import MetricsWriter
 from ibis_jax.train.optim import make_optimizer
 from ibis_jax.train.sft import to_global, with_vision_layout
-from ibis_jax.train.state import ModelDef, split_model, state_from_model, state_specs
+from ibis_jax.train.state import ModelDef, TrainState, split_model, state_specs
 from ibis_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,21 @@ class RLConfig:
     seq_buckets: tuple[int, ...] = (1024, 2048)
     query_style: str | None = "direct"  # first-turn query style; None: drawn per prompt as in synthesis
     seed: int = 0
+    # learning rate (TrainConfig.lr): "constant" (the paper's RL) after `warmup_steps` of linear
+    # warmup, or "cosine" = SFT's warmup-cosine over rl.steps (TrainConfig warmup_frac, end_lr_frac)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+
+
+def grpo_schedule(config: TrainConfig, rl: RLConfig):
+    """The learning-rate schedule `rl.lr_schedule` names (at `config.lr`)."""
+    from ibis_jax.train.optim import constant_schedule, make_schedule
+
+    if rl.lr_schedule == "constant":
+        return constant_schedule(config.lr, rl.warmup_steps)
+    if rl.lr_schedule == "cosine":
+        return make_schedule(config, rl.steps)
+    raise ValueError(f"rl.lr_schedule {rl.lr_schedule!r}: use constant or cosine")
 
 
 def default_policy_factory(model, processor, rl: RLConfig, seed: int, settings: AgentSettings) -> Policy:
@@ -125,6 +143,10 @@ def train_grpo(
     """Runs ``rl.steps`` GRPO steps from the HF dir ``init_dir`` (resuming from ``workdir``)."""
     if not samples:
         raise ValueError("GRPO needs at least one prompt sample")
+    core.init_distributed()  # no-op when the command did it or alone
+    if jax.process_count() > 1:
+        raise NotImplementedError("GRPO on several processes is not supported yet (rollouts are not yet spread "
+                                  "over processes); run it as one process over all local devices")
     os.makedirs(workdir, exist_ok=True)
     # The conversation the model was trained with: its directory's record must agree with the config.
     settings = dataclasses.replace(AgentSettings.from_train_config(config), history=rl.history)
@@ -138,20 +160,26 @@ def train_grpo(
     prompt_text = settings.system_text
     # ---------------------------------------------------------------- mesh, model, optimizer
     mesh = mesh_lib.make_mesh(config.mesh_shape)
-    tx, schedule = make_optimizer(config, rl.steps)
-    model = load_hf(init_dir, mesh=mesh, freeze_vision=config.freeze_vision)
+    tx, schedule = make_optimizer(config, rl.steps, grpo_schedule(config, rl))
+    model = load_hf(init_dir, mesh=mesh, freeze_vision=config.freeze_vision)  # each tensor placed sharded
     processor = Qwen25VLProcessor(config.tokenizer_dir or init_dir)
-    graphdef, _, _, param_specs = split_model(model, config)
+    graphdef, trainable, frozen, param_specs = split_model(model, config)
     model_def = ModelDef(graphdef, model.config, config.lora_rank, config.lora_alpha)
-    key = jax.random.key(config.seed)
-    state = state_from_model(model, config, tx, key)
-    shardings = mesh_lib.named(mesh, state_specs(state, param_specs, tx, config))
-    state = jax.device_put(state, shardings)
     del model
+    key = jax.random.key(config.seed)
+
+    def from_loaded(trainable, frozen, key):
+        if config.lora_rank:
+            trainable = lora_lib.init_lora(frozen, config.lora_targets, config.lora_rank, jax.random.fold_in(key, 1))
+        return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
+
+    abstract = jax.eval_shape(from_loaded, trainable, frozen, key)
+    shardings = mesh_lib.named(mesh, state_specs(abstract, param_specs, tx, config))
+    state = jax.jit(from_loaded, out_shardings=shardings)(trainable, frozen, key)  # optimizer state born sharded
+    del trainable, frozen
     # ---------------------------------------------------------------- restore
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = 0
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))  # logs "resumed from step N"
     if restored is not None:
         state, _, _, start = restored
@@ -164,17 +192,21 @@ def train_grpo(
     step_fns: dict = {}
     layout_cache: dict = {}
 
-    @jax.jit
     def old_logprobs(state, batch):
+        """[A, b, S] log-probs of every micro-batch under the sampling parameters, on the mesh."""
         policy = model_def.build(state.params, state.frozen)
-        hidden = policy.hidden_states(batch["input_ids"][0], batch["attention_mask"][0], batch["pixel_values"][0],
-                                      batch["image_grid_thw"][0],
-                                      vision_layout=jax.tree.map(lambda x: x[0], batch["vision_layout"]))
-        return chunked_token_logprobs(sampling_logits(policy, rl.temperature, suppressed), hidden,
-                                      batch["targets"][0])[0][None]
+
+        def one(mb):
+            hidden = policy.hidden_states(mb["input_ids"], mb["attention_mask"], mb["pixel_values"],
+                                          mb["image_grid_thw"], vision_layout=mb["vision_layout"])
+            return chunked_token_logprobs(sampling_logits(policy, rl.temperature, suppressed), hidden,
+                                          mb["targets"])[0]
+
+        return jax.lax.map(one, batch)
 
     # ---------------------------------------------------------------- the loop
     writer = MetricsWriter(workdir, start_step=start)
+    preemption = core.Preemption()  # SIGTERM: finish the step, checkpoint, exit
     episode_config = EpisodeConfig(max_actions=rl.max_turns)
     summary: dict[str, Any] = {}
     try:
@@ -201,38 +233,74 @@ def train_grpo(
                     np.asarray([s.score for s in scores], np.float32), rl.grpo.group_size,
                     rl.grpo.normalize_std, rl.grpo.std_eps))
                 examples = _turn_examples(episodes, traces, advantages, rl.history, prompt_text)
-                batch = build_grpo_batch(examples, processor, rl.seq_buckets, eos_token_ids(processor.tokenizer, model_def.config.text),
-                                         image_size=config.image_size)
-                arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                          "targets": batch.targets, "loss_mask": batch.loss_mask, "advantages": batch.advantages,
-                          "row_weights": batch.row_weights,
-                          "pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
-                arrays = with_vision_layout({k: v[None] for k, v in arrays.items()}, model_def.config.vision, layout_cache)
-                t1 = time.perf_counter()
-                arrays["old_logprobs"] = np.asarray(old_logprobs(state, arrays))
-                times["time/old_logprobs_s"] = time.perf_counter() - t1
+                arrays, sampler_lp = micro_batches(examples, processor, rl.seq_buckets, config.grad_accum,
+                                                   eos_token_ids(processor.tokenizer, model_def.config.text),
+                                                   config.image_size)
+                arrays = with_vision_layout(arrays, model_def.config.vision, layout_cache)
                 shape_key = tuple((k, np.shape(v)) for k, v in arrays.items() if hasattr(v, "shape"))
                 if shape_key not in step_fns:
                     batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(arrays, mesh))
-                    step_fns[shape_key] = (jit_train_step(train_step, shardings, batch_shardings, mesh), batch_shardings)
-                step_fn, batch_shardings = step_fns[shape_key]
+                    lp_fn = jax.jit(old_logprobs, in_shardings=(shardings, batch_shardings),
+                                    out_shardings=batch_shardings["targets"])
+                    batch_shardings = {**batch_shardings, "old_logprobs": batch_shardings["targets"]}
+                    step_fns[shape_key] = (jit_train_step(train_step, shardings, batch_shardings, mesh), lp_fn,
+                                           batch_shardings)
+                step_fn, lp_fn, batch_shardings = step_fns[shape_key]
+                global_batch = to_global(arrays, {k: v for k, v in batch_shardings.items() if k != "old_logprobs"})
+                t1 = time.perf_counter()
+                global_batch["old_logprobs"] = lp_fn(state, global_batch)  # sharded, every micro-batch
+                old_lp = core.host_global(global_batch["old_logprobs"])
+                times["time/old_logprobs_s"] = time.perf_counter() - t1
                 t2 = time.perf_counter()
-                state, metrics = step_fn(state, to_global(arrays, batch_shardings))
+                state, metrics = step_fn(state, global_batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 times["time/update_s"] = time.perf_counter() - t2
                 m = {**rollout_metrics(episodes, scores), **metrics, **times,
+                     "micro_batches": float(arrays["input_ids"].shape[0]),
                      "sampler_vs_old_logprob_max_abs": float(np.abs(
-                         (arrays["old_logprobs"][0] - batch.sampler_logprobs) * batch.loss_mask).max())}
+                         (old_lp - sampler_lp) * arrays["loss_mask"]).max())}
                 writer.write(step + 1, m)
                 for hook in hooks:
                     hook(step + 1, m)
                 log.info("grpo step %d: reward %.3f iou %.3f steps %.2f", step + 1, m["reward"], m["iou"],
                          m["steps_per_episode"])
                 summary = m
-                if (step + 1) % config.checkpoint_every == 0 or step + 1 == rl.steps:
+                stop = preemption.requested()
+                if (step + 1) % config.checkpoint_every == 0 or step + 1 == rl.steps or stop:
                     ckpt.save(step + 1, state, {"step": step + 1}, to_dict(config))
+                if stop:
+                    log.info("SIGTERM: stopping after GRPO step %d; checkpoint saved", step + 1)
+                    break
     finally:
+        preemption.close()
         writer.close()
         ckpt.close()
     return {"state": state, "model_def": model_def, "metrics": summary, "processor": processor,
             "step": max(start, rl.steps), "already_finished": start >= rl.steps}
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "advantages", "row_weights", "pixel_values",
+              "image_grid_thw")
+
+
+def micro_batches(examples: Sequence[TurnExample], processor, buckets: Sequence[int], grad_accum: int,
+                  eos_ids: Sequence[int], image_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The step's turns as `grad_accum` micro-batches [A, ...] of one sequence length and row
+    count (contiguous groups of turns; padding rows carry no loss), and the sampler log-probs
+    [A, b, S]. The loss is a sum over rows with per-row weights, so the update equals one batch."""
+    whole = build_grpo_batch(examples, processor, buckets, eos_ids, image_size=image_size)
+    if grad_accum == 1:
+        parts = [whole]
+    else:
+        per = -(-len(examples) // grad_accum)
+        rows = row_bucket(per, max(1, whole.input_ids.shape[0] // grad_accum))
+        groups = [examples[i * per:(i + 1) * per] for i in range(grad_accum)]
+        if any(not g for g in groups):
+            raise ValueError(f"{len(examples)} policy turns do not fill grad_accum={grad_accum} micro-batches")
+        parts = [build_grpo_batch(g, processor, (whole.input_ids.shape[1],), eos_ids, pad_rows=rows,
+                                  image_size=image_size) for g in groups]
+    shapes = {np.shape(getattr(p, "pixel_values")) for p in parts}
+    if len(shapes) > 1:
+        raise ValueError("grad_accum > 1 needs the same number of images in every micro-batch (history=none)")
+    arrays = {k: np.stack([getattr(p, k) for p in parts]) for k in BATCH_KEYS}
+    return arrays, np.stack([p.sampler_logprobs for p in parts])

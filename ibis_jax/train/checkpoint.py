@@ -2,7 +2,7 @@
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. `state` holds params, frozen params,
 optimizer state and step (sharded arrays, restored straight into their shardings); `data` the
-grain iterator state of this process (JSON; one item per process when several); `config` the
+grain iterator state (JSON; the same on every process); `config` the
 TrainConfig. Restoring the state, iterator and config of step k and running on reproduces the
 uninterrupted run bit for bit (same data order, same arithmetic).
 
@@ -24,7 +24,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from ibis_jax.errors import DataError
-from ibis_jax.fileio import atomic_dir
 from ibis_jax.train.state import ModelDef, TrainState
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, data_state: Any, config: dict) -> None:
-        key = f"data_{jax.process_index()}" if jax.process_count() > 1 else "data"
+        """Collective: every process calls it with its shards of `state`. The data-iterator state
+        is the same on every process (each took the same number of steps from its own slice),
+        so process 0's copy is the one written, and any process count restores from it."""
+        key = "data"
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -70,8 +72,8 @@ class Checkpointer:
                 config=ocp.args.JsonRestore(),
             ),
         )
-        key = f"data_{jax.process_index()}" if jax.process_count() > 1 else "data"
-        return out.state, out.data[key], out.config, step
+        data = out.data["data"] if "data" in out.data else out.data[f"data_{jax.process_index()}"]  # older layout
+        return out.state, data, out.config, step
 
     def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, Any, dict, int] | None:
         """:meth:`restore` of the newest step that restores, or ``None`` without checkpoints.
@@ -123,14 +125,25 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir: str | None = None,
-              settings=None) -> None:
-    """Write the trained model (LoRA merged into the weights) as an HF directory with `save_hf`,
-    with the agent settings it was trained with (`agent.settings.AGENT_FILE`; None: the defaults)."""
-    from ibis_jax.agent.settings import HF_DEFAULTS, save_agent_settings
-    from ibis_jax.models.qwen2_5_vl import save_hf
+              settings=None, max_shard_size: int | str = "5GB") -> None:
+    """Write the trained model as an HF directory straight from the (sharded, possibly multi-host)
+    state: tensor by tensor, LoRA merged into each adapted kernel on the way out, one safetensors
+    shard in host memory at a time, written by process 0 (`save_hf_params`) into a folder renamed
+    into place when complete; with the agent settings it was trained with
+    (`agent.settings.AGENT_FILE`; None: the defaults). Every process must call it."""
+    from ibis_jax.agent.settings import AGENT_FILE, HF_DEFAULTS, settings_json
+    from ibis_jax.models.qwen2_5_vl.params import save_hf_params
+    from ibis_jax.train import lora as lora_lib
 
-    model = model_def.build(jax.device_get(state.params), jax.device_get(state.frozen))
-    if jax.process_index() == 0:
-        with atomic_dir(directory) as partial:  # a kill mid-export leaves no half directory
-            save_hf(model, partial, source_dir=source_dir)
-            save_agent_settings(partial, settings or HF_DEFAULTS)
+    transform = None
+    if model_def.lora_rank:
+        params, adapters = state.frozen, state.params
+        scale = model_def.lora_alpha / model_def.lora_rank
+
+        def transform(path, w):
+            ab = adapters.get(lora_lib.key_of(path))
+            return w if ab is None else lora_lib.merge_one(w, ab["a"], ab["b"], scale)
+    else:
+        params = model_def.all_params(state.params, state.frozen)  # a dict merge: no array is copied
+    save_hf_params(params, model_def.config, directory, source_dir=source_dir, max_shard_size=max_shard_size,
+                   transform=transform, extra_files={AGENT_FILE: settings_json(settings or HF_DEFAULTS)})

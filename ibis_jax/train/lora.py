@@ -66,6 +66,13 @@ def lora_specs(param_specs: dict, lora: dict) -> dict:
     return out
 
 
+@jax.jit
+def merge_one(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W + scale * A @ B in W's dtype (fp32 accumulation): one adapted kernel."""
+    delta = jnp.einsum("ir,ro->io", a, b, preferred_element_type=jnp.float32)
+    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
 def merge_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:
     """params with W += (alpha / rank) A @ B at every adapted kernel (a new nested dict)."""
     scale = alpha / rank
@@ -78,8 +85,7 @@ def merge_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:
                 out[k] = walk(v, path)
             elif key_of(path) in lora:
                 ab = lora[key_of(path)]
-                delta = jnp.einsum("ir,ro->io", ab["a"], ab["b"], preferred_element_type=jnp.float32)
-                out[k] = (v.astype(jnp.float32) + scale * delta).astype(v.dtype)
+                out[k] = merge_one(v, ab["a"], ab["b"], scale)
             else:
                 out[k] = v
         return out

@@ -49,10 +49,16 @@ def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_specs(batch: dict[str, Any], mesh: Mesh) -> dict[str, P]:
+REPLICATED_KEYS = ("num_images", "image_grid_thw")
+
+
+def batch_specs(batch: dict[str, Any], mesh: Mesh, processes: int = 1) -> dict[str, P]:
     """Specs of the pipeline's batch: [accum, batch, ...] arrays split on the batch dim over
     (data, fsdp); the packed patches [accum, patches, ...] likewise when they divide evenly
-    (else replicated); image grids and counts replicated."""
+    (else replicated); image grids and counts replicated.
+
+    `batch` is process-local: with `processes` > 1 each process holds 1/processes of every
+    split dimension, so those must split (a process cannot replicate rows only it holds)."""
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     specs = {}
     for k, v in batch.items():
@@ -60,7 +66,10 @@ def batch_specs(batch: dict[str, Any], mesh: Mesh) -> dict[str, P]:
             specs[k] = jax.tree.map(lambda _: P(), v)
             continue
         shape = np.shape(v)
-        if k in ("num_images", "image_grid_thw") or len(shape) < 2 or shape[1] % ways:
+        if k in REPLICATED_KEYS or len(shape) < 2 or (shape[1] * processes) % ways:
+            if processes > 1 and k not in REPLICATED_KEYS and len(shape) >= 2:
+                raise ValueError(f"batch {k} {shape} per process x {processes} processes does not split over "
+                                 f"the {ways} data x fsdp devices: make the global micro-batch a multiple of {ways}")
             specs[k] = P()
         else:
             specs[k] = P(None, BATCH_AXES, *([None] * (len(shape) - 2)))

@@ -4,7 +4,7 @@ iterator.
 
 Order of operations (all deterministic given `shuffle_seed`):
   index of samples (record, step) -> shuffle (reshuffled every epoch) -> repeat -> this process's
-  slice -> [workers] read record, render overlays, preprocess images, tokenize -> batch of the
+  chunks of every micro-batch (see `make_pipeline`) -> [workers] read record, render overlays, preprocess images, tokenize -> batch of the
   process's share of the global batch -> pad to the smallest bucket that fits, split into
   `grad_accum` micro-batches.
 
@@ -154,6 +154,26 @@ class Collate:
         }
 
 
+@dataclasses.dataclass
+class TokenizeChunk(grain.transforms.Map):
+    """A chunk of (record, step) pairs -> its SFTSamples."""
+
+    tokenize: TokenizeSample
+
+    def map(self, chunk: list) -> list[SFTSample]:
+        return [self.tokenize.map(pair) for pair in chunk]
+
+
+@dataclasses.dataclass
+class FlatCollate:
+    """The grad_accum chunks of one step (lists of SFTSamples) -> `Collate` of their concatenation."""
+
+    collate: Collate
+
+    def __call__(self, chunks: list[list[SFTSample]]) -> dict[str, np.ndarray]:
+        return self.collate([s for chunk in chunks for s in chunk])
+
+
 def _empty(s: SFTSample, pad_id: int) -> SFTSample:
     return SFTSample(np.asarray([pad_id], np.int32), np.zeros(1, np.float32), np.zeros(1, bool), [], s.record_id, s.step)
 
@@ -191,10 +211,14 @@ def make_pipeline(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
     collate = Collate(config, int(pad_id))
     ds = grain.MapDataset.source(list(pairs)).shuffle(seed=config.shuffle_seed).repeat(None)
-    # Global sample k of a step goes to process k % process_count: every process reads its own slice.
-    ds = ds[process_index::process_count]
-    ds = ds.map(TokenizeSample(data_dir, tokenizer_dir, config))
-    ds = ds.batch(local, drop_remainder=True, batch_fn=collate)
+    # Every process reads only its slice, laid out so the global batch is the one a single process
+    # would build, row for row: the stream is cut into chunks of m = micro_batch / processes
+    # samples; micro-batch a of step i is chunks (i * A + a) * P + p for p = 0 .. P-1, and process
+    # p holds chunk p of each (the rows its devices own when the batch is split over processes).
+    m = local // config.grad_accum
+    ds = ds.batch(m, drop_remainder=True, batch_fn=list)[process_index::process_count]
+    ds = ds.map(TokenizeChunk(TokenizeSample(data_dir, tokenizer_dir, config)))
+    ds = ds.batch(config.grad_accum, drop_remainder=True, batch_fn=FlatCollate(collate))
     it_ds = ds.to_iter_dataset()
     if config.num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import time
 import zlib
 from typing import Any, Callable, Sequence
@@ -22,6 +21,7 @@ from flax import nnx
 
 from ibis_jax.agent.settings import AgentSettings
 from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, load_hf, vision_layout
+from ibis_jax.train import core
 from ibis_jax.train import lora as lora_lib
 from ibis_jax.train import mesh as mesh_lib
 from ibis_jax.train.checkpoint import Checkpointer, abstract_with_shardings, export_hf
@@ -56,6 +56,7 @@ def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None
             # A new folder is built aside and renamed when complete: a failure leaves none behind.
             with atomic_dir(tok) if not os.path.exists(tok) else _nullcontext(tok) as out:
                 make_tokenizer_dir(out, vocab_size=TINY_VOCAB, corpus=_dataset_texts(data_dir), grammar_tokens=True)
+        core.barrier("tokenizer")  # the other processes read what process 0 wrote
         return tiny_config(tok), tok
     presets = {"qwen2_5_vl_3b": Qwen25VLConfig.qwen2_5_vl_3b, "qwen2_5_vl_7b": Qwen25VLConfig.qwen2_5_vl_7b}
     if config.model not in presets:
@@ -102,9 +103,36 @@ def to_global(batch: dict[str, Any], shardings: dict[str, Any]) -> dict[str, jax
     return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), batch, shardings)
 
 
-def fingerprint(batch: dict[str, np.ndarray]) -> int:
-    """crc32 of the batch's token ids: logged per step to check the data order across resumes."""
-    return zlib.crc32(np.ascontiguousarray(batch["input_ids"]).tobytes())
+def fingerprint(batch: dict[str, Any]) -> int:
+    """crc32 of the step's global token ids (gathered from every process): logged per step to
+    check the data order across resumes and process counts."""
+    return zlib.crc32(np.ascontiguousarray(core.host_global(batch["input_ids"])).tobytes())
+
+
+def agree_across_processes(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Make the process-local batches of one step parts of one global batch (a no-op alone): the
+    same sequence bucket everywhere (the longest any process needs) and image grids for the
+    images of all processes (every grid is the same fixed square)."""
+    processes = jax.process_count()
+    if processes == 1:
+        return batch
+    cap = batch["image_grid_thw"].shape[1]
+    if np.any(batch["num_images"] < cap):
+        # Padding images sit after a micro-batch's real ones; across processes they would land
+        # between two processes' images and be read by the second one's image tokens.
+        raise ValueError(f"a micro-batch has fewer than max_images_per_sample x micro-batch = {cap} images; on "
+                         "several processes every sample needs exactly max_images_per_sample images (history=none, "
+                         "max_images_per_sample=1, no dropped samples)")
+    batch = dict(batch)
+    seq = batch["input_ids"].shape[-1]
+    longest = core.global_max(seq)
+    if longest > seq:
+        pad = ((0, 0), (0, 0), (0, longest - seq))
+        for k, fill in (("input_ids", pad_id), ("targets", pad_id), ("attention_mask", 0), ("weights", 0),
+                        ("action_mask", 0)):
+            batch[k] = np.pad(batch[k], pad, constant_values=fill)
+    batch["image_grid_thw"] = np.tile(batch["image_grid_thw"], (1, processes, 1))
+    return batch
 
 
 def train(
@@ -126,8 +154,11 @@ def train(
     check_dataset(data_dir)  # a missing, empty or corrupt dataset is named before anything is written
     os.makedirs(workdir, exist_ok=True)
     # ---------------------------------------------------------------- distributed + mesh
-    if int(os.environ.get("IBIS_NUM_PROCESSES", "1")) > 1 and not jax.distributed.is_initialized():
-        jax.distributed.initialize()  # coordinator and ids from the cluster environment
+    core.init_distributed()  # no-op when the command did it (--coordinator ...) or alone
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_count() > 1 and config.history != "none":
+        raise ValueError("history=full on several processes is not supported yet (padding images of one process "
+                         "would be read by another's image tokens); use history=none")
     mesh = mesh_lib.make_mesh(config.mesh_shape, devices)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
@@ -178,18 +209,16 @@ def train(
     # ---------------------------------------------------------------- the update step
     train_step = make_train_step(model_def, LOSSES["sft"], tx, schedule)
     layout_cache: dict = {}
-    first = with_vision_layout(next(data_iter), model_config.vision, layout_cache)
-    batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(first, mesh))
+    pad_id = pipeline.collate.pad_id
+    next_batch = lambda: with_vision_layout(agree_across_processes(next(data_iter), pad_id), model_config.vision,
+                                            layout_cache)
+    first = next_batch()
+    batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(first, mesh, processes=jax.process_count()))
     step_fn = jit_train_step(train_step, shardings, batch_shardings, mesh)
     peak = peak_flops_per_device(config.compute_dtype, config.peak_flops) * mesh.size
 
     # ---------------------------------------------------------------- the loop
-    preempted = {"flag": False}
-
-    def on_sigterm(signum, frame):
-        preempted["flag"] = True  # finish the step, checkpoint, exit
-
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    preemption = core.Preemption()  # SIGTERM: finish the step, checkpoint (all processes), exit
     writer = MetricsWriter(workdir, start_step=start)
     bar = _progress(progress, start, total_steps)
     last = time.perf_counter()
@@ -199,9 +228,9 @@ def train(
     try:
         while step < total_steps:
             if batch is None:
-                batch = with_vision_layout(next(data_iter), model_config.vision, layout_cache)
-            fp = fingerprint(batch)
-            state, metrics = step_fn(state, to_global(batch, batch_shardings))
+                batch = next_batch()
+            global_batch = to_global(batch, batch_shardings)
+            state, metrics = step_fn(state, global_batch)
             step += 1
             shapes = batch["input_ids"].shape
             patches = batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]
@@ -220,7 +249,7 @@ def train(
                     freeze_vision=config.freeze_vision, image_size=config.image_size,
                 )
                 m["mfu"] = flops / dt / peak
-                m["data_fingerprint"] = float(fp)
+                m["data_fingerprint"] = float(fingerprint(global_batch))
                 writer.write(step, m)
                 metrics_out = m
                 for hook in hooks:
@@ -230,18 +259,18 @@ def train(
                                     img_tok_s=f"{m['image_tokens_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
-            stop = preempted["flag"] or step == stop_at_step
+            sigterm = preemption.requested()
+            stop = sigterm or step == stop_at_step
             if step % config.checkpoint_every == 0 or step == total_steps or stop:
                 ckpt.save(step, state, data_iter.get_state(), to_dict(config))
             if stop:
-                log.info("stopping at step %d (%s); checkpoint saved", step, "SIGTERM" if preempted["flag"] else "stop_at_step")
+                log.info("stopping at step %d (%s); checkpoint saved", step, "SIGTERM" if sigterm else "stop_at_step")
                 break
     finally:
         writer.close()
         if bar is not None:
             bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        preemption.close()
     finished = step >= total_steps
     already_finished = start >= total_steps  # a rerun of a finished run: nothing trained
     if already_finished:
@@ -255,12 +284,6 @@ def train(
     return {"step": step, "total_steps": total_steps, "finished": finished, "state": state,
             "model_def": model_def, "metrics": metrics_out, "tokenizer_dir": tokenizer_dir,
             "already_finished": already_finished}
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _progress(enabled: bool, start: int, total: int):

@@ -64,6 +64,9 @@ def test_two_grpo_steps_update_and_resume(init_dir, tmp_path):
         assert key in m and np.isfinite(m[key]), key
     assert m["reward/format"] == 1.0  # canonical text passes the strict check
     assert m["policy_tokens"] > 0 and m["grad_norm"] > 0
+    # GRPO runs at a constant rate (no SFT warmup-cosine): the same on both steps
+    assert [s_m["learning_rate"] for _, s_m in seen] == [np.float32(1e-3)] * 2
+    assert m["sampler_vs_old_logprob_max_abs"] >= 0
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[1])["step"] == 2
     # A rerun resumes at the last checkpoint: nothing left to do, same parameters.
@@ -96,3 +99,39 @@ def test_grpo_refuses_a_config_that_differs_from_the_model_record(init_dir, tmp_
         train_grpo(TrainConfig(image_size=56, mesh_shape=(1, 1, 1)), RLConfig(steps=1), samples, ClassicalTool(),
                    str(tmp_path / "work"), init_dir=str(short_dir))
     assert not (tmp_path / "work" / "metrics.jsonl").exists()
+
+
+def test_grpo_schedule_constant_with_optional_warmup():
+    from ibis_jax.rl.trainer import grpo_schedule
+
+    config = TrainConfig(lr=1e-6, warmup_frac=0.1, end_lr_frac=0.0)  # SFT's fields do not apply
+    constant = grpo_schedule(config, RLConfig(steps=100))
+    np.testing.assert_allclose([float(constant(s)) for s in (0, 1, 50, 99, 100)], [1e-6] * 5, rtol=1e-7)
+    warm = grpo_schedule(config, RLConfig(steps=100, warmup_steps=4))
+    np.testing.assert_allclose([float(warm(s)) for s in (0, 2, 4, 50, 99)], [0, 5e-7, 1e-6, 1e-6, 1e-6], rtol=1e-6)
+    cosine = grpo_schedule(config, RLConfig(steps=100, lr_schedule="cosine"))
+    assert float(cosine(99)) < 1e-7  # SFT's schedule only when asked for
+    with pytest.raises(ValueError, match="lr_schedule"):
+        grpo_schedule(config, RLConfig(lr_schedule="linear"))
+
+
+def test_grad_accum_two_equals_one_double_micro_batch(init_dir, tmp_path):
+    samples = [Sample(s.image, s.mask, s.target, "Synthetic", s.sample_id, "shapes", {})
+               for s in synthetic_shapes(2, size=64, seed=0)]
+    rl = RLConfig(steps=1, prompts_per_step=2, max_turns=1, grpo=GRPOConfig(group_size=4), seq_buckets=(1024,))
+    factory = lambda model, processor, rl_cfg, seed: RandomClickPolicy(processor, seed=seed)
+    out, seen = {}, {}
+    for accum in (1, 2):
+        config = TrainConfig(image_size=56, lr=1e-3, warmup_frac=0.0, checkpoint_every=100, mesh_shape=(1, 1, 1),
+                             batch_size=8, grad_accum=accum)
+        out[accum] = train_grpo(config, rl, samples, ClassicalTool(), str(tmp_path / str(accum)), init_dir=init_dir,
+                                policy_factory=factory, hooks=[lambda step, m, a=accum: seen.setdefault(a, m)])
+    m1, m2 = seen[1], seen[2]
+    assert (m1["micro_batches"], m2["micro_batches"]) == (1, 2)
+    assert m1["reward"] == m2["reward"] and m1["policy_tokens"] == m2["policy_tokens"] > 0
+    assert abs(m1["loss"] - m2["loss"]) < 1e-6 + 1e-5 * abs(m1["loss"])
+    assert abs(m1["grad_norm"] - m2["grad_norm"]) < 1e-4 * m1["grad_norm"] and m1["grad_norm"] > 0
+    p1 = jax.tree.leaves(jax.device_get(out[1]["state"].params))
+    p2 = jax.tree.leaves(jax.device_get(out[2]["state"].params))
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(p1, p2))
+    assert worst < 0.05 * 1e-3  # a few % of one Adam step (fp32 summation order differs)

@@ -6,12 +6,13 @@ transform; `load_hf` and `save_hf` both walk it, so a name can only be wrong in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from ibis_jax.fileio import atomic_dir
 
 from .config import Qwen25VLConfig, ShardingConfig
 from .layers import DType
@@ -262,17 +265,41 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def to_host(x: Any) -> np.ndarray:
+    """One tensor to host memory on every process: arrays spanning hosts are all-gathered
+    (a collective: every process must call it, in the same order), others fetched."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    if isinstance(x, jax.Array):
+        # From the shards, not np.asarray(x): that caches a host copy on the array itself, so an
+        # export would keep every tensor of the (live) train state in host memory.
+        out = np.empty(x.shape, x.dtype)
+        done = set()
+        for shard in x.addressable_shards:
+            key = tuple((s.start, s.stop) for s in shard.index) if x.ndim else ()
+            if key not in done:
+                done.add(key)
+                out[shard.index] = np.asarray(shard.data)
+        return out
+    return np.asarray(x)
+
+
+def _hf_leaves(params: dict, config: Qwen25VLConfig, legacy_keys: bool) -> list[tuple[str, tuple, str, Any]]:
+    return [(legacy_hf_key(hf) if legacy_keys else hf, path, transform, _get(params, path))
+            for hf, path, transform in expand_rules(config)]
+
+
 def hf_tensors(model: Qwen25VL, legacy_keys: bool = True) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF key, numpy tensor in HF layout) for every parameter, in table order.
+    """(HF key, numpy tensor in HF layout) for every parameter, in table order, one at a time.
 
     legacy_keys: name them as `save_pretrained` writes them (`model.layers.*`, `visual.*`);
     False gives the in-memory names of transformers >= 4.52 (`model.language_model.*`, ...).
     """
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    for hf, path, transform in expand_rules(model.config):
-        x = np.asarray(jax.device_get(_get(pure, path)))
-        key = legacy_hf_key(hf) if legacy_keys else hf
-        yield key, np.ascontiguousarray(nnx_to_hf(x, transform, model.config))
+    for key, _, transform, leaf in _hf_leaves(pure, model.config, legacy_keys):
+        yield key, np.ascontiguousarray(nnx_to_hf(to_host(leaf), transform, model.config))
 
 
 PROCESSOR_FILES = (
@@ -305,46 +332,84 @@ def save_hf(
     dtype: storage dtype of the written tensors (default: the parameters' own dtype).
     legacy_keys: write `model.layers.*` / `visual.*` names, as transformers' own
     `save_pretrained` does (5.x included); both layouts load in `load_hf` and transformers.
-    An existing `directory` is replaced as a whole, once the new one is complete.
+    The parameters may be sharded over many devices and hosts: see `save_hf_params`.
     """
-    from ibis_jax.fileio import atomic_dir
+    save_hf_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, directory, source_dir=source_dir,
+                   max_shard_size=max_shard_size, dtype=dtype, legacy_keys=legacy_keys)
 
+
+def save_hf_params(
+    params: dict,
+    config: Qwen25VLConfig,
+    directory: str | os.PathLike,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    max_shard_size: int | str = "5GB",
+    dtype: DType | None = None,
+    legacy_keys: bool = True,
+    transform: Callable[[tuple, Any], Any] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """`save_hf` from the nested parameter dict of a (possibly multi-host sharded) model.
+
+    Streams: the shard plan comes from shapes and dtypes alone, then each safetensors shard is
+    gathered tensor by tensor (`to_host`), written and dropped, so a host holds about one shard.
+    Every process must call this (the gathers are collectives); only process 0 writes.
+    transform(nnx path, array) -> array of the same shape and dtype, applied to each tensor on
+    the way out (e.g. a LoRA merge, one kernel at a time). extra_files: name -> text written into
+    the export with the weights (e.g. the agent settings), inside the same atomic rename.
+    """
+    directory = os.fspath(directory)
+    writer = jax.process_index() == 0
     limit = _parse_size(max_shard_size)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    total = 0
-    stored_dtype = None
-    for key, x in hf_tensors(model, legacy_keys):
-        if dtype is not None:
-            x = x.astype(dtype)
-        stored_dtype = stored_dtype or x.dtype
-        if shards[-1] and size + x.nbytes > limit:
-            shards.append({})
+    leaves = _hf_leaves(params, config, legacy_keys)
+    stored = [np.dtype(dtype) if dtype is not None else np.dtype(leaf.dtype) for *_, leaf in leaves]
+    shards: list[list[int]] = [[]]  # indices into leaves
+    size = total = 0
+    for i, (_, _, _, leaf) in enumerate(leaves):
+        nbytes = int(np.prod(leaf.shape)) * stored[i].itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
             size = 0
-        shards[-1][key] = x
-        size += x.nbytes
-        total += x.nbytes
-    # Built in a hidden sibling folder and renamed when complete: a kill during the export leaves
-    # the previous directory (or none), never a torn one (a 0-byte config.json).
-    with atomic_dir(directory) as out:
-        out = os.fspath(out)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for n, shard in enumerate(shards, 1):
-                name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(out, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        hf_config = model.config.to_hf_dict()
-        hf_config["dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(stored_dtype), "float32")
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        if source_dir is not None:
-            source_dir = os.fspath(source_dir)
-            for name in PROCESSOR_FILES:
-                src = os.path.join(source_dir, name)
-                if os.path.exists(src):  # from the old directory too when source_dir is directory
-                    shutil.copy2(src, os.path.join(out, name))
+        shards[-1].append(i)
+        size += nbytes
+        total += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)])
+    # Process 0 builds the export in a hidden sibling folder renamed into place when complete: a
+    # kill during the export leaves the previous directory (or none), never a torn one.
+    with contextlib.ExitStack() as stack:
+        out = os.fspath(stack.enter_context(atomic_dir(directory))) if writer else directory
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            tensors = {}
+            for i in shard:
+                key, path, how, leaf = leaves[i]
+                x = to_host(transform(path, leaf) if transform is not None else leaf)
+                if dtype is not None:
+                    x = x.astype(dtype)
+                tensors[key] = np.ascontiguousarray(nnx_to_hf(x, how, config))
+                weight_map[key] = name
+            if writer:
+                save_file(tensors, os.path.join(out, name), metadata={"format": "pt"})
+            del tensors
+        if writer:
+            if len(shards) > 1:
+                with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            hf_config = config.to_hf_dict()
+            hf_config["dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(stored[0]), "float32")
+            with open(os.path.join(out, "config.json"), "w") as f:
+                json.dump(hf_config, f, indent=2)
+            if source_dir is not None:
+                for fname in PROCESSOR_FILES:
+                    src = os.path.join(os.fspath(source_dir), fname)
+                    if os.path.exists(src):
+                        shutil.copy2(src, os.path.join(out, fname))
+            for fname, text in (extra_files or {}).items():
+                with open(os.path.join(out, fname), "w") as f:
+                    f.write(text)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"save_hf {directory}")  # nobody reads a half-written export

@@ -1,0 +1,33 @@
+"""Launch flags of the trainer core: validated before anything starts; alone, nothing starts."""
+
+import jax
+import pytest
+
+from ibis_jax.train import core
+
+
+def test_distributed_flags_go_together_and_alone_is_a_no_op():
+    with pytest.raises(ValueError, match="go together"):
+        core.init_distributed("127.0.0.1:1234", 2, None)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        core.init_distributed("127.0.0.1:1234", 2, 2)
+    core.init_distributed("127.0.0.1:1234", 1, 0)  # one process: nothing to coordinate
+    core.init_distributed()  # no cluster here: one process
+    assert jax.process_count() == 1 and not jax.distributed.is_initialized()
+    assert core.global_max(7) == 7
+    preemption = core.Preemption()
+    try:
+        assert not preemption.requested()
+    finally:
+        preemption.close()
+
+
+def test_cli_takes_the_launch_flags():
+    from ibis_jax.cli import build_parser
+
+    for cmd in (["sft", "--config", "c.py", "--data", "d", "--workdir", "w"],
+                ["grpo", "--config", "c.py", "--init", "i", "--workdir", "w"]):
+        argv = [*cmd, "--coordinator", "10.0.0.1:12355", "--num-processes", "2", "--process-id", "1", "lr=1e-6"]
+        args = build_parser(argv).parse_args(argv)
+        assert (args.coordinator, args.num_processes, args.process_id, args.overrides) == (
+            "10.0.0.1:12355", 2, 1, ["lr=1e-6"])

@@ -193,8 +193,8 @@ def train_grpo(
                 times["time/rollout_s"] = time.perf_counter() - t0
                 times["time/generation_s"] = sum(t.generate_seconds for t in traces)
                 times["time/tool_s"] = sum(s.tool_seconds for e in episodes for s in e.steps)
-                ctx = RewardContext(rl.reward)
-                scores = [score_episode(e, rl.rewards, ctx) for e in episodes]
+                scores = [score_episode(e, rl.rewards, RewardContext(rl.reward, stop_reasons=tuple(
+                    t.stop_reason for t in trace.turns))) for e, trace in zip(episodes, traces)]
                 advantages = np.asarray(group_advantages(
                     np.asarray([s.score for s in scores], np.float32), rl.grpo.group_size,
                     rl.grpo.normalize_std, rl.grpo.std_eps))

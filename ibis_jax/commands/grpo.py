@@ -5,7 +5,7 @@
 
 Plain ``key=value`` overrides set ``TrainConfig`` fields (optimizer, mesh, image size); ``rl.*``
 overrides set the rollout and reward fields (``rl.steps``, ``rl.prompts_per_step``,
-``rl.group_size``, ``rl.max_turns``, ``rl.t_opt``, ``rl.pseg_drop_penalty``, ``rl.epsilon``,
+``rl.group_size``, ``rl.max_turns``, ``rl.t_opt``, ``rl.pseg_drop_penalty``, ``rl.epsilon_low``,
 ``rl.beta``, ``rl.reward_mode``...). ``--reward my_rewards.py:shape_bonus`` adds a reward (any
 number of times). Rerunning with the same workdir resumes.
 """
@@ -21,9 +21,9 @@ from ibis_jax.commands.synth import add_source_arguments, build_source
 RL_FIELDS = {
     "steps": ("rl", int), "prompts_per_step": ("rl", int), "max_turns": ("rl", int), "history": ("rl", str),
     "temperature": ("rl", float), "max_new_tokens": ("rl", int), "seed": ("rl", int),
-    "group_size": ("grpo", int), "epsilon": ("grpo", float), "epsilon_high": ("grpo", float),
-    "beta": ("grpo", float), "aggregation": ("grpo", str),
-    "normalize_std": ("grpo", lambda v: v.lower() in ("1", "true", "yes")),
+    "group_size": ("grpo", int), "epsilon_low": ("grpo", float), "epsilon_high": ("grpo", float),
+    "beta": ("grpo", float), "aggregation": ("grpo", str), "advantage": ("grpo", str),
+    "kl_estimator": ("grpo", str), "num_iterations": ("grpo", int), "mini_batches": ("grpo", int),
     "t_opt": ("reward", int), "length_penalty": ("reward", float), "pseg_drop_penalty": ("reward", float),
     "aggregate": ("reward", str), "reward_mode": ("reward", str),
 }

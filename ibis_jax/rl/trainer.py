@@ -36,8 +36,9 @@ from ibis_jax.data.queries import sample_query
 from ibis_jax.data.sources.base import Sample
 from ibis_jax.models.qwen2_5_vl import load_hf
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
-from ibis_jax.rl.batch import TurnExample, build_grpo_batch
-from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, group_advantages
+from ibis_jax.rl.batch import TurnExample, build_grpo_batch, trajectory_tokens
+from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, compute_advantages, minibatch_indices, \
+    nonzero_variance_groups
 from ibis_jax.rl.loss import make_grpo_loss, sampling_logits
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
 from ibis_jax.tools.protocol import SegmentationTool
@@ -100,6 +101,25 @@ def _turn_examples(episodes: Sequence[Episode], traces, advantages: np.ndarray, 
     return examples
 
 
+def resolve_grpo(rl: RLConfig) -> GRPOConfig:
+    """The GRPO config with its run-dependent defaults filled in (dr_grpo's constant: the token
+    budget of a trajectory, ``max_new_tokens * max_turns``)."""
+    if rl.grpo.dr_grpo_norm > 0:
+        return rl.grpo
+    return dataclasses.replace(rl.grpo, dr_grpo_norm=float(rl.max_new_tokens * rl.max_turns))
+
+
+def mean_update_metrics(per_update: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Several optimizer updates per rollout batch: the mean of each metric over them, plus the
+    last update's clip fraction and ratio deviation (the first update's are 0 by construction)."""
+    out = {k: float(np.mean([m[k] for m in per_update])) for k in per_update[0]}
+    for k in ("clip_fraction", "ratio_abs_dev", "kl"):
+        if k in per_update[-1]:
+            out[f"{k}_last"] = per_update[-1][k]
+    out["updates"] = float(len(per_update))
+    return out
+
+
 def rollout_metrics(episodes: Sequence[Episode], scores) -> dict[str, float]:
     out: dict[str, float] = {"reward": float(np.mean([s.score for s in scores]))}
     for name in scores[0].components:
@@ -134,7 +154,8 @@ def train_grpo(
     prompt_text = system_prompt(config.system_prompt)
     # ---------------------------------------------------------------- mesh, model, optimizer
     mesh = mesh_lib.make_mesh(config.mesh_shape)
-    tx, schedule = make_optimizer(config, rl.steps)
+    grpo = resolve_grpo(rl)
+    tx, schedule = make_optimizer(config, rl.steps * grpo.updates_per_batch)
     model = load_hf(init_dir, mesh=mesh, freeze_vision=config.freeze_vision)
     processor = Qwen25VLProcessor(config.tokenizer_dir or init_dir)
     graphdef, _, _, param_specs = split_model(model, config)
@@ -144,6 +165,8 @@ def train_grpo(
     shardings = mesh_lib.named(mesh, state_specs(state, param_specs, tx, config))
     state = jax.device_put(state, shardings)
     del model
+    # The frozen initial policy for the KL penalty: a copy (the update donates the state's buffers).
+    ref_params = jax.tree.map(jax.numpy.copy, state.params) if grpo.beta > 0 else None
     # ---------------------------------------------------------------- restore
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = 0
@@ -155,14 +178,14 @@ def train_grpo(
     # The default policy never samples the multimodal placeholders (ModelPolicy); the loss scores
     # rollouts under the same distribution.
     suppressed = model_def.config.multimodal_token_ids
-    train_step = make_train_step(model_def, make_grpo_loss(rl.grpo, temperature=rl.temperature, suppressed=suppressed),
+    train_step = make_train_step(model_def, make_grpo_loss(grpo, temperature=rl.temperature, suppressed=suppressed),
                                  tx, schedule)
     step_fns: dict = {}
     layout_cache: dict = {}
 
     @jax.jit
-    def old_logprobs(state, batch):
-        policy = model_def.build(state.params, state.frozen)
+    def token_logprobs(params, frozen, batch):
+        policy = model_def.build(params, frozen)
         hidden = policy.hidden_states(batch["input_ids"][0], batch["attention_mask"][0], batch["pixel_values"][0],
                                       batch["image_grid_thw"][0],
                                       vision_layout=jax.tree.map(lambda x: x[0], batch["vision_layout"]))
@@ -195,31 +218,55 @@ def train_grpo(
                 times["time/tool_s"] = sum(s.tool_seconds for e in episodes for s in e.steps)
                 scores = [score_episode(e, rl.rewards, RewardContext(rl.reward, stop_reasons=tuple(
                     t.stop_reason for t in trace.turns))) for e, trace in zip(episodes, traces)]
-                advantages = np.asarray(group_advantages(
-                    np.asarray([s.score for s in scores], np.float32), rl.grpo.group_size,
-                    rl.grpo.normalize_std, rl.grpo.std_eps))
-                examples = _turn_examples(episodes, traces, advantages, config.image_size, rl.history, prompt_text)
-                batch = build_grpo_batch(examples, processor, rl.seq_buckets)
-                arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                          "targets": batch.targets, "loss_mask": batch.loss_mask, "advantages": batch.advantages,
-                          "row_weights": batch.row_weights,
-                          "pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
-                arrays = with_vision_layout({k: v[None] for k, v in arrays.items()}, model_def.config.vision, layout_cache)
-                t1 = time.perf_counter()
-                arrays["old_logprobs"] = np.asarray(old_logprobs(state, arrays))
-                times["time/old_logprobs_s"] = time.perf_counter() - t1
-                shape_key = tuple((k, np.shape(v)) for k, v in arrays.items() if hasattr(v, "shape"))
-                if shape_key not in step_fns:
-                    batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(arrays, mesh))
-                    step_fns[shape_key] = (jit_train_step(train_step, shardings, batch_shardings, mesh), batch_shardings)
-                step_fn, batch_shardings = step_fns[shape_key]
-                t2 = time.perf_counter()
-                state, metrics = step_fn(state, to_global(arrays, batch_shardings))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                times["time/update_s"] = time.perf_counter() - t2
-                m = {**rollout_metrics(episodes, scores), **metrics, **times,
-                     "sampler_vs_old_logprob_max_abs": float(np.abs(
-                         (arrays["old_logprobs"][0] - batch.sampler_logprobs) * batch.loss_mask).max())}
+                score_values = np.asarray([s.score for s in scores], np.float32)
+                advantages = np.asarray(compute_advantages(score_values, grpo))
+                keep = (nonzero_variance_groups(score_values, grpo.group_size) if grpo.skip_zero_variance
+                        else np.ones(len(episodes), bool))
+                examples = [ex for ex in _turn_examples(episodes, traces, advantages, config.image_size, rl.history,
+                                                        prompt_text) if keep[ex.trajectory]]
+                update_metrics: list[dict[str, float]] = []
+                drift = 0.0
+                if examples:
+                    # Mini-batches of turns, fixed for this rollout batch; old (and reference)
+                    # log-probs once, before any update; then num_iterations passes over them.
+                    counts = trajectory_tokens(examples)
+                    minis = []
+                    t1 = time.perf_counter()
+                    for part in minibatch_indices(len(examples), grpo.mini_batches, rollout_seed(rl, step)):
+                        batch = build_grpo_batch([examples[i] for i in part], processor, rl.seq_buckets,
+                                                 tokens_per_trajectory=counts)
+                        arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                                  "targets": batch.targets, "loss_mask": batch.loss_mask,
+                                  "advantages": batch.advantages, "row_weights": batch.row_weights,
+                                  "pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
+                        arrays = with_vision_layout({k: v[None] for k, v in arrays.items()}, model_def.config.vision,
+                                                    layout_cache)
+                        arrays["old_logprobs"] = np.asarray(token_logprobs(state.params, state.frozen, arrays))
+                        if ref_params is not None:
+                            arrays["ref_logprobs"] = np.asarray(token_logprobs(ref_params, state.frozen, arrays))
+                        drift = max(drift, float(np.abs((arrays["old_logprobs"][0] - batch.sampler_logprobs)
+                                                        * batch.loss_mask).max()))
+                        minis.append(arrays)
+                    times["time/old_logprobs_s"] = time.perf_counter() - t1
+                    t2 = time.perf_counter()
+                    order_rng = np.random.default_rng(rollout_seed(rl, step) + 1)
+                    for _ in range(grpo.num_iterations):
+                        for index in order_rng.permutation(len(minis)):
+                            arrays = minis[index]
+                            shape_key = tuple((k, np.shape(v)) for k, v in arrays.items() if hasattr(v, "shape"))
+                            if shape_key not in step_fns:
+                                batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(arrays, mesh))
+                                step_fns[shape_key] = (jit_train_step(train_step, shardings, batch_shardings, mesh),
+                                                       batch_shardings)
+                            step_fn, batch_shardings = step_fns[shape_key]
+                            state, metrics = step_fn(state, to_global(arrays, batch_shardings))
+                            update_metrics.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+                    times["time/update_s"] = time.perf_counter() - t2
+                else:
+                    log.info("grpo step %d: every group has equal scores; no update", step + 1)
+                metrics = mean_update_metrics(update_metrics) if update_metrics else {"updates": 0.0}
+                metrics["kept_group_fraction"] = float(keep.mean())
+                m = {**rollout_metrics(episodes, scores), **metrics, **times, "sampler_vs_old_logprob_max_abs": drift}
                 writer.write(step + 1, m)
                 for hook in hooks:
                     hook(step + 1, m)

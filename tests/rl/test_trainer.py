@@ -96,3 +96,23 @@ def test_grpo_refuses_a_config_whose_system_prompt_differs_from_the_model_record
         train_grpo(TrainConfig(image_size=56, mesh_shape=(1, 1, 1)), RLConfig(steps=1), samples, ClassicalTool(),
                    str(tmp_path / "work"), init_dir=str(short_dir))
     assert not (tmp_path / "work" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow  # compiles a second update shape and the reference pass: ~60 s CPU
+def test_several_updates_per_batch_move_the_ratio_and_the_kl(init_dir, tmp_path):
+    """num_iterations x mini_batches updates on one rollout batch: after the first the ratio
+    leaves 1 (and may clip); with beta > 0 the KL to the frozen initial policy becomes > 0."""
+    samples = [Sample(s.image, s.mask, s.target, "Synthetic", s.sample_id, "shapes", {})
+               for s in synthetic_shapes(1, size=64, seed=0)]
+    config = TrainConfig(image_size=56, lr=3e-3, warmup_frac=0.0, checkpoint_every=10, mesh_shape=(1, 1, 1))
+    grpo = GRPOConfig(group_size=4, num_iterations=2, mini_batches=2, beta=0.1, kl_estimator="k3",
+                      epsilon_high=0.28)
+    rl = RLConfig(steps=1, prompts_per_step=1, max_turns=1, grpo=grpo, seq_buckets=(1024,))
+    seen = []
+    train_grpo(config, rl, samples, ClassicalTool(), str(tmp_path), init_dir=init_dir,
+               policy_factory=lambda model, processor, rl_cfg, seed: RandomClickPolicy(processor, seed=seed + 1),
+               hooks=[lambda step, m: seen.append(m)])
+    m = seen[0]
+    assert m["updates"] == 4.0 and m["kept_group_fraction"] == 1.0
+    assert m["ratio_abs_dev_last"] > 1e-4  # the last update sees a policy three updates away from pi_old
+    assert m["kl_last"] > 0.0 and np.isfinite(m["clip_fraction"])

@@ -7,7 +7,9 @@ Plain ``key=value`` overrides set ``TrainConfig`` fields (optimizer, mesh, image
 overrides set the rollout and reward fields (``rl.steps``, ``rl.prompts_per_step``,
 ``rl.group_size``, ``rl.max_turns``, ``rl.t_opt``, ``rl.pseg_drop_penalty``, ``rl.epsilon_low``,
 ``rl.beta``, ``rl.reward_mode``...). ``--reward my_rewards.py:shape_bonus`` adds a reward (any
-number of times). Rerunning with the same workdir resumes.
+number of times). Rerunning with the same workdir resumes. The final policy is written as an HF directory to
+``WORKDIR/hf`` (with ``ibis_agent.json``, as SFT's export); ``--export-every N`` also writes
+``WORKDIR/exports/step_N``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool", default="classical", help="'classical', a bridge HOST:PORT, or module:factory")
     parser.add_argument("--reward", action="append", default=[], help="extra reward 'file.py:function'")
     parser.add_argument("--limit", type=int, default=None, help="use the first N source items as prompts")
+    parser.add_argument("--export-every", type=int, default=0,
+                        help="also export the policy every N steps to WORKDIR/exports/step_N (the final one: WORKDIR/hf)")
     parser.add_argument("overrides", nargs="*", help="key=value (TrainConfig) and rl.key=value")
     add_source_arguments(parser)
     parser.set_defaults(run=run)
@@ -69,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     rl_items = [o for o in args.overrides if o.startswith("rl.")]
     config = load_config(args.config, [o for o in args.overrides if not o.startswith("rl.")])
     rl = rl_config_from(rl_items)
+    if args.export_every:
+        rl = dataclasses.replace(rl, export_every=args.export_every)
     if args.reward:
         rl = dataclasses.replace(rl, rewards=tuple(PAPER_REWARDS) + tuple(args.reward))
     source = build_source(args)
@@ -79,4 +85,6 @@ def run(args: argparse.Namespace) -> int:
     if m:
         print(f"GRPO done: reward {m['reward']:.3f}, IoU {m['iou']:.3f}, steps/episode {m['steps_per_episode']:.2f}; "
               f"metrics in {args.workdir}/metrics.jsonl")
+    if out.get("export_dir"):
+        print(f"HF export (loads with transformers and ModelPolicy.from_pretrained_dir): {out['export_dir']}")
     return 0

@@ -91,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     from ibis_jax.rl.grpo import GRPOConfig
     from ibis_jax.rl.rewards import RewardConfig
     from ibis_jax.tools.classical import ClassicalTool
-    from ibis_jax.train.checkpoint import export_hf
     from ibis_jax.train.config import load_config
     from ibis_jax.train.sft import train
 
@@ -133,8 +132,6 @@ def run(args: argparse.Namespace) -> int:
                       seq_buckets=(max(config.seq_buckets) + 128,))
         grpo_config = dataclasses.replace(config, lr=args.grpo_lr, warmup_frac=0.0, checkpoint_every=1_000_000)
         grpo = train_grpo(grpo_config, rl, samples, ClassicalTool(), str(out / "grpo"), init_dir=str(sft_dir))
-        export_hf(grpo["model_def"], grpo["state"], str(out / "grpo" / "hf"), source_dir=str(sft_dir),
-                  system_prompt=config.system_prompt)
     runs = {}
     with _stage("4. evaluate", times):
         cfg = EvalConfig(max_steps=args.max_turns, batch_size=16, curve_clicks=6, ks=(1, 3, 5), num_examples=2)

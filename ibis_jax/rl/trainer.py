@@ -12,7 +12,9 @@ the update step (SFT's ``make_train_step`` with the ``grpo`` loss), and the loop
 6. the jitted update; metrics per reward component, IoU, steps, parse failures, clip fraction,
    ratio, KL, entropy and seconds per phase, as JSONL + TensorBoard.
 
-Checkpoints (Orbax, SFT's ``Checkpointer``) hold the state and the step; prompts are drawn by
+The final policy is exported as an HF directory to ``WORKDIR/hf`` (``config.export_hf``), with
+``rl.export_every`` also to ``WORKDIR/exports/step_N``. Checkpoints (Orbax, SFT's
+``Checkpointer``) hold the state and the step; prompts are drawn by
 step index, so a resumed run continues with the same prompts.
 """
 
@@ -43,7 +45,7 @@ from ibis_jax.rl.loss import make_grpo_loss, sampling_logits
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
 from ibis_jax.tools.protocol import SegmentationTool
 from ibis_jax.train import mesh as mesh_lib
-from ibis_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from ibis_jax.train.checkpoint import Checkpointer, abstract_with_shardings, export_hf
 from ibis_jax.train.config import TrainConfig, to_dict
 from ibis_jax.train.metrics import MetricsWriter
 from ibis_jax.train.optim import make_optimizer
@@ -73,6 +75,7 @@ class RLConfig:
     seq_buckets: tuple[int, ...] = (1024, 2048)
     query_style: str | None = "direct"  # first-turn query style; None: drawn per prompt as in synthesis
     seed: int = 0
+    export_every: int = 0  # > 0: also export the policy every N steps to WORKDIR/exports/step_N
 
 
 def default_policy_factory(model, processor, rl: RLConfig, seed: int) -> Policy:
@@ -192,8 +195,15 @@ def train_grpo(
         return chunked_token_logprobs(sampling_logits(policy, rl.temperature, suppressed), hidden,
                                       batch["targets"][0])[0][None]
 
+    def export(state, directory: str) -> None:
+        """The policy as an HF directory with the agent metadata SFT writes (``ibis_agent.json``)."""
+        export_hf(model_def, state, directory, source_dir=config.tokenizer_dir or init_dir,
+                  system_prompt=config.system_prompt)
+        log.info("exported the GRPO policy to %s", directory)
+
     # ---------------------------------------------------------------- the loop
     writer = MetricsWriter(workdir)
+    export_dir = None
     episode_config = EpisodeConfig(max_actions=rl.max_turns)
     summary: dict[str, Any] = {}
     try:
@@ -275,10 +285,15 @@ def train_grpo(
                 summary = m
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == rl.steps:
                     ckpt.save(step + 1, state, {"step": step + 1}, to_dict(config))
+                if rl.export_every > 0 and (step + 1) % rl.export_every == 0 and step + 1 < rl.steps:
+                    export(state, os.path.join(workdir, "exports", f"step_{step + 1}"))
+        if config.export_hf:  # the final policy (also after a resume that had nothing left to do)
+            export_dir = os.path.join(workdir, "hf")
+            export(state, export_dir)
     finally:
         writer.close()
         ckpt.close()
-    return {"state": state, "model_def": model_def, "metrics": summary, "processor": processor}
+    return {"state": state, "model_def": model_def, "metrics": summary, "processor": processor, "export_dir": export_dir}
 
 
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

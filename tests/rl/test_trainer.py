@@ -52,7 +52,8 @@ def test_two_grpo_steps_update_and_resume(init_dir, tmp_path):
     samples = [Sample(s.image, s.mask, s.target, "Synthetic", s.sample_id, "shapes", {})
                for s in synthetic_shapes(2, size=64, seed=0)]
     config = TrainConfig(image_size=56, lr=1e-3, warmup_frac=0.0, checkpoint_every=1, mesh_shape=(1, 1, 1))
-    rl = RLConfig(steps=2, prompts_per_step=2, max_turns=2, grpo=GRPOConfig(group_size=2), seq_buckets=(1024,))
+    rl = RLConfig(steps=2, prompts_per_step=2, max_turns=2, grpo=GRPOConfig(group_size=2), seq_buckets=(1024,),
+                  export_every=1)
     factory = lambda model, processor, rl_cfg, seed: RandomClickPolicy(processor, seed=seed)
     seen = []
     out = train_grpo(config, rl, samples, ClassicalTool(), str(tmp_path), init_dir=init_dir,
@@ -70,6 +71,20 @@ def test_two_grpo_steps_update_and_resume(init_dir, tmp_path):
     again = train_grpo(config, rl, samples, ClassicalTool(), str(tmp_path), init_dir=init_dir, policy_factory=factory)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), out["state"].params, again["state"].params)
     assert all(jax.tree.leaves(same))
+    # The final policy as an HF directory with the agent record; transformers loads it, trained.
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ibis_jax.agent.prompts import AGENT_FILE, load_agent_prompt
+
+    assert out["export_dir"] == str(tmp_path / "hf")
+    assert (tmp_path / "hf" / AGENT_FILE).exists() and load_agent_prompt(tmp_path / "hf") == config.system_prompt
+    assert (tmp_path / "exports" / "step_1" / AGENT_FILE).exists()  # --export-every 1; step 2 is the final
+    assert not (tmp_path / "exports" / "step_2").exists()
+    trained = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(init_dir, local_files_only=True)
+    a, b = trained.state_dict(), initial.state_dict()
+    assert set(a) == set(b)
+    assert any(not np.allclose(a[k].numpy(), b[k].numpy()) for k in a)  # GRPO moved the weights
 
 
 def test_each_step_samples_with_its_own_seed():

@@ -4,9 +4,11 @@
         --workdir runs/grpo rl.steps=20 rl.group_size=4 lr=1e-6
 
 Plain ``key=value`` overrides set ``TrainConfig`` fields (optimizer, mesh, image size); ``rl.*``
-overrides set the rollout and reward fields (``rl.steps``, ``rl.prompts_per_step``,
-``rl.group_size``, ``rl.max_turns``, ``rl.t_opt``, ``rl.pseg_drop_penalty``, ``rl.epsilon_low``,
-``rl.beta``, ``rl.reward_mode``...). ``--reward my_rewards.py:shape_bonus`` adds a reward (any
+overrides set ``RLConfig`` fields by dotted name, from the config file's ``get_rl_config()``
+(``configs/grpo_tiny_cpu.py``) or the defaults: ``rl.steps=20``, ``rl.grpo.epsilon_high=0.28``,
+``rl.grpo.num_iterations=2``, ``rl.grpo.beta=0.04``, ``rl.reward.t_opt=3``, ``rl.reward.mode=step``;
+a name found once in a group may drop the group (``rl.group_size=4``). An unknown or ill-typed
+override names the field, its type and the nearest valid names. ``--reward my_rewards.py:shape_bonus`` adds a reward (any
 number of times). Rerunning with the same workdir resumes. The final policy is written as an HF directory to
 ``WORKDIR/hf`` (with ``ibis_agent.json``, as SFT's export); ``--export-every N`` also writes
 ``WORKDIR/exports/step_N``.
@@ -20,15 +22,9 @@ import logging
 
 from ibis_jax.commands.synth import add_source_arguments, build_source
 
-RL_FIELDS = {
-    "steps": ("rl", int), "prompts_per_step": ("rl", int), "max_turns": ("rl", int), "history": ("rl", str),
-    "temperature": ("rl", float), "max_new_tokens": ("rl", int), "seed": ("rl", int),
-    "group_size": ("grpo", int), "epsilon_low": ("grpo", float), "epsilon_high": ("grpo", float),
-    "beta": ("grpo", float), "aggregation": ("grpo", str), "advantage": ("grpo", str),
-    "kl_estimator": ("grpo", str), "num_iterations": ("grpo", int), "mini_batches": ("grpo", int),
-    "t_opt": ("reward", int), "length_penalty": ("reward", float), "pseg_drop_penalty": ("reward", float),
-    "aggregate": ("reward", str), "reward_mode": ("reward", str),
-}
+# Older flat spellings, still accepted: rl.reward_mode (rl.group_size, rl.t_opt... resolve as the
+# only field of that name).
+RL_ALIASES = {"reward_mode": "reward.mode"}
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -45,26 +41,25 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
-def rl_config_from(overrides: list[str]):
+def rl_config_from(overrides: list[str], config_path: str | None = None):
+    """The config file's ``get_rl_config()`` (``RLConfig()`` without one) with ``rl.*`` dotted
+    overrides (``rl.grpo.epsilon_high=0.28``; a unique leaf name also works: ``rl.group_size=8``)."""
     from ibis_jax.rl.trainer import RLConfig
+    from ibis_jax.train.config import apply_dotted_overrides
 
     rl = RLConfig()
-    parts: dict[str, dict] = {"rl": {}, "grpo": {}, "reward": {}}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        name = key.removeprefix("rl.")
-        if name not in RL_FIELDS:
-            raise ValueError(f"override {item!r}: unknown rl field; choose from {', '.join(sorted(RL_FIELDS))}")
-        where, parse = RL_FIELDS[name]
-        parts[where]["mode" if name == "reward_mode" else name] = parse(value)
-    return dataclasses.replace(
-        rl, **parts["rl"], grpo=dataclasses.replace(rl.grpo, **parts["grpo"]),
-        reward=dataclasses.replace(rl.reward, **parts["reward"]),
-    )
+    if config_path is not None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("ibis_rl_config", config_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "get_rl_config"):
+            rl = module.get_rl_config()
+    return apply_dotted_overrides(rl, overrides, prefix="rl.", aliases=RL_ALIASES)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ibis_jax.rl.rewards import PAPER_REWARDS
     from ibis_jax.rl.trainer import train_grpo
     from ibis_jax.tools import make_tool
     from ibis_jax.train.config import load_config
@@ -72,11 +67,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rl_items = [o for o in args.overrides if o.startswith("rl.")]
     config = load_config(args.config, [o for o in args.overrides if not o.startswith("rl.")])
-    rl = rl_config_from(rl_items)
+    rl = rl_config_from(rl_items, args.config)
     if args.export_every:
         rl = dataclasses.replace(rl, export_every=args.export_every)
     if args.reward:
-        rl = dataclasses.replace(rl, rewards=tuple(PAPER_REWARDS) + tuple(args.reward))
+        rl = dataclasses.replace(rl, rewards=tuple(rl.rewards) + tuple(args.reward))
     source = build_source(args)
     items = source.items()[: args.limit] if args.limit else source.items()
     samples = [s for item in items for s in source.load(item) if s.mask.any()]

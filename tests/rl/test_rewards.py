@@ -176,3 +176,15 @@ def test_user_reward_from_file(tmp_path):
 def test_canonical_text_passes_format():
     assert score_episode(_episode(), ["format"]).components["format"][0] == 1
     assert format_turn("a", Click(0.05, 0.05, True)).startswith("<think>")
+
+
+def test_docs_example_reward_loads_by_path_and_pays_the_first_click_on_target():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "my_rewards.py"
+    name, fn = load_reward(f"{path}:first_click_bonus")
+    s = score_episode(_episode(), {"first_click_bonus": fn, "format": load_reward("format")[1]})
+    assert name == "first_click_bonus" and s.components["first_click_bonus"].tolist() == [1, 0, 0, 0]
+    miss = Episode(np.zeros((H, W, 3), np.uint8), "q", GT)
+    miss.apply_click(Click(0.5, 0.9, True), SegmentResult(_mask(9, slice(None)), None, 1.0))  # row 9: off target
+    assert score_episode(miss, {"b": fn}).components["b"].tolist() == [0]

@@ -230,8 +230,8 @@ def train_grpo(
                     t.stop_reason for t in trace.turns))) for e, trace in zip(episodes, traces)]
                 score_values = np.asarray([s.score for s in scores], np.float32)
                 advantages = np.asarray(compute_advantages(score_values, grpo))
-                keep = (nonzero_variance_groups(score_values, grpo.group_size) if grpo.skip_zero_variance
-                        else np.ones(len(episodes), bool))
+                spread = nonzero_variance_groups(score_values, grpo.group_size)
+                keep = spread if grpo.skip_zero_variance else np.ones(len(episodes), bool)
                 examples = [ex for ex in _turn_examples(episodes, traces, advantages, config.image_size, rl.history,
                                                         prompt_text) if keep[ex.trajectory]]
                 update_metrics: list[dict[str, float]] = []
@@ -276,6 +276,7 @@ def train_grpo(
                     log.info("grpo step %d: every group has equal scores; no update", step + 1)
                 metrics = mean_update_metrics(update_metrics) if update_metrics else {"updates": 0.0}
                 metrics["kept_group_fraction"] = float(keep.mean())
+                metrics["zero_variance_group_fraction"] = 1.0 - float(spread.mean())  # groups with advantage 0
                 m = {**rollout_metrics(episodes, scores), **metrics, **times, "sampler_vs_old_logprob_max_abs": drift}
                 writer.write(step + 1, m)
                 for hook in hooks:

@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-turns", type=int, default=6, help="actions per episode, GRPO and evaluation")
     p.add_argument("--seeds", default="0,1", help="GRPO rollout seeds, comma-separated")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    p.add_argument("--report-only", action="store_true",
+                   help="only write the table and plot from OUT/ablation.json (e.g. of a run cut short)")
     p.add_argument("overrides", nargs="*", help="rl.* and TrainConfig key=value overrides for every GRPO run")
     return p.parse_args(argv)
 
@@ -90,6 +92,8 @@ def make_sft(args, out: Path, train_source) -> Path:
                   shard_size=16, show_progress=False)
     config = load_config(args.sft_config, [f"max_steps={args.sft_steps}", "checkpoint_every=100"])
     train(config, str(out / "data"), str(out / "sft"))
+    if not (out / "sft" / "hf").exists():  # stopped (SIGTERM) before the last step: rerun to resume
+        raise SystemExit(f"SFT in {out / 'sft'} did not finish; rerun the same command to resume it")
     return out / "sft" / "hf"
 
 
@@ -192,18 +196,24 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    results_path = out / "ablation.json"
+    if args.report_only:
+        done = json.loads(results_path.read_text())
+        return write_report(args, out, done, [r for r in done["runs"] if r["variant"] in variants], None)
     train_source, held_out = sources(args)
     t0 = time.perf_counter()
     sft_dir = Path(args.sft_dir) if args.sft_dir else make_sft(args, out, train_source)
     sft_seconds = time.perf_counter() - t0
     samples = [s for item in train_source.items() for s in train_source.load(item) if s.mask.any()]
-    results_path = out / "ablation.json"
     done = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     if "sft" not in done:
         done["sft"] = evaluate_dir(sft_dir, held_out, args, out / "eval" / "sft", "SFT")
+        results_path.write_text(json.dumps(done, indent=1))
     runs = [r for r in done["runs"] if r["variant"] in variants and r["seed"] in seeds]
-    for variant in variants:
-        for seed in seeds:
+    # Seed-major: every variant gets its first seed before any gets a second (a cut-short run
+    # still compares all the variants).
+    for seed in seeds:
+        for variant in variants:
             if any(r["variant"] == variant and r["seed"] == seed for r in runs):
                 continue
             workdir = out / "grpo" / variant.replace("+", "plus_") / f"seed{seed}"
@@ -218,12 +228,19 @@ def main(argv=None) -> int:
             results_path.write_text(json.dumps(done, indent=1))
             print(f"{variant} seed {seed}: IoU {metrics['mean_iou']:.4f} clicks {metrics['avg_steps']:.2f} "
                   f"first-click-on-target {metrics['first_click_hit_rate']:.3f} ({grpo_seconds:.0f} s GRPO)", flush=True)
+    return write_report(args, out, done, runs, sft_seconds)
+
+
+def write_report(args, out: Path, done: dict, runs: list[dict], sft_seconds: float | None) -> int:
+    if not runs:
+        raise SystemExit(f"no finished GRPO runs in {out / 'ablation.json'}")
     table_md, table = summarise(runs, done["sft"])
-    scale = (f"SFT {'from ' + str(sft_dir) if args.sft_dir else f'{args.sft_steps} steps on {args.train_shapes} shapes'}; "
+    sft_dir = args.sft_dir
+    scale = (f"SFT {'from ' + str(sft_dir) if sft_dir else f'{args.sft_steps} steps on {args.train_shapes} shapes'}; "
              f"GRPO {args.grpo_steps} steps x {args.grpo_prompts} prompts x G rollouts; "
              f"{args.eval_samples} held-out shapes; seeds {args.seeds}; overrides {args.overrides or 'none'}")
-    text = (f"# GRPO reward ablation (Table 5 protocol, located-targets control)\n\n{scale}. "
-            f"SFT stage {sft_seconds:.0f} s in this invocation (0 when reused or resumed).\n\n{table_md}\n\n"
+    timing = "" if sft_seconds is None else f" SFT stage {sft_seconds:.0f} s in this invocation (0 when reused or resumed)."
+    text = (f"# GRPO reward ablation (Table 5 protocol, located-targets control)\n\n{scale}.{timing}\n\n{table_md}\n\n"
             "![ablation](ablation.png)\n")
     (out / "ablation.md").write_text(text)
     plot(table, done["sft"], out / "ablation.png")

@@ -32,7 +32,6 @@ command) instead of synthesising and training one. Every stage resumes: a rerun 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

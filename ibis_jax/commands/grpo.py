@@ -4,10 +4,14 @@
         --workdir runs/grpo rl.steps=20 rl.group_size=4 lr=1e-6
 
 Plain ``key=value`` overrides set ``TrainConfig`` fields (optimizer, mesh, image size); ``rl.*``
-overrides set the rollout and reward fields (``rl.steps``, ``rl.prompts_per_step``,
-``rl.group_size``, ``rl.max_turns``, ``rl.t_opt``, ``rl.pseg_drop_penalty``, ``rl.epsilon``,
-``rl.beta``, ``rl.reward_mode``, ``rl.lr_schedule`` (constant | cosine), ``rl.warmup_steps``...). ``--reward my_rewards.py:shape_bonus`` adds a reward (any
-number of times). Rerunning with the same workdir resumes.
+overrides set ``RLConfig`` fields by dotted name, from the config file's ``get_rl_config()``
+(``configs/grpo_tiny_cpu.py``) or the defaults: ``rl.steps=20``, ``rl.grpo.epsilon_high=0.28``,
+``rl.grpo.num_iterations=2``, ``rl.grpo.beta=0.04``, ``rl.reward.t_opt=3``, ``rl.reward.mode=step``, ``rl.lr_schedule=cosine``, ``rl.warmup_steps=10``;
+a name found once in a group may drop the group (``rl.group_size=4``). An unknown or ill-typed
+override names the field, its type and the nearest valid names. ``--reward my_rewards.py:shape_bonus`` adds a reward (any
+number of times). Rerunning with the same workdir resumes. The final policy is written as an HF directory to
+``WORKDIR/hf`` (with ``ibis_agent.json``, as SFT's export); ``--export-every N`` also writes
+``WORKDIR/exports/step_N``.
 """
 
 from __future__ import annotations
@@ -19,25 +23,23 @@ import os
 
 from ibis_jax.commands.synth import add_source_arguments, build_source
 
-RL_FIELDS = {
-    "steps": ("rl", int), "prompts_per_step": ("rl", int), "max_turns": ("rl", int), "history": ("rl", str),
-    "temperature": ("rl", float), "max_new_tokens": ("rl", int), "seed": ("rl", int),
-    "lr_schedule": ("rl", str), "warmup_steps": ("rl", int),
-    "group_size": ("grpo", int), "epsilon": ("grpo", float), "epsilon_high": ("grpo", float),
-    "beta": ("grpo", float), "aggregation": ("grpo", str),
-    "normalize_std": ("grpo", lambda v: v.lower() in ("1", "true", "yes")),
-    "t_opt": ("reward", int), "length_penalty": ("reward", float), "pseg_drop_penalty": ("reward", float),
-    "aggregate": ("reward", str), "reward_mode": ("reward", str),
-}
+# Older flat spellings, still accepted: rl.reward_mode (rl.group_size, rl.t_opt... resolve as the
+# only field of that name).
+RL_ALIASES = {"reward_mode": "reward.mode"}
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="a TrainConfig file (configs/*.py)")
     parser.add_argument("--init", required=True, help="HF model dir to start from (the SFT export)")
     parser.add_argument("--workdir", required=True, help="checkpoints and metrics; reruns resume")
+    parser.add_argument("--source", required=True, choices=("folder", "nifti", "dicom", "demo"),
+                        help="the prompts' images and masks")
+    parser.add_argument("--seed", type=int, default=0, help="the source's seed (demo shapes, nifti sampling)")
     parser.add_argument("--tool", default="classical", help="'classical', a bridge HOST:PORT, or module:factory")
     parser.add_argument("--reward", action="append", default=[], help="extra reward 'file.py:function'")
     parser.add_argument("--limit", type=int, default=None, help="use the first N source items as prompts")
+    parser.add_argument("--export-every", type=int, default=0,
+                        help="also export the policy every N steps to WORKDIR/exports/step_N (the final one: WORKDIR/hf)")
     parser.add_argument("overrides", nargs="*", help="key=value (TrainConfig) and rl.key=value")
     parser.add_argument("--source", default="demo", choices=("folder", "nifti", "dicom", "demo"),
                         help="prompt images and masks (default demo)")
@@ -49,29 +51,25 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
-def rl_config_from(overrides: list[str]):
+def rl_config_from(overrides: list[str], config_path: str | None = None):
+    """The config file's ``get_rl_config()`` (``RLConfig()`` without one) with ``rl.*`` dotted
+    overrides (``rl.grpo.epsilon_high=0.28``; a unique leaf name also works: ``rl.group_size=8``)."""
     from ibis_jax.rl.trainer import RLConfig
+    from ibis_jax.train.config import apply_dotted_overrides
 
     rl = RLConfig()
-    parts: dict[str, dict] = {"rl": {}, "grpo": {}, "reward": {}}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        name = key.removeprefix("rl.")
-        if name not in RL_FIELDS:
-            raise ValueError(f"override {item!r}: unknown rl field; choose from {', '.join(sorted(RL_FIELDS))}")
-        where, parse = RL_FIELDS[name]
-        try:
-            parts[where]["mode" if name == "reward_mode" else name] = parse(value)
-        except ValueError as e:
-            raise ValueError(f"override {item!r}: {e}") from None
-    return dataclasses.replace(
-        rl, **parts["rl"], grpo=dataclasses.replace(rl.grpo, **parts["grpo"]),
-        reward=dataclasses.replace(rl.reward, **parts["reward"]),
-    )
+    if config_path is not None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("ibis_rl_config", config_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "get_rl_config"):
+            rl = module.get_rl_config()
+    return apply_dotted_overrides(rl, overrides, prefix="rl.", aliases=RL_ALIASES)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ibis_jax.rl.rewards import PAPER_REWARDS
     from ibis_jax.rl.trainer import train_grpo
     from ibis_jax.tools import make_tool
     from ibis_jax.train.config import load_config
@@ -87,9 +85,11 @@ def run(args: argparse.Namespace) -> int:
     core.quiet_other_processes()
     rl_items = [o for o in args.overrides if o.startswith("rl.")]
     config = load_config(args.config, [o for o in args.overrides if not o.startswith("rl.")])
-    rl = rl_config_from(rl_items)
+    rl = rl_config_from(rl_items, args.config)
+    if args.export_every:
+        rl = dataclasses.replace(rl, export_every=args.export_every)
     if args.reward:
-        rl = dataclasses.replace(rl, rewards=tuple(PAPER_REWARDS) + tuple(args.reward))
+        rl = dataclasses.replace(rl, rewards=tuple(rl.rewards) + tuple(args.reward))
     source = build_source(args)
     items = source.items()[: args.limit] if args.limit else source.items()
     samples = [s for item in items for s in source.load(item) if s.mask.any()]
@@ -103,4 +103,6 @@ def run(args: argparse.Namespace) -> int:
     elif jax.process_index() == 0 and m:
         print(f"GRPO done: reward {m['reward']:.3f}, IoU {m['iou']:.3f}, steps/episode {m['steps_per_episode']:.2f}; "
               f"metrics in {args.workdir}/metrics.jsonl")
+    if out.get("export_dir"):
+        print(f"HF export (loads with transformers and ModelPolicy.from_pretrained_dir): {out['export_dir']}")
     return 0

@@ -58,13 +58,24 @@ def row_bucket(rows: int, min_rows: int = 8) -> int:
     return max(min_rows, 1 << max(0, rows - 1).bit_length())
 
 
+def trajectory_tokens(examples: Sequence[TurnExample]) -> dict[int, int]:
+    """Policy tokens per trajectory (all its turns): ``N_i`` of the paper's per-trajectory mean."""
+    counts: dict[int, int] = {}
+    for ex in examples:
+        counts[ex.trajectory] = counts.get(ex.trajectory, 0) + len(ex.turn.token_ids or ())
+    return counts
+
+
 def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequence[int] = (512, 1024, 2048, 4096),
-                     eos_ids: Sequence[int] = (), pad_rows: int | None = 8, *, image_size: int) -> GRPOBatch:
+                     eos_ids: Sequence[int] = (), pad_rows: int | None = 8, *, image_size: int,
+                     tokens_per_trajectory: dict[int, int] | None = None) -> GRPOBatch:
     """Encodes each turn's prompt as the policy did, appends its sampled ids, builds the masks
     (right padding). Works for both history modes: with ``full`` each turn's prompt holds the
     earlier turns as their sampled ids. image_size and eos_ids: the policy's
     (``AgentSettings.image_size``, the sampler's end ids). pad_rows: pad the rows to
-    ``row_bucket(n, pad_rows)``; None keeps n."""
+    ``row_bucket(n, pad_rows)``; None keeps n. tokens_per_trajectory: ``N_i`` for
+    ``row_weights`` when ``examples`` is a mini-batch of a larger batch (:func:`trajectory_tokens`
+    of the whole batch); None counts ``examples``."""
     rows, images = [], []
     for ex in examples:
         if ex.turn.token_ids is None:
@@ -97,10 +108,8 @@ def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequen
         loss_mask[i, n_p - 1:n_p - 1 + n_s] = 1.0 if i < real else 0.0
         sampler_lp[i, n_p - 1:n_p - 1 + n_s] = lp
     targets = np.concatenate([input_ids[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
-    trajectory_tokens: dict[int, int] = {}
-    for ex, (_, sampled, _) in zip(examples, rows):
-        trajectory_tokens[ex.trajectory] = trajectory_tokens.get(ex.trajectory, 0) + len(sampled)
-    row_weights = np.asarray([1.0 / max(trajectory_tokens[ex.trajectory], 1) for ex in examples]
+    counts = trajectory_tokens(examples) if tokens_per_trajectory is None else tokens_per_trajectory
+    row_weights = np.asarray([1.0 / max(counts[ex.trajectory], 1) for ex in examples]
                              + [0.0] * (b - real), np.float32)
     pixel_values = grid = None
     if images:

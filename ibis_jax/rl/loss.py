@@ -48,6 +48,7 @@ def make_grpo_loss(config: GRPOConfig, chunk_size: int = 256, temperature: float
         aux = {
             "clip_fraction": (m["clip_fraction"] * n, n),
             "ratio_mean": (m["ratio_mean"] * n, n),
+            "ratio_abs_dev": (m["ratio_abs_dev"] * n, n),
             "kl": (m["kl"] * n, n),
             "entropy": ((entropy * mask).sum(), n),
             "policy_tokens": n,

@@ -16,13 +16,22 @@ are instances:
   (0 by default; the paper's figure draws a penalty);
 - ``length``: 1 if the 1-based step index t <= T_opt, else -0.2 (t - T_opt).
 
+A turn without a valid action -- one that did not parse, or one cut at the token limit
+(``RewardContext.stop_reasons[t] == "max_tokens"``, even if a lenient parse found an action in
+it) -- earns no answer or progress credit (SPEC section 4, as the released reward): S_ans 0,
+S_pseg 0, S_click ``unparsed_click``; S_format and S_len as for any turn. Otherwise an episode
+that ends in garbage at IoU 0.85 would keep S_ans 3.
+
 The per-step total is the weighted mean of the components (the paper: equal weights, S = sum / 5).
 A trajectory's score, which GRPO normalises within a group, aggregates the per-step totals:
 ``mean`` over its turns (default), ``sum``, or ``last``.
 
-``mode="step"`` reproduces the released single-step formulation: each turn is scored as if it were
-the first (previous IoU taken as 0 and step index 1), which is what the released code computes
-because it never passes the previous IoU or the step index.
+``mode="step"`` reproduces the released single-step formulation, which scores each turn of a
+pre-simulated state on its own: the previous mask is the one the previous clicks make (the
+released code rebuilds it from them; ``Step.prev_mask`` is exactly the tool's mask for those
+clicks), so S_click is as in the multi-turn mode; the previous IoU and the step index are never
+passed, so S_pseg compares against IoU 0 (any click with a non-empty overlap is progress; a
+terminate, which makes no new mask, gets 0) and S_len takes step 1.
 """
 
 from __future__ import annotations
@@ -58,6 +67,14 @@ class RewardContext:
 
     config: RewardConfig = RewardConfig()
     vqa_answer: str | None = None  # set for closed-ended VQA episodes
+    # The sampler's stop reason per turn ("eos" | "stop_string" | "max_tokens"); () = unknown.
+    # A "max_tokens" turn is scored as one without an action (module docstring).
+    stop_reasons: tuple[str, ...] = ()
+
+    def has_action(self, step: Step) -> bool:
+        """Whether ``step`` carries a valid action: it parsed and was not cut at the token limit."""
+        truncated = step.index < len(self.stop_reasons) and self.stop_reasons[step.index] == "max_tokens"
+        return step.action is not None and not truncated
 
 
 class Reward(Protocol):
@@ -86,26 +103,31 @@ def answer_reward(episode: Episode, context: RewardContext) -> np.ndarray:
     if context.vqa_answer is not None:
         target = _normalise_answer(context.vqa_answer)
         return np.array([
-            float(isinstance(s.action, Terminate) and _normalise_answer(s.answer) == target) for s in episode.steps
+            float(context.has_action(s) and isinstance(s.action, Terminate) and _normalise_answer(s.answer) == target)
+            for s in episode.steps
         ], dtype=np.float32)
     _require_gt(episode, "answer")
 
     def tier(value: float) -> float:
         return next((score for threshold, score in context.config.iou_tiers if value > threshold), 0.0)
 
-    return np.array([tier(s.iou) for s in episode.steps], dtype=np.float32)
+    return np.array([tier(s.iou) if context.has_action(s) else 0.0 for s in episode.steps], dtype=np.float32)
 
 
 def click_reward(episode: Episode, context: RewardContext) -> np.ndarray:
     gt = _require_gt(episode, "click")
     values = []
     for s in episode.steps:
+        if not context.has_action(s):
+            values.append(context.config.unparsed_click)
+            continue
         if not isinstance(s.action, Click):
-            values.append(0.0 if isinstance(s.action, Terminate) else context.config.unparsed_click)
+            values.append(0.0)  # terminate
             continue
         col, row = s.action.pixel(episode.width, episode.height)
-        prev = np.zeros_like(gt) if context.config.mode == "step" else s.prev_mask
-        in_target, covered = bool(gt[row, col]), bool(prev[row, col])
+        # M_{t-1}: the mask of the previous clicks, in both modes (the released step mode
+        # rebuilds it from them).
+        in_target, covered = bool(gt[row, col]), bool(s.prev_mask[row, col])
         # Positive must land on missed target (FN), negative on wrongly covered pixels (FP).
         right = (in_target and not covered) if s.action.positive else (covered and not in_target)
         values.append(1.0 if right else -1.0)
@@ -116,6 +138,9 @@ def pseg_reward(episode: Episode, context: RewardContext) -> np.ndarray:
     _require_gt(episode, "pseg")
     values = []
     for s in episode.steps:
+        if not context.has_action(s) or isinstance(s.action, Terminate):
+            values.append(0.0)  # no new mask: no progress (and, by the strict >, none in multi_turn)
+            continue
         before = _prev_iou(s, context)
         values.append(1.0 if s.iou > before else (-context.config.pseg_drop_penalty if s.iou < before else 0.0))
     return np.array(values, dtype=np.float32)

@@ -8,7 +8,9 @@ the value with the field's type: `batch_size=16`, `lr=3e-5`, `freeze_vision=fals
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import difflib
 import importlib.util
 import os
 import types
@@ -85,33 +87,113 @@ def _parse(value: str, typ: Any) -> Any:
         if value.lower() in ("none", "null", ""):
             return None
         return _parse(value, next(a for a in args if a is not type(None)))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"expected one of {list(args)}, got {value!r}")
+        return value
     if origin is tuple:
         items = [v for v in value.split(",") if v.strip()]
         inner = args[0] if args else str
+        if typing.get_origin(inner) is tuple:  # ((0.8, 3.0), ...) written 0.8:3,0.7:2
+            return tuple(tuple(_parse(p.strip(), a) for p, a in zip(v.split(":"), typing.get_args(inner)))
+                         for v in items)
         return tuple(_parse(v.strip(), inner) for v in items)
+    if origin in (dict, collections.abc.Mapping) or typ in (dict,):  # name:value,name:value
+        key_t, value_t = args or (str, str)
+        pairs = [v.split(":", 1) for v in value.split(",") if v.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"expected name:value,name:value, got {value!r}")
+        return {_parse(k.strip(), key_t): _parse(v.strip(), value_t) for k, v in pairs}
     if typ is bool:
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"expected a boolean, got {value!r}")
         return value.lower() in ("true", "1", "yes")
+    if dataclasses.is_dataclass(typ):
+        raise ValueError(f"{typ.__name__} is a group of fields: set its fields (name.field=value)")
     return typ(value)
 
 
-def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """`["lr=3e-5", "mesh_shape=2,2,2"]` -> a new config; unknown keys name the valid ones."""
-    hints = typing.get_type_hints(TrainConfig)
-    changes = {}
+def _type_name(typ: Any) -> str:
+    return getattr(typ, "__name__", None) if typing.get_origin(typ) is None else str(typ).replace("typing.", "")
+
+
+def field_names(obj: Any, prefix: str = "") -> list[str]:
+    """Every settable field of a (nested) dataclass as a dotted name: ``grpo.epsilon_high``..."""
+    names = []
+    for key, typ in typing.get_type_hints(type(obj)).items():
+        value = getattr(obj, key)
+        if dataclasses.is_dataclass(value):
+            names += field_names(value, f"{prefix}{key}.")
+        else:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def _nearest(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    if not close:  # match the last component alone (rl.epsilon_hi -> rl.grpo.epsilon_high)
+        tails = {n.rsplit(".", 1)[-1]: n for n in names}
+        close = [tails[t] for t in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(tails), n=3, cutoff=0.5)]
+    return ", ".join(close) if close else "none close"
+
+
+def _resolve(obj: Any, key: str, prefix: str = "") -> str:
+    """``key`` as a full dotted field name; a bare leaf name that exists in exactly one nested
+    group resolves to it (``group_size`` -> ``grpo.group_size``); else the error names the
+    field, the group and the nearest valid names."""
+    names = field_names(obj)
+    if key in names:
+        return key
+    leaf_matches = [n for n in names if n.rsplit(".", 1)[-1] == key]
+    if "." not in key and len(leaf_matches) == 1:
+        return leaf_matches[0]
+    if len(leaf_matches) > 1:
+        raise KeyError(f"{prefix}{key!r} is ambiguous: write one of {', '.join(prefix + n for n in leaf_matches)}")
+    raise KeyError(f"no field {prefix + key!r} in {type(obj).__name__}; nearest: "
+                   f"{_nearest(prefix + key, [prefix + n for n in names])}")
+
+
+def _set(obj: Any, path: Sequence[str], value: str, full: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    head = path[0]
+    if len(path) > 1:
+        return dataclasses.replace(obj, **{head: _set(getattr(obj, head), path[1:], value, full)})
+    try:
+        parsed = _parse(value, hints[head])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"override {full}={value}: field {full} has type {_type_name(hints[head])}: {e}") from None
+    try:
+        return dataclasses.replace(obj, **{head: parsed})
+    except ValueError as e:  # the dataclass's own validation (__post_init__)
+        raise ValueError(f"override {full}={value}: {e}") from None
+
+
+def apply_dotted_overrides(obj: Any, overrides: Sequence[str], prefix: str = "",
+                           aliases: dict[str, str] | None = None) -> Any:
+    """``["grpo.epsilon_high=0.28", "steps=20"]`` -> a new (nested, frozen) dataclass.
+
+    Values parse with the field's type (ints, floats, bools, ``None``, tuples ``a,b``, mappings
+    ``name:value,name:value``, literals). ``prefix`` is how the names are written on the command
+    line (``rl.``), for the messages. An unknown or ill-typed override names the field, its type
+    and the nearest valid names. ``aliases``: extra spellings (old flat names) -> dotted names.
+    """
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: write key=value")
         key, value = item.split("=", 1)
-        if key not in hints:
-            raise ValueError(f"override {key!r}: no such TrainConfig field; fields: {', '.join(sorted(hints))}")
+        key = key.removeprefix(prefix) if prefix else key
+        key = (aliases or {}).get(key, key)
         try:
-            changes[key] = _parse(value, hints[key])
-        except ValueError as e:
-            kind = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
-            raise ValueError(f"override {key}={value}: {e} (the field is a {kind})") from None
-    return dataclasses.replace(config, **changes)
+            full = _resolve(obj, key, prefix)
+        except KeyError as e:
+            raise ValueError(f"override {prefix}{key}={value}: {e.args[0]}") from None
+        obj = _set(obj, full.split("."), value, prefix + full)
+    return obj
+
+
+def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """`["lr=3e-5", "mesh_shape=2,2,2"]` -> a new config; unknown keys name the nearest valid ones."""
+    return apply_dotted_overrides(config, overrides)
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:

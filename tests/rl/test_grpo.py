@@ -57,7 +57,7 @@ def test_loss_matches_numpy_reference(aggregation, eps_high):
     mask[2] = 0  # a turn with no policy tokens
     trajectory = [0, 0, 0, 1, 2, 2]  # three trajectories of 3, 1 and 2 turns
     adv = rng.normal(0, 1, 3).astype(np.float32)[trajectory]  # every turn takes its trajectory's
-    cfg = GRPOConfig(epsilon=0.2, epsilon_high=eps_high, aggregation=aggregation)
+    cfg = GRPOConfig(epsilon_low=0.2, epsilon_high=eps_high, aggregation=aggregation)
     loss_sum, denom, metrics = grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), cfg,
                                          row_weights=jnp.asarray(_row_weights(mask, trajectory)))
     expected = _numpy_reference(logp, old, adv, mask, 0.2, eps_high or 0.2, aggregation, trajectory)
@@ -152,3 +152,104 @@ def test_sampling_logits_follow_the_rollout_temperature():
     assert np.all(np.isfinite(np.asarray(ent)))
     with pytest.raises(ValueError, match="temperature"):
         sampling_logits(Head(), 0.0)
+
+
+# -- the registered knobs, each against a numpy transcription of its formula ----------------------
+
+def test_advantage_estimators_match_numpy():
+    from ibis_jax.rl.grpo import ADVANTAGES, compute_advantages
+
+    scores = np.array([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5], np.float32)
+    g = 4
+    expected = {"grpo": [], "grpo_no_std": [], "rloo": []}
+    for k in range(2):
+        s = scores[g * k:g * k + g].astype(np.float64)
+        expected["grpo"] += list((s - s.mean()) / (s.std() + 1e-6))
+        expected["grpo_no_std"] += list(s - s.mean())
+        expected["rloo"] += [s[i] - (s.sum() - s[i]) / (g - 1) for i in range(g)]
+    assert sorted(ADVANTAGES) == ["grpo", "grpo_no_std", "rloo"]
+    for name, want in expected.items():
+        got = np.asarray(compute_advantages(scores, GRPOConfig(group_size=g, advantage=name)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    # RLOO is the centred score scaled by G / (G - 1)
+    np.testing.assert_allclose(expected["rloo"][:4], np.asarray(expected["grpo_no_std"][:4]) * g / (g - 1), rtol=1e-6)
+
+
+def test_zero_variance_groups_and_minibatch_split():
+    from ibis_jax.rl.grpo import minibatch_indices, nonzero_variance_groups
+
+    keep = nonzero_variance_groups(np.array([1, 1, 1, 1, 0, 1, 0, 0, 2, 2, 2, 2.0000001]), 4)
+    assert keep.tolist() == [False] * 4 + [True] * 4 + [False] * 4
+    parts = minibatch_indices(11, 4, seed=3)
+    assert [len(p) for p in parts] == [3, 3, 3, 2]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(11))  # each turn exactly once
+    assert all((a == b).all() for a, b in zip(parts, minibatch_indices(11, 4, seed=3)))  # seeded
+    assert len(minibatch_indices(2, 4, seed=0)) == 2
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimators_match_numpy(estimator):
+    rng = np.random.default_rng(5)
+    logp = rng.normal(-2, 0.5, (3, 7)).astype(np.float32)
+    ref = (logp + rng.normal(0, 0.3, (3, 7))).astype(np.float32)
+    mask = (rng.random((3, 7)) < 0.7).astype(np.float32)
+    log_r = ref - logp  # log(pi_ref / pi)
+    want = {"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": np.exp(log_r) - 1 - log_r}[estimator]
+    want = (want * mask).sum() / mask.sum()
+    cfg = GRPOConfig(beta=0.5, kl_estimator=estimator, aggregation="token_mean")
+    s, d, m = grpo_loss(jnp.asarray(logp), jnp.asarray(logp), jnp.zeros(3), jnp.asarray(mask), cfg,
+                        ref_logprobs=jnp.asarray(ref))
+    assert float(m["kl"]) == pytest.approx(want, rel=1e-5)
+    assert float(s / d) == pytest.approx(0.5 * want, rel=1e-5)  # advantage 0: only the KL term
+
+
+def test_dr_grpo_constant_normaliser_matches_numpy_and_splits_exactly():
+    rng = np.random.default_rng(6)
+    b, t = 6, 9
+    logp = rng.normal(-2, 0.5, (b, t)).astype(np.float32)
+    old = (logp + rng.normal(0, 0.4, (b, t))).astype(np.float32)
+    mask = (rng.random((b, t)) < 0.6).astype(np.float32)
+    trajectory = [0, 0, 0, 1, 2, 2]
+    adv = rng.normal(0, 1, 3).astype(np.float32)[trajectory]
+    cfg = GRPOConfig(epsilon_low=0.2, epsilon_high=0.28, aggregation="dr_grpo", dr_grpo_norm=40.0)
+    terms = {}
+    for i in range(b):
+        for j in range(t):
+            if mask[i, j]:
+                rho = np.exp(logp[i, j] - old[i, j])
+                terms.setdefault(trajectory[i], []).append(-min(rho * adv[i], np.clip(rho, 0.8, 1.28) * adv[i]))
+    want = sum(sum(v) / 40.0 for v in terms.values()) / len(terms)  # (1/G) sum_i (1/L) sum_t
+    weights = jnp.asarray(_row_weights(mask, trajectory))
+    args = [jnp.asarray(x) for x in (logp, old, adv, mask)]
+    s, d, _ = grpo_loss(*args, cfg, row_weights=weights)
+    assert float(s / d) == pytest.approx(want, rel=1e-5)
+    parts = [grpo_loss(*(x[i:i + 2] for x in args), cfg, row_weights=weights[i:i + 2]) for i in range(0, b, 2)]
+    assert float(sum(p[0] for p in parts) / sum(p[1] for p in parts)) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="dr_grpo_norm"):
+        grpo_loss(*args, GRPOConfig(aggregation="dr_grpo"), row_weights=weights)
+
+
+def test_clip_higher_clips_asymmetrically_and_counts_clipped_tokens():
+    # ratios 0.7, 0.9, 1.1, 1.25, 1.4 with advantage +1 then -1
+    ratios = np.array([0.7, 0.9, 1.1, 1.25, 1.4], np.float32)
+    old = np.zeros((2, 5), np.float32)
+    logp = np.log(np.stack([ratios, ratios]))
+    mask = np.ones((2, 5), np.float32)
+    adv = np.array([1.0, -1.0], np.float32)
+    cfg = GRPOConfig(epsilon_low=0.2, epsilon_high=0.28, aggregation="token_mean")
+    _, _, m = grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), cfg)
+    # A > 0: clipped above 1.28 (only 1.4); A < 0: clipped below 0.8 (only 0.7). Symmetric 0.2: 1.25 too.
+    assert float(m["clip_fraction"]) == pytest.approx(2 / 10)
+    _, _, sym = grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                          GRPOConfig(epsilon_low=0.2, aggregation="token_mean"))
+    assert float(sym["clip_fraction"]) == pytest.approx(3 / 10)
+    assert float(m["ratio_abs_dev"]) == pytest.approx(np.abs(ratios - 1).mean(), rel=1e-5)
+
+
+def test_config_names_unknown_knobs():
+    with pytest.raises(ValueError, match="advantage='ppo'.*grpo_no_std"):
+        GRPOConfig(advantage="ppo")
+    with pytest.raises(ValueError, match="kl_estimator"):
+        GRPOConfig(kl_estimator="k4")
+    with pytest.raises(ValueError, match="rloo"):
+        GRPOConfig(group_size=1, advantage="rloo")

@@ -78,11 +78,69 @@ def test_pseg_drop_penalty_option_and_weights():
 def test_step_mode_reproduces_released_single_step_scoring():
     ep = _episode()
     step = score_episode(ep, context=RewardContext(RewardConfig(mode="step")))
-    # previous IoU taken as 0: any positive IoU counts as progress, terminate too.
-    assert step.components["pseg"].tolist() == [1, 1, 1, 1]
-    # previous mask taken as empty: the negative clicks can never land in FP.
+    # previous IoU never passed (taken as 0): any click with IoU > 0 is progress; a terminate makes
+    # no new mask and gets 0.
+    assert step.components["pseg"].tolist() == [1, 1, 1, 0]
+    # the previous mask is the previous clicks' mask, as multi-turn: same click scores here.
     assert step.components["click"].tolist() == [1, -1, -1, 0]
     assert step.components["length"].tolist() == [1, 1, 1, 1]
+    assert step.components["answer"].tolist() == [1, 2, 3, 3]
+
+
+def test_step_mode_negative_click_in_fp_of_the_previous_clicks_mask():
+    """The released step reward rebuilds M_{t-1} from the previous clicks: a negative click on a
+    pixel the previous clicks' mask wrongly covers is +1 (an all-empty M_{t-1} would make it -1)."""
+    ep = Episode(np.zeros((H, W, 3), np.uint8), "q", GT)
+    big = _mask(slice(0, 8), slice(None))  # IoU 50/80 = 0.625
+    ep.apply_click(Click(0.5, 0.2, True), SegmentResult(big, None, 1.0))
+    for _ in range(6):
+        ep.apply_click(Click(0.5 + 0.01 * len(ep.steps), 0.75, False), SegmentResult(big, None, 1.0))
+    step = score_episode(ep, context=RewardContext(RewardConfig(mode="step")))
+    assert step.components["click"].tolist() == [1] * 7
+    assert step.components["pseg"].tolist() == [1] * 7  # IoU 0.625 > 0 every time
+    assert step.components["length"].tolist() == [1] * 7
+    assert step.components["answer"].tolist() == [1] * 7
+
+
+def _good_then(bad_turn: str):
+    """A click to IoU 50/55 = 0.909 (S_ans 3), then a second turn: 'garbage' or 'terminate'."""
+    ep = Episode(np.zeros((H, W, 3), np.uint8), "q", GT)
+    near = _mask(slice(0, 5), slice(None)) | _mask(5, slice(0, 5))
+    ep.apply_click(Click(0.5, 0.2, True), SegmentResult(near, None, 1.0))
+    if bad_turn == "garbage":
+        ep.record_parse_failure("<think>the mask", ActionParseError("no_action", "x"))
+    else:
+        ep.terminate(reasoning="fits", answer="the top")
+    return ep
+
+
+def test_unparsed_turn_gets_no_answer_or_progress_credit():
+    garbage = score_episode(_good_then("garbage"))
+    c = garbage.components
+    assert c["answer"].tolist() == [3, 0] and c["pseg"].tolist() == [1, 0]
+    assert c["click"].tolist() == [1, -1] and c["format"].tolist() == [1, 0] and c["length"].tolist() == [1, 1]
+    term = score_episode(_good_then("terminate"))
+    assert term.components["answer"].tolist() == [3, 3] and term.components["click"].tolist() == [1, 0]
+    # last turn: garbage (0 + 0 - 1 + 0 + 1) / 5 = 0 < terminate (1 + 3 + 0 + 0 + 1) / 5 = 1
+    assert garbage.per_step[1] == pytest.approx(0.0) and term.per_step[1] == pytest.approx(1.0)
+    assert garbage.score < term.score
+    # the step mode too: no S_pseg 1 for a turn that made no mask
+    step = score_episode(_good_then("garbage"), context=RewardContext(RewardConfig(mode="step")))
+    assert step.components["pseg"].tolist() == [1, 0] and step.components["answer"].tolist() == [3, 0]
+
+
+def test_truncated_turn_is_scored_as_unparsed_even_when_its_click_parsed():
+    ep = _episode()  # 4 turns; pretend the sampler cut turn 1 (a right click that parsed) at max tokens
+    ctx = RewardContext(stop_reasons=("max_tokens", "eos", "eos", "eos"))
+    s = score_episode(ep, context=ctx)
+    assert s.components["answer"].tolist() == [0, 2, 3, 3]
+    assert s.components["pseg"].tolist() == [0, 1, 1, 0]
+    assert s.components["click"].tolist() == [-1, -1, -1, 0]
+    assert s.components["length"].tolist() == [1, 1, 1, 1]
+    assert s.components["format"].tolist() == [1, 0, 1, 1]  # the strict check reads the text as now
+    # a truncated terminate: no answer credit either
+    cut_end = score_episode(ep, context=RewardContext(stop_reasons=("eos", "eos", "eos", "max_tokens")))
+    assert cut_end.components["answer"].tolist() == [1, 2, 3, 0] and cut_end.components["click"][3] == -1
 
 
 def test_vqa_exact_match_and_parse_failure():
@@ -118,3 +176,15 @@ def test_user_reward_from_file(tmp_path):
 def test_canonical_text_passes_format():
     assert score_episode(_episode(), ["format"]).components["format"][0] == 1
     assert format_turn("a", Click(0.05, 0.05, True)).startswith("<think>")
+
+
+def test_docs_example_reward_loads_by_path_and_pays_the_first_click_on_target():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "my_rewards.py"
+    name, fn = load_reward(f"{path}:first_click_bonus")
+    s = score_episode(_episode(), {"first_click_bonus": fn, "format": load_reward("format")[1]})
+    assert name == "first_click_bonus" and s.components["first_click_bonus"].tolist() == [1, 0, 0, 0]
+    miss = Episode(np.zeros((H, W, 3), np.uint8), "q", GT)
+    miss.apply_click(Click(0.5, 0.9, True), SegmentResult(_mask(9, slice(None)), None, 1.0))  # row 9: off target
+    assert score_episode(miss, {"b": fn}).components["b"].tolist() == [0]

@@ -52,7 +52,8 @@ def test_two_grpo_steps_update_and_resume(init_dir, tmp_path):
     samples = [Sample(s.image, s.mask, s.target, "Synthetic", s.sample_id, "shapes", {})
                for s in synthetic_shapes(2, size=64, seed=0)]
     config = TrainConfig(image_size=56, lr=1e-3, warmup_frac=0.0, checkpoint_every=1, mesh_shape=(1, 1, 1))
-    rl = RLConfig(steps=2, prompts_per_step=2, max_turns=2, grpo=GRPOConfig(group_size=2), seq_buckets=(1024,))
+    rl = RLConfig(steps=2, prompts_per_step=2, max_turns=2, grpo=GRPOConfig(group_size=2), seq_buckets=(1024,),
+                  export_every=1)
     factory = lambda model, processor, rl_cfg, seed, settings: RandomClickPolicy(processor, seed=seed)
     seen = []
     out = train_grpo(config, rl, samples, ClassicalTool(), str(tmp_path), init_dir=init_dir,
@@ -73,6 +74,20 @@ def test_two_grpo_steps_update_and_resume(init_dir, tmp_path):
     again = train_grpo(config, rl, samples, ClassicalTool(), str(tmp_path), init_dir=init_dir, policy_factory=factory)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), out["state"].params, again["state"].params)
     assert all(jax.tree.leaves(same))
+    # The final policy as an HF directory with the agent record; transformers loads it, trained.
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ibis_jax.agent.settings import AGENT_FILE, load_agent_settings
+
+    assert out["export_dir"] == str(tmp_path / "hf")
+    assert (tmp_path / "hf" / AGENT_FILE).exists() and load_agent_settings(tmp_path / "hf").system_prompt == config.system_prompt
+    assert (tmp_path / "exports" / "step_1" / AGENT_FILE).exists()  # --export-every 1; step 2 is the final
+    assert not (tmp_path / "exports" / "step_2").exists()
+    trained = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(init_dir, local_files_only=True)
+    a, b = trained.state_dict(), initial.state_dict()
+    assert set(a) == set(b)
+    assert any(not np.allclose(a[k].numpy(), b[k].numpy()) for k in a)  # GRPO moved the weights
 
 
 def test_each_step_samples_with_its_own_seed():
@@ -119,7 +134,7 @@ def test_grad_accum_two_equals_one_double_micro_batch(init_dir, tmp_path):
     samples = [Sample(s.image, s.mask, s.target, "Synthetic", s.sample_id, "shapes", {})
                for s in synthetic_shapes(2, size=64, seed=0)]
     rl = RLConfig(steps=1, prompts_per_step=2, max_turns=1, grpo=GRPOConfig(group_size=4), seq_buckets=(1024,))
-    factory = lambda model, processor, rl_cfg, seed: RandomClickPolicy(processor, seed=seed)
+    factory = lambda model, processor, rl_cfg, seed, settings: RandomClickPolicy(processor, seed=seed)
     out, seen = {}, {}
     for accum in (1, 2):
         config = TrainConfig(image_size=56, lr=1e-3, warmup_frac=0.0, checkpoint_every=100, mesh_shape=(1, 1, 1),
@@ -135,3 +150,23 @@ def test_grad_accum_two_equals_one_double_micro_batch(init_dir, tmp_path):
     p2 = jax.tree.leaves(jax.device_get(out[2]["state"].params))
     worst = max(float(np.abs(a - b).max()) for a, b in zip(p1, p2))
     assert worst < 0.05 * 1e-3  # a few % of one Adam step (fp32 summation order differs)
+
+
+@pytest.mark.slow  # compiles a second update shape and the reference pass: ~60 s CPU
+def test_several_updates_per_batch_move_the_ratio_and_the_kl(init_dir, tmp_path):
+    """num_iterations x mini_batches updates on one rollout batch: after the first the ratio
+    leaves 1 (and may clip); with beta > 0 the KL to the frozen initial policy becomes > 0."""
+    samples = [Sample(s.image, s.mask, s.target, "Synthetic", s.sample_id, "shapes", {})
+               for s in synthetic_shapes(1, size=64, seed=0)]
+    config = TrainConfig(image_size=56, lr=3e-3, warmup_frac=0.0, checkpoint_every=10, mesh_shape=(1, 1, 1))
+    grpo = GRPOConfig(group_size=4, num_iterations=2, mini_batches=2, beta=0.1, kl_estimator="k3",
+                      epsilon_high=0.28)
+    rl = RLConfig(steps=1, prompts_per_step=1, max_turns=1, grpo=grpo, seq_buckets=(1024,))
+    seen = []
+    train_grpo(config, rl, samples, ClassicalTool(), str(tmp_path), init_dir=init_dir,
+               policy_factory=lambda model, processor, rl_cfg, seed, settings: RandomClickPolicy(processor, seed=seed + 1),
+               hooks=[lambda step, m: seen.append(m)])
+    m = seen[0]
+    assert m["updates"] == 4.0 and m["kept_group_fraction"] == 1.0
+    assert m["ratio_abs_dev_last"] > 1e-4  # the last update sees a policy three updates away from pi_old
+    assert m["kl_last"] > 0.0 and np.isfinite(m["clip_fraction"])

@@ -238,12 +238,6 @@ def train_grpo(
         export_hf(model_def, state, directory, source_dir=config.tokenizer_dir or init_dir, settings=settings)
         log.info("exported the GRPO policy to %s", directory)
 
-    def export(state, directory: str) -> None:
-        """The policy as an HF directory with the agent metadata SFT writes (``ibis_agent.json``)."""
-        export_hf(model_def, state, directory, source_dir=config.tokenizer_dir or init_dir,
-                  system_prompt=config.system_prompt)
-        log.info("exported the GRPO policy to %s", directory)
-
     # ---------------------------------------------------------------- the loop
     writer = MetricsWriter(workdir, start_step=start)
     preemption = core.Preemption()  # SIGTERM: finish the step, checkpoint, exit

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 
 from ibis_jax.generate.sampler import suppress
@@ -54,6 +55,22 @@ def make_grpo_loss(config: GRPOConfig, chunk_size: int = 256, temperature: float
         return loss_sum, denom, aux
 
     return loss_fn
+
+
+def make_old_logprobs(model_def, temperature: float = 1.0, suppressed: Sequence[int] = (), chunk_size: int = 256):
+    """``fn(state, batch) -> float32 [1, B, S]``: the log-probs of ``batch["targets"]`` under the
+    state's parameters and the rollouts' sampling distribution, for a batch with one
+    accumulation slot (the ratio's denominator; jit it)."""
+
+    def old_logprobs(state, batch):
+        policy = model_def.build(state.params, state.frozen)
+        first = jax.tree.map(lambda x: x[0], batch)
+        hidden = policy.hidden_states(first["input_ids"], first["attention_mask"], first["pixel_values"],
+                                      first["image_grid_thw"], vision_layout=first["vision_layout"])
+        return chunked_token_logprobs(sampling_logits(policy, temperature, suppressed), hidden, first["targets"],
+                                      chunk_size)[0][None]
+
+    return old_logprobs
 
 
 register_loss("grpo")(make_grpo_loss(GRPOConfig()))

@@ -37,8 +37,8 @@ from ibis_jax.data.sources.base import Sample
 from ibis_jax.models.qwen2_5_vl import load_hf
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
 from ibis_jax.rl.batch import TurnExample, build_grpo_batch
-from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, group_advantages
-from ibis_jax.rl.loss import make_grpo_loss, sampling_logits
+from ibis_jax.rl.grpo import GRPOConfig, group_advantages
+from ibis_jax.rl.loss import make_grpo_loss, make_old_logprobs
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
 from ibis_jax.tools.protocol import SegmentationTool
 from ibis_jax.train import mesh as mesh_lib
@@ -160,14 +160,7 @@ def train_grpo(
     step_fns: dict = {}
     layout_cache: dict = {}
 
-    @jax.jit
-    def old_logprobs(state, batch):
-        policy = model_def.build(state.params, state.frozen)
-        hidden = policy.hidden_states(batch["input_ids"][0], batch["attention_mask"][0], batch["pixel_values"][0],
-                                      batch["image_grid_thw"][0],
-                                      vision_layout=jax.tree.map(lambda x: x[0], batch["vision_layout"]))
-        return chunked_token_logprobs(sampling_logits(policy, rl.temperature, suppressed), hidden,
-                                      batch["targets"][0])[0][None]
+    old_logprobs = jax.jit(make_old_logprobs(model_def, rl.temperature, suppressed))
 
     # ---------------------------------------------------------------- the loop
     writer = MetricsWriter(workdir)

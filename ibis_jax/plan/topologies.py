@@ -111,7 +111,11 @@ def tpu_available() -> str | None:
 def gpu_available() -> str | None:
     import importlib.util
 
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None and importlib.util.find_spec("jax_cuda12_plugin") is None:
+    try:
+        found = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        found = False
+    if not found:
         return ('the CUDA PJRT plugin is not installed: pip install "jax-cuda12-plugin==0.10.2" '
                 '"jax-cuda12-pjrt==0.10.2" (and run plan with JAX_PLATFORMS=cpu)')
     return None

@@ -82,8 +82,8 @@ def test_tiny_sft_compiles_for_v5e_and_writes_json(tmp_path):
     assert sft["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and sft["hbm_bytes"] == 16 * 2**30
     b = sft["bytes"]
     # full fine-tuning, fp32 params: Adam's two moments are twice the trainable params (the
-    # vision tower is trainable in the tiny config, so every parameter is)
-    assert b["params"] > 0 and b["optimizer"] == 2 * b["params"], b
+    # vision tower is trainable in the tiny config, so every parameter is), plus its step counts
+    assert b["params"] > 0 and 2 * b["params"] <= b["optimizer"] <= 2 * b["params"] + 64, b
     assert b["kv_cache"] == 0 and b["temp"] > 0 and b["params"] + b["optimizer"] + b["temp"] <= b["total"] < 2**30
     assert sft["flops_per_step"] > 0 and sft["compile_seconds"] > 0
     assert "sft" in out.stdout and "1,4,1" in out.stdout
@@ -115,3 +115,16 @@ def test_tiny_all_stages_fit_v5e(tmp_path):
     for s in data["stages"]:
         assert set(s) >= STAGE_KEYS and s["fits"] is True and 0 < s["bytes"]["total"] < s["hbm_bytes"]
     assert data["stages"][2]["bytes"]["kv_cache"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(topologies.gpu_available() is not None and not os.environ.get("IBIS_PLAN_GPU_PATH"),
+                    reason="no CUDA PJRT plugin (the plan-gpu extra, or IBIS_PLAN_GPU_PATH=its --target dir)")
+def test_tiny_sft_compiles_for_h100_node(tmp_path):
+    out_json = tmp_path / "plan.json"
+    out = plan("--config", TINY, "--topology", "h100x8", "--stage", "sft", "--json", str(out_json), *SMALL[1:],
+               "mesh_shape=1,-1,1", "batch_size=8")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (sft,) = json.loads(out_json.read_text())["stages"]
+    assert sft["devices"] == 8 and sft["fits"] is True and sft["hbm_bytes"] == 80 * 10**9
+    assert sft["xla_flops_per_device"] is None  # XLA:GPU has no cost analysis; FLOPs are analytic

@@ -26,7 +26,6 @@ import dataclasses
 import importlib.util
 import os
 import sys
-import time
 
 STAGES = ("sft", "grpo", "rollout")
 
@@ -178,7 +177,15 @@ def run(args: argparse.Namespace) -> int:
                                   {"failed": {"stage": stage, "needed_bytes": e.needed, "hbm_bytes": chip.hbm_bytes}})
             return fail(report.not_fit_line(stage, e.needed, chip.hbm_bytes, e.lower_bound))
         results.append(r)
-        print(f"  compiled {stage} in {r.compile_seconds:.1f} s", flush=True)
+        # Each stage as soon as it is known (a big model's stage compiles for minutes).
+        print(f"  compiled {stage} in {r.compile_seconds:.1f} s: {report.gib(r.bytes['total'])} GiB of "
+              f"{report.gib(r.hbm_bytes)} GiB per chip ({report.gib(r.bytes['params'])} params, "
+              f"{report.gib(r.bytes['optimizer'])} optimizer, {report.gib(r.bytes['kv_cache'])} kv cache, "
+              f"{report.gib(r.bytes['temp'])} temp), {'fits' if r.fits else 'does NOT fit'}, "
+              f"{r.flops_per_step / 1e12:.1f} TFLOP, {report.fmt_seconds(r.step_seconds)} at MFU {args.mfu:.0%}",
+              flush=True)
+        if args.json:
+            report.write_json(args.json, args.config, target.name, results, {})
         if not r.fits:  # the rest would not run either: stop here
             break
     print(report.table(target.name, results, args.mfu))

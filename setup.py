@@ -36,6 +36,11 @@ TOOL = [
     # sam2==1.1.0 is source-only and must build after torch without isolation; the README's
     # install command does that step (see SPEC section 7).
 ]
+# `ibis-jax plan` (SPEC section 9): compile-only TPU devices; a 213 MB wheel (jax 0.10.2's `tpu`
+# extra pins 0.0.42.*). GPU nodes also need the CUDA PJRT plugin, kept out of `all` (it would make
+# every JAX process probe for CUDA): pip install -e ".[plan-gpu]" and run plan with JAX_PLATFORMS=cpu.
+PLAN = ["libtpu==0.0.42.1"]
+PLAN_GPU = ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"]
 DEV = [
     "pytest==9.0.3",
     "hypothesis==6.155.2",
@@ -51,6 +56,6 @@ setup(
     packages=find_packages(include=["ibis_jax", "ibis_jax.*", "tool_bridge", "tool_bridge.*"]),
     package_data={"tool_bridge": ["proto/*.proto", "proto/*.pyi"]},
     install_requires=CORE,
-    extras_require={"tool": TOOL, "dev": DEV, "all": TOOL + DEV},
+    extras_require={"tool": TOOL, "dev": DEV, "plan": PLAN, "plan-gpu": PLAN_GPU, "all": TOOL + DEV + PLAN},
     entry_points={"console_scripts": ["ibis-jax=ibis_jax.cli:main"]},
 )

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tool": ("tool_bridge.cli", "serve or ping a segmentation tool over gRPC"),
     "eval": ("ibis_jax.commands.eval", "evaluate a policy (oracle or a model) with a tool on a test source"),
     "segment": ("ibis_jax.commands.segment", "run the agent on one image; write the mask and an HTML report"),
+    "plan": ("ibis_jax.commands.plan", "compile SFT / GRPO / rollouts for a TPU slice or GPU node: does it fit?"),
 }
 
 

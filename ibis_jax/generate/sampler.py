@@ -292,6 +292,19 @@ def _decode(graphdef, params, packed, state: DecodeState, key, row_live, stop_ta
 
 
 # ---------------------------------------------------------------------------- host side
+def cache_spec(mesh: jax.sharding.Mesh | None, kv_heads: int, batch: int) -> P | None:
+    """The k/v cache's PartitionSpec [B, kv_heads, T, head_dim]: kv heads over "tensor" and rows
+    over ("data", "fsdp") where those divide; None without a mesh."""
+    if mesh is None:
+        return None
+    shape = dict(mesh.shape)
+    heads = "tensor" if shape.get("tensor", 1) > 1 and kv_heads % shape["tensor"] == 0 else None
+    bax = tuple(a for a in ("data", "fsdp") if shape.get(a, 1) > 1)
+    ways = int(np.prod([shape[a] for a in bax])) if bax else 1
+    batch_ax = bax if bax and batch % ways == 0 else None
+    return P(batch_ax, heads, None, None)
+
+
 @dataclasses.dataclass
 class Chunk:
     """Host arrays of one appended chunk (left-padded): input_ids/valid [B, S], positions
@@ -345,15 +358,7 @@ class Sampler:
         return jax.default_backend() == "cpu" and (self.mesh is None or self.mesh.size == 1)
 
     def _cache_spec(self, batch: int) -> P | None:
-        if self.mesh is None:
-            return None
-        shape = dict(self.mesh.shape)
-        kv = self.model.config.text.num_key_value_heads
-        heads = "tensor" if shape.get("tensor", 1) > 1 and kv % shape["tensor"] == 0 else None
-        bax = tuple(a for a in ("data", "fsdp") if shape.get(a, 1) > 1)
-        ways = int(np.prod([shape[a] for a in bax])) if bax else 1
-        batch_ax = bax if bax and batch % ways == 0 else None
-        return P(batch_ax, heads, None, None)
+        return cache_spec(self.mesh, self.model.config.text.num_key_value_heads, batch)
 
     def init_state(self, batch: int, max_len: int) -> DecodeState:
         """An empty cache for `batch` rows and `max_len` slots (both already bucketed)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 
 from ibis_jax.models.logits import suppress
@@ -56,6 +57,26 @@ def make_grpo_loss(config: GRPOConfig, chunk_size: int = 256, temperature: float
         return loss_sum, denom, aux
 
     return loss_fn
+
+
+def make_token_logprobs(model_def, temperature: float = 1.0, suppressed: Sequence[int] = (), chunk_size: int = 256):
+    """``fn(params, frozen, batch) -> float32 [A, b, S]``: the log-probs of every micro-batch's
+    ``targets`` under ``params`` (the sampling policy: the ratio's denominator; or the frozen
+    reference: the KL term) and the rollouts' sampling distribution. The trainer jits it with the
+    mesh's shardings; ``ibis-jax plan`` compiles the same function."""
+
+    def token_logprobs(params, frozen, batch):
+        policy = model_def.build(params, frozen)
+
+        def one(mb):
+            hidden = policy.hidden_states(mb["input_ids"], mb["attention_mask"], mb["pixel_values"],
+                                          mb["image_grid_thw"], vision_layout=mb["vision_layout"])
+            return chunked_token_logprobs(sampling_logits(policy, temperature, suppressed), hidden, mb["targets"],
+                                          chunk_size)[0]
+
+        return jax.lax.map(one, batch)
+
+    return token_logprobs
 
 
 register_loss("grpo")(make_grpo_loss(GRPOConfig()))

@@ -41,8 +41,7 @@ from ibis_jax.models.qwen2_5_vl import load_hf
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor, eos_token_ids
 from ibis_jax.rl.batch import TurnExample, build_grpo_batch, row_bucket, trajectory_tokens
 from ibis_jax.rl.grpo import GRPOConfig, compute_advantages, minibatch_indices, nonzero_variance_groups
-from ibis_jax.train.loss import chunked_token_logprobs
-from ibis_jax.rl.loss import make_grpo_loss, sampling_logits
+from ibis_jax.rl.loss import make_grpo_loss, make_token_logprobs
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
 from ibis_jax.tools.protocol import SegmentationTool
 from ibis_jax.train import core
@@ -220,18 +219,7 @@ def train_grpo(
     step_fns: dict = {}
     layout_cache: dict = {}
 
-    def token_logprobs(params, frozen, batch):
-        """[A, b, S] log-probs of every micro-batch under ``params`` (the sampling or the reference
-        policy), on the mesh."""
-        policy = model_def.build(params, frozen)
-
-        def one(mb):
-            hidden = policy.hidden_states(mb["input_ids"], mb["attention_mask"], mb["pixel_values"],
-                                          mb["image_grid_thw"], vision_layout=mb["vision_layout"])
-            return chunked_token_logprobs(sampling_logits(policy, rl.temperature, suppressed), hidden,
-                                          mb["targets"])[0]
-
-        return jax.lax.map(one, batch)
+    token_logprobs = make_token_logprobs(model_def, rl.temperature, suppressed)
 
     def export(state, directory: str) -> None:
         """The policy as an HF directory with the agent settings SFT writes (``ibis_agent.json``)."""

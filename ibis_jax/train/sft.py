@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ibis_jax.agent.settings import AgentSettings
 from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, load_hf, vision_layout
@@ -30,7 +29,7 @@ from ibis_jax.train.loss import LOSSES
 from ibis_jax.train.metrics import MetricsWriter, last_metrics, peak_flops_per_device, step_flops
 from ibis_jax.train.optim import make_optimizer
 from ibis_jax.train.pipeline import make_pipeline
-from ibis_jax.train.state import ModelDef, TrainState, init_fn_for, make_model, split_model, state_specs, _dtype
+from ibis_jax.train.state import TrainState, abstract_train_state, init_fn_for, split_model, _dtype
 from ibis_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -176,11 +175,7 @@ def train(
     tx, schedule = make_optimizer(config, total_steps)
     key = jax.random.key(config.seed)
     init_fn = init_fn_for(config, model_config, tx)
-    abstract_model = nnx.eval_shape(lambda: make_model(config, model_config, key))
-    graphdef, _, _, param_specs = split_model(abstract_model, config)
-    model_def = ModelDef(graphdef, model_config, config.lora_rank, config.lora_alpha)
-    abstract = jax.eval_shape(init_fn, key)
-    specs = state_specs(abstract, param_specs, tx, config)
+    model_def, abstract, specs = abstract_train_state(config, model_config, tx, key)
     shardings = mesh_lib.named(mesh, specs)
 
     # ---------------------------------------------------------------- init or restore

@@ -130,6 +130,19 @@ def init_fn_for(
     return init
 
 
+def abstract_train_state(
+    config: TrainConfig, model_config: Qwen25VLConfig, tx: optax.GradientTransformation, key: jax.Array
+) -> tuple[ModelDef, TrainState, TrainState]:
+    """(model def, abstract TrainState of ShapeDtypeStructs, its PartitionSpecs), nothing
+    allocated: what `init_fn_for` would build, for jitting with out_shardings or compiling for
+    a target without its devices (`ibis-jax plan`)."""
+    abstract_model = nnx.eval_shape(lambda: make_model(config, model_config, key))
+    graphdef, _, _, param_specs = split_model(abstract_model, config)
+    model_def = ModelDef(graphdef, model_config, config.lora_rank, config.lora_alpha)
+    abstract = jax.eval_shape(init_fn_for(config, model_config, tx), key)
+    return model_def, abstract, state_specs(abstract, param_specs, tx, config)
+
+
 def state_from_model(model: Qwen25VL, config: TrainConfig, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
     """TrainState around an already loaded (e.g. `load_hf`, sharded) model."""
     _, trainable, frozen, _ = split_model(model, config)

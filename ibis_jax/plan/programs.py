@@ -1,0 +1,390 @@
+"""The project's own programs (SFT step, GRPO update + old log-prob pass, sampler prefill +
+decode), compiled for a target's compile-only devices from abstract state.
+
+Nothing is allocated: the train state is `train.state.abstract_train_state` (what init would
+build), batches are `ShapeDtypeStruct`s of the shapes the pipeline / GRPO batch builder / sampler
+would produce at the config's largest buckets, each with the sharding the trainers give it. The
+step functions are the trainers' (`make_train_step` + `jit_train_step`, `make_grpo_loss`,
+`make_token_logprobs`, the sampler's `_encode_images` / `_extend` / `_decode`), never copies.
+
+Per-device bytes: parameters, optimizer state and KV cache from the shard shapes of their
+shardings; temporaries from XLA's `memory_analysis()`; total = arguments + outputs not aliased
+to donated arguments + temporaries. FLOPs are counted analytically (`train.metrics.step_flops`:
+XLA's cost analysis counts a `lax.scan` body once, not once per layer, and returns nothing for
+GPUs); XLA's per-device count is kept alongside as `xla_flops_per_device`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, vision_layout
+from ibis_jax.train import mesh as mesh_lib
+from ibis_jax.train.config import TrainConfig
+from ibis_jax.train.metrics import step_flops
+from ibis_jax.train.optim import make_optimizer
+from ibis_jax.train.state import abstract_train_state, make_model
+
+PLAN_TOTAL_STEPS = 1000  # the schedule's length does not change any shape
+
+
+class DoesNotFit(Exception):
+    """XLA refused the program: RESOURCE_EXHAUSTED (needed / available bytes when it says)."""
+
+    def __init__(self, stage: str, needed: int | None, available: int | None, message: str, lower_bound: bool = False):
+        super().__init__(message)
+        self.stage, self.needed, self.available, self.lower_bound = stage, needed, available, lower_bound
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    devices: int
+    mesh: dict[str, int]
+    bytes: dict[str, int]  # params, optimizer, kv_cache, temp, total (per device)
+    hbm_bytes: int
+    flops_per_step: float  # analytic, all devices together
+    compile_seconds: float
+    fits: bool
+    step_seconds: float = 0.0  # at the stated MFU (rollout decode: HBM roofline)
+    xla_flops_per_device: float | None = None
+    shapes: str = ""  # the batch the stage was compiled at, in words
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "fits": self.fits, "devices": self.devices, "mesh": self.mesh,
+                "bytes": self.bytes, "hbm_bytes": self.hbm_bytes, "flops_per_step": self.flops_per_step,
+                "compile_seconds": round(self.compile_seconds, 2), "step_seconds": self.step_seconds,
+                "xla_flops_per_device": self.xla_flops_per_device, "shapes": self.shapes, "note": self.note}
+
+
+# ---------------------------------------------------------------------------- helpers
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def shard_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+_SIZE = r"([\d.]+)\s*([KMGT])i?B?"
+_UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_PATTERNS = (re.compile(r"Used\s+" + _SIZE + r"\s+of\s+" + _SIZE), re.compile(_SIZE + r"\)?\s+exceeds available HBM\s+\(?" + _SIZE))
+
+
+def parse_exhausted(message: str) -> tuple[int | None, int | None]:
+    """(needed, available) bytes from XLA's RESOURCE_EXHAUSTED text: 'Used 16.76G of 15.75G hbm'
+    or 'HLO temporaries (16.76G) exceeds available HBM (15.75G)'; else the first size, None."""
+    for pattern in _PATTERNS:
+        m = pattern.search(message)
+        if m:
+            v1, u1, v2, u2 = m.groups()
+            return int(float(v1) * _UNIT[u1]), int(float(v2) * _UNIT[u2])
+    m = re.search(_SIZE, message)
+    return (int(float(m.group(1)) * _UNIT[m.group(2)]) if m else None), None
+
+
+def compile_program(stage: str, jitted: Callable, args: tuple, mesh, **kwargs):
+    """(compiled, seconds); RESOURCE_EXHAUSTED -> DoesNotFit."""
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = jitted.lower(*args, **kwargs).compile()
+    except Exception as e:  # XlaRuntimeError / JaxRuntimeError, by text
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "exceeds available" in text:
+            needed, available = parse_exhausted(text.split("RESOURCE_EXHAUSTED", 1)[-1])
+            raise DoesNotFit(stage, needed, available, text.strip().splitlines()[0][:300]) from None
+        raise
+    return compiled, time.perf_counter() - t0
+
+
+def memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    arg, out, alias, temp = (int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+                             for k in ("argument", "output", "alias", "temp"))
+    return {"argument": arg, "output": out, "alias": alias, "temp": temp, "peak": arg + out - alias + temp}
+
+
+def xla_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def forward_flops(cfg: Qwen25VLConfig, *, tokens: float, seq_len: int, sequences: float, patches: float,
+                  image_size: int) -> float:
+    """Forward-only FLOPs, from `step_flops` (train = 3 x text + 1 or 3 x tower + 3 x merger)."""
+    kw = dict(seq_len=seq_len, image_size=image_size)
+    text = step_flops(cfg, tokens=tokens, sequences=sequences, patches=0, freeze_vision=True, **kw) / 3
+    frozen = step_flops(cfg, tokens=0, sequences=0, patches=patches, freeze_vision=True, **kw)  # V + 3M
+    trained = step_flops(cfg, tokens=0, sequences=0, patches=patches, freeze_vision=False, **kw)  # 3V + 3M
+    tower = (trained - frozen) / 2
+    merger = (frozen - tower) / 3
+    return text + tower + merger
+
+
+def analytic_param_count(cfg: Qwen25VLConfig) -> int:
+    """Parameters of Qwen2.5-VL from its config (language model, vision tower, merger)."""
+    t, v = cfg.text, cfg.vision
+    d, f, q, k = t.hidden_size, t.intermediate_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    layer = d * q + q + 2 * (d * k + k) + q * d + 3 * d * f + 2 * d
+    lm = t.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + t.num_hidden_layers * layer + d
+    e, fv = v.hidden_size, v.intermediate_size
+    block = 3 * e * e + 3 * e + e * e + e + 2 * e * fv + 2 * fv + fv * e + e + 2 * e
+    m = e * v.spatial_merge_size**2
+    merger = e + m * m + m + m * v.out_hidden_size + v.out_hidden_size
+    return lm + v.patch_dim * e + v.depth * block + merger
+
+
+def _images_layout(cfg: Qwen25VLConfig, images: int, image_size: int, accum: int | None):
+    side = image_size // cfg.vision.patch_size
+    grid = np.tile(np.asarray([[1, side, side]], np.int64), (images, 1))
+    lay = vision_layout(grid, cfg.vision)
+    lead = () if accum is None else (accum,)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + x.shape, x.dtype), lay), images * side * side
+
+
+def _struct(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), jnp.dtype(dtype))
+
+
+# ---------------------------------------------------------------------------- train state
+@dataclasses.dataclass
+class TrainSetup:
+    model_def: Any
+    tx: Any
+    schedule: Any
+    state: Any  # sharded ShapeDtypeStructs
+    shardings: Any
+
+    def bytes(self) -> tuple[int, int, int]:
+        """(trainable params, frozen params, optimizer state) per device."""
+        return shard_bytes(self.state.params), shard_bytes(self.state.frozen), shard_bytes(self.state.opt_state)
+
+    def check_resident(self, stage: str, hbm: int) -> None:
+        """Before compiling: the state plus the step's fp32 gradient sum alone must fit (raises
+        DoesNotFit with that lower bound, so a hopeless target costs no compile)."""
+        trainable, frozen, opt = self.bytes()
+        grads = shard_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
+                                         self.state.params))
+        need = trainable + frozen + opt + grads
+        if need > hbm:
+            raise DoesNotFit(stage, need, hbm, "state + fp32 gradients exceed HBM", lower_bound=True)
+
+
+def train_setup(config: TrainConfig, model_config: Qwen25VLConfig, mesh) -> TrainSetup:
+    tx, schedule = make_optimizer(config, PLAN_TOTAL_STEPS)
+    model_def, abstract, specs = abstract_train_state(config, model_config, tx, jax.random.key(config.seed))
+    shardings = mesh_lib.named(mesh, specs)
+    return TrainSetup(model_def, tx, schedule, with_shardings(abstract, shardings), shardings)
+
+
+def _sharded_batch(batch: dict, mesh) -> tuple[dict, Any]:
+    shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(batch, mesh))
+    return with_shardings(batch, shardings), shardings
+
+
+def _step_seconds(flops: float, devices: int, peak: float, mfu: float) -> float:
+    return flops / (devices * peak * mfu)
+
+
+# ---------------------------------------------------------------------------- SFT
+def sft_stage(config: TrainConfig, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
+    from ibis_jax.train.loss import LOSSES
+    from ibis_jax.train.step import jit_train_step, make_train_step
+
+    setup = train_setup(config, model_config, mesh)
+    setup.check_resident("sft", hbm)
+    a, b, s = config.grad_accum, config.micro_batch, max(config.seq_buckets)
+    images = b * config.max_images_per_sample
+    layout, patches = _images_layout(model_config, images, config.image_size, a)
+    batch = {
+        "input_ids": _struct((a, b, s), jnp.int32), "attention_mask": _struct((a, b, s), jnp.int32),
+        "targets": _struct((a, b, s), jnp.int32), "weights": _struct((a, b, s), jnp.float32),
+        "action_mask": _struct((a, b, s), jnp.float32),
+        "pixel_values": _struct((a, patches, model_config.vision.patch_dim), jnp.float32),
+        "image_grid_thw": _struct((a, images, 3), jnp.int32), "vision_layout": layout,
+    }
+    batch, batch_shardings = _sharded_batch(batch, mesh)
+    step = jit_train_step(make_train_step(setup.model_def, LOSSES["sft"], setup.tx, setup.schedule),
+                          setup.shardings, batch_shardings, mesh)
+    compiled, seconds = compile_program("sft", step.jitted, (setup.state, batch), mesh)
+    mem = memory(compiled)
+    trainable, frozen, opt = setup.bytes()
+    flops = step_flops(model_config, tokens=a * b * s, seq_len=s, sequences=a * b, patches=a * patches,
+                       freeze_vision=config.freeze_vision, image_size=config.image_size)
+    return StageResult(
+        "sft", mesh.size, dict(mesh.shape),
+        {"params": trainable + frozen, "optimizer": opt, "kv_cache": 0, "temp": mem["temp"], "total": mem["peak"]},
+        hbm, flops, seconds, mem["peak"] <= hbm, _step_seconds(flops, mesh.size, peak, mfu), xla_flops(compiled),
+        f"{a} x {b} x {s} tokens, {images} images of {config.image_size}px per micro-batch",
+    )
+
+
+# ---------------------------------------------------------------------------- GRPO
+def grpo_rows(rl) -> int:
+    """Rows of the GRPO update at its worst: every episode runs max_turns policy turns."""
+    from ibis_jax.rl.batch import row_bucket
+
+    return row_bucket(rl.prompts_per_step * rl.grpo.group_size * rl.max_turns)
+
+
+def grpo_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
+    from ibis_jax.rl.loss import make_grpo_loss, make_token_logprobs
+    from ibis_jax.train.step import jit_train_step, make_train_step
+
+    setup = train_setup(config, model_config, mesh)
+    setup.check_resident("grpo", hbm)
+    r, s = grpo_rows(rl), max(rl.seq_buckets)
+    images = r * (1 if rl.history == "none" else rl.max_turns)
+    layout, patches = _images_layout(model_config, images, config.image_size, 1)
+    batch = {
+        "input_ids": _struct((1, r, s), jnp.int32), "attention_mask": _struct((1, r, s), jnp.int32),
+        "targets": _struct((1, r, s), jnp.int32), "loss_mask": _struct((1, r, s), jnp.float32),
+        "advantages": _struct((1, r), jnp.float32), "row_weights": _struct((1, r), jnp.float32),
+        "pixel_values": _struct((1, patches, model_config.vision.patch_dim), jnp.float32),
+        "image_grid_thw": _struct((1, images, 3), jnp.int32), "vision_layout": layout,
+    }
+    suppressed = model_config.multimodal_token_ids
+    # 1. the old (and reference) log-prob pass over the rollout batch
+    old_batch, old_shardings = _sharded_batch(batch, mesh)
+    old_fn = jax.jit(make_token_logprobs(setup.model_def, rl.temperature, suppressed))
+    old_compiled, old_seconds = compile_program("grpo (old log-probs)", old_fn,
+                                                (setup.state.params, setup.state.frozen, old_batch), mesh)
+    # 2. the update: the shared train step with the grpo loss
+    full, full_shardings = _sharded_batch({**batch, "old_logprobs": _struct((1, r, s), jnp.float32)}, mesh)
+    loss = make_grpo_loss(rl.grpo, temperature=rl.temperature, suppressed=suppressed)
+    step = jit_train_step(make_train_step(setup.model_def, loss, setup.tx, setup.schedule), setup.shardings,
+                          full_shardings, mesh)
+    compiled, seconds = compile_program("grpo", step.jitted, (setup.state, full), mesh)
+    mem, old_mem = memory(compiled), memory(old_compiled)
+    trainable, frozen, opt = setup.bytes()
+    kw = dict(tokens=r * s, seq_len=s, sequences=r, patches=patches, image_size=config.image_size)
+    update = step_flops(model_config, freeze_vision=config.freeze_vision, **kw)
+    forward = forward_flops(model_config, **kw)
+    xf = [xla_flops(c) for c in (compiled, old_compiled)]
+    return StageResult(
+        "grpo", mesh.size, dict(mesh.shape),
+        {"params": trainable + frozen, "optimizer": opt, "kv_cache": 0, "temp": max(mem["temp"], old_mem["temp"]),
+         "total": max(mem["peak"], old_mem["peak"])},
+        hbm, update + forward, seconds + old_seconds, max(mem["peak"], old_mem["peak"]) <= hbm,
+        _step_seconds(update + forward, mesh.size, peak, mfu), None if None in xf else sum(xf),
+        f"{r} turn rows x {s} tokens ({rl.prompts_per_step} prompts x G={rl.grpo.group_size} x "
+        f"{rl.max_turns} turns, one micro-batch as the trainer runs it)",
+        "update + old log-prob pass; the rollouts are the rollout stage",
+    )
+
+
+# ---------------------------------------------------------------------------- rollout
+def rollout_shapes(rl) -> tuple[int, int, int]:
+    """(batch rows, prefill chunk, cache slots) of one rollout turn at the sampler's buckets: all
+    episodes of a step decode together; the prompt is what the update's largest sequence bucket
+    leaves after max_new_tokens, and the cache holds prompt + max_new_tokens."""
+    from ibis_jax.generate.sampler import SamplerConfig, bucket
+
+    sc = SamplerConfig()
+    b = bucket(rl.prompts_per_step * rl.grpo.group_size, sc.batch_buckets)
+    room = max(rl.seq_buckets) - rl.max_new_tokens
+    fitting = [c for c in sc.chunk_buckets if c <= room]
+    chunk = max(fitting) if fitting else min(sc.chunk_buckets)
+    return b, chunk, bucket(chunk + rl.max_new_tokens, sc.cache_buckets)
+
+
+def rollout_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float,
+                  hbm_bandwidth: float) -> StageResult:
+    from ibis_jax.generate import sampler as sampler_lib
+
+    setup = train_setup(config, model_config, mesh)  # resident during rollouts
+    key = jax.random.key(config.seed)
+    abstract_model = nnx.eval_shape(lambda: make_model(config, model_config, key))
+    graphdef, state = nnx.split(abstract_model)
+    pure = nnx.to_pure_dict(state)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    params = nnx.State(with_shardings(pure, mesh_lib.named(mesh, specs)))
+    t = model_config.text
+    b, chunk, slots = rollout_shapes(rl)
+    spec = sampler_lib.cache_spec(mesh, t.num_key_value_heads, b)
+    cache_sharding = NamedSharding(mesh, spec)
+    rep = NamedSharding(mesh, P())
+    compute = abstract_model.language_model.dtype
+    kv = jax.ShapeDtypeStruct((b, t.num_key_value_heads, slots, t.head_dim), compute, sharding=cache_sharding)
+    decode_state = sampler_lib.DecodeState(
+        k=tuple(kv for _ in range(t.num_hidden_layers)), v=tuple(kv for _ in range(t.num_hidden_layers)),
+        slot_valid=jax.ShapeDtypeStruct((b, slots), jnp.bool_, sharding=rep),
+        end=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), next_pos=jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rep),
+        logits=jax.ShapeDtypeStruct((b, t.vocab_size), jnp.float32, sharding=rep))
+    rs = lambda shape, dt: jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=rep)
+    # 1. the vision tower on every episode's observation
+    layout, patches = _images_layout(model_config, b, config.image_size, None)
+    layout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), layout)
+    enc, enc_s = compile_program("rollout (vision)", sampler_lib._encode_images, (graphdef, params,
+                                 rs((patches, model_config.vision.patch_dim), jnp.float32), layout), mesh)
+    feats = sampler_lib.bucket(patches // model_config.vision.spatial_merge_size**2, sampler_lib.SamplerConfig().visual_buckets)
+    # 2. prefill: the prompt chunk into the cache
+    pre, pre_s = compile_program(
+        "rollout (prefill)", sampler_lib._extend,
+        (graphdef, params, None, decode_state, rs((b, chunk), jnp.int32), rs((b, chunk), jnp.bool_),
+         rs((3, b, chunk), jnp.int32), rs((b,), jnp.int32), rs((feats, t.hidden_size), compute)), mesh,
+        cache_spec=spec)
+    # 3. decode: the sampler's while loop (its body is one token step)
+    cfg = sampler_lib.SamplerConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                                    suppress_token_ids=model_config.multimodal_token_ids)
+    key_struct = jax.ShapeDtypeStruct((), key.dtype, sharding=rep)
+    dec, dec_s = compile_program(
+        "rollout (decode)", sampler_lib._decode,
+        (graphdef, params, None, decode_state, key_struct, rs((b,), jnp.bool_), rs((16, t.vocab_size), jnp.int32),
+         rs((2,), jnp.int32)), mesh, cfg=cfg, cache_spec=spec)
+    mems = [memory(c) for c in (enc, pre, dec)]
+    param_bytes, cache_bytes = shard_bytes(params), shard_bytes(decode_state.k) * 2
+    trainable, frozen, opt = setup.bytes()
+    # Resident besides the sampler's arguments: the optimizer state, and with LoRA the train
+    # state's frozen base + adapters (the sampler gets a merged copy).
+    extra_params = trainable + frozen if config.lora_rank else 0
+    peak_prog = max(m["peak"] for m in mems)
+    total = peak_prog + opt + extra_params
+    prefill = forward_flops(model_config, tokens=b * chunk, seq_len=chunk, sequences=b, patches=patches,
+                            image_size=config.image_size)
+    d, hq = t.hidden_size, t.num_attention_heads * t.head_dim
+    per_layer = d * hq * 2 + d * t.num_key_value_heads * t.head_dim * 2 + 3 * d * t.intermediate_size
+    per_token = 2 * (t.num_hidden_layers * per_layer + d * t.vocab_size) * b + 4 * t.num_hidden_layers * hq * slots * b
+    flops = prefill + rl.max_new_tokens * per_token
+    token_s = max(per_token / (mesh.size * peak * mfu), (param_bytes + cache_bytes) / hbm_bandwidth)
+    seconds = prefill / (mesh.size * peak * mfu) + rl.max_new_tokens * token_s
+    xf = [xla_flops(c) for c in (enc, pre, dec)]
+    return StageResult(
+        "rollout", mesh.size, dict(mesh.shape),
+        {"params": param_bytes + extra_params, "optimizer": opt, "kv_cache": cache_bytes,
+         "temp": max(m["temp"] for m in mems), "total": total},
+        hbm, flops, enc_s + pre_s + dec_s, total <= hbm, seconds, None if None in xf else sum(xf),
+        f"{b} episodes, prefill chunk {chunk}, cache {slots} slots, {rl.max_new_tokens} new tokens (one turn)",
+        "one turn: vision + prefill at the MFU, decode tokens at max(MFU, HBM roofline of params + cache); "
+        "FSDP all-gathers of the weights per token are not counted",
+    )
+
+
+def lora_or_full(config: TrainConfig) -> str:
+    return f"LoRA r{config.lora_rank}" if config.lora_rank else "full"
+
+
+__all__ = ["DoesNotFit", "StageResult", "sft_stage", "grpo_stage", "rollout_stage", "analytic_param_count",
+           "parse_exhausted", "rollout_shapes", "grpo_rows"]

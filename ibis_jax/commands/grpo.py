@@ -32,10 +32,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="a TrainConfig file (configs/*.py)")
     parser.add_argument("--init", required=True, help="HF model dir to start from (the SFT export)")
     parser.add_argument("--workdir", required=True, help="checkpoints and metrics; reruns resume")
-    parser.add_argument("--source", required=True, choices=("folder", "nifti", "dicom", "demo"),
-                        help="the prompts' images and masks")
-    parser.add_argument("--seed", type=int, default=0, help="the source's seed (demo shapes, nifti sampling)")
-    parser.add_argument("--tool", default="classical", help="'classical', a bridge HOST:PORT, or module:factory")
+    parser.add_argument("--tool", default="auto", help="'auto' (the classical tool's preset per target; "
+                        "default), 'classical', 'classical-tissue', a bridge HOST:PORT, or module:factory")
     parser.add_argument("--reward", action="append", default=[], help="extra reward 'file.py:function'")
     parser.add_argument("--limit", type=int, default=None, help="use the first N source items as prompts")
     parser.add_argument("--export-every", type=int, default=0,

@@ -43,6 +43,7 @@ from ibis_jax.rl.batch import TurnExample, build_grpo_batch, row_bucket, traject
 from ibis_jax.rl.grpo import GRPOConfig, compute_advantages, minibatch_indices, nonzero_variance_groups
 from ibis_jax.rl.loss import make_grpo_loss, make_token_logprobs
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
+from ibis_jax.tools.auto import assign_episode
 from ibis_jax.tools.protocol import SegmentationTool
 from ibis_jax.train import core
 from ibis_jax.train import lora as lora_lib
@@ -248,6 +249,8 @@ def train_grpo(
                             episode_id=f"grpo-{step}-{i}-{g}")
                     for i, s in enumerate(picked) for g in range(rl.grpo.group_size)
                 ]
+                for sample, episode in zip([s for s in picked for _ in range(rl.grpo.group_size)], episodes):
+                    assign_episode(tool, episode.episode_id, sample.modality, sample.target)  # `auto`: its preset
                 traces = run_agent(policy, tool, episodes, history=rl.history, system_prompt=prompt_text)
                 times["time/rollout_s"] = time.perf_counter() - t0
                 times["time/generation_s"] = sum(t.generate_seconds for t in traces)

@@ -9,7 +9,9 @@ an upper bound) and by the Flax model with its sampler.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import threading
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -88,6 +90,48 @@ class EpisodeTrace:
     generate_seconds: float = 0.0
 
 
+@dataclasses.dataclass
+class AgentStats:
+    """How one ``run_agent`` call used its rows, the sampler and the tool (pass one to fill in).
+
+    rows: the rows of the schedule (``max_rows``); rows_busy: requests summed over the policy
+    calls; rows_available: policy calls x rows per call (a cohort's rows when overlapping);
+    generate_s: time inside ``policy.generate``; tool_s: time with at least one tool call in
+    flight (the union of the calls' intervals); wall_s: the whole call.
+    """
+
+    rows: int = 0
+    policy_calls: int = 0
+    rows_busy: int = 0
+    rows_available: int = 0
+    generate_s: float = 0.0
+    tool_s: float = 0.0
+    wall_s: float = 0.0
+    tool_intervals: list[tuple[float, float]] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def occupancy(self) -> float:
+        """rows busy / rows available."""
+        return self.rows_busy / max(self.rows_available, 1)
+
+    @property
+    def sampler_idle(self) -> float:
+        return 1.0 - self.generate_s / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def tool_idle(self) -> float:
+        return 1.0 - self.tool_s / self.wall_s if self.wall_s else 0.0
+
+    def _finish(self, wall_s: float) -> None:
+        self.wall_s = wall_s
+        busy, end = 0.0, float("-inf")
+        for a, b in sorted(self.tool_intervals):
+            if b > end:
+                busy += b - max(a, end)
+                end = b
+        self.tool_s = busy
+
+
 def run_agent(
     policy: Policy,
     tool: SegmentationTool,
@@ -95,24 +139,94 @@ def run_agent(
     *,
     history: HistoryMode = "none",
     system_prompt: str | None = None,
+    max_rows: int | None = None,
+    overlap: bool = False,
+    tool_workers: int = 0,
+    stats: AgentStats | None = None,
 ) -> list[EpisodeTrace]:
     """Runs ``episodes`` to the end with ``policy`` and ``tool``; returns one trace per episode.
 
     system_prompt: the conversation's system text; None takes the policy's ``system_prompt``
     attribute (a model policy knows what it was trained with), else the full agent prompt.
 
-    The tool is opened on each episode before its first turn and closed when it ends (also on
-    error). Generation time is shared out equally among the episodes of a batched call.
+    Scheduling (continuous episode batching): ``max_rows`` rows (None: one per episode, the
+    static batch); each round every row with a live episode sends its turn in one batched policy
+    call, and a row whose episode ended takes the next waiting episode (in order) before the next
+    call, so no row idles on a finished episode. Each episode's conversation depends only on its
+    own turns, so greedy episodes do not depend on the schedule. overlap: split the rows into two
+    cohorts that alternate, the tool answering one cohort's clicks while the policy writes the
+    other's turns. tool_workers: threads for the tool calls of a round (0: in turn on this
+    thread, or one worker with ``overlap``); several let a bridge server batch them.
+    stats: an :class:`AgentStats` to fill in.
+
+    The tool is opened on each episode when its row takes it (all at the start for the static
+    batch) and closed when it ends (also on error). Generation time is shared out equally among
+    the episodes of a batched call.
     """
+    t_start = time.perf_counter()
     traces = [EpisodeTrace() for _ in episodes]
     if system_prompt is None:
         system_prompt = getattr(policy, "system_prompt", SYSTEM_PROMPT)
+    rows = len(episodes) if max_rows is None else max_rows
+    if rows < 1:
+        if not episodes:
+            return traces
+        raise ValueError(f"run_agent: max_rows must be >= 1, got {max_rows}")
+    stats = AgentStats() if stats is None else stats
+    stats.rows = rows
+    cohorts = 2 if overlap and rows > 1 else 1
+    slots: list[int | None] = [None] * rows  # episode index per row
+    waiting = list(range(len(episodes)))[::-1]  # pop() takes the next in order
+    pending: dict[int, concurrent.futures.Future] = {}  # cohort -> its tool stage
+    workers = max(tool_workers, 1 if cohorts > 1 else 0)
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="agent-tool") if workers else None
     opened: list[Episode] = []
+    interval_lock = threading.Lock()
+
+    def admit(slot: int) -> None:
+        i = waiting.pop()
+        tool.open(episodes[i].episode_id, episodes[i].image)
+        opened.append(episodes[i])
+        slots[slot] = i
+
+    def apply(i: int, turn: PolicyTurn) -> None:
+        t0 = time.perf_counter()
+        try:
+            episodes[i].step_text(turn.text, tool)
+            if episodes[i].done:
+                tool.close(episodes[i].episode_id)
+        finally:
+            with interval_lock:
+                stats.tool_intervals.append((t0, time.perf_counter()))
+
+    def tool_stage(items: list[tuple[int, PolicyTurn]]) -> None:
+        if pool is None or tool_workers <= 1:
+            for i, turn in items:
+                apply(i, turn)
+            return
+        for f in [pool.submit(apply, i, turn) for i, turn in items]:
+            f.result()
+
     try:
-        for episode in episodes:
-            tool.open(episode.episode_id, episode.image)
-            opened.append(episode)
-        while live := [i for i, e in enumerate(episodes) if not e.done]:
+        if max_rows is None:  # the static batch: every episode open from the start
+            for slot in range(rows):
+                admit(slot)
+        cohort = 0
+        while True:
+            mine = [s for s in range(rows) if s % cohorts == cohort]
+            if cohort in pending:
+                pending.pop(cohort).result()
+            for s in mine:
+                if slots[s] is not None and episodes[slots[s]].done:
+                    slots[s] = None
+                if slots[s] is None and waiting:
+                    admit(s)
+            live = [slots[s] for s in mine if slots[s] is not None and not episodes[slots[s]].done]
+            if not live:
+                if not pending and not waiting and all(x is None or episodes[x].done for x in slots):
+                    break
+                cohort = (cohort + 1) % cohorts
+                continue
             requests = []
             for i in live:
                 episode, trace = episodes[i], traces[i]
@@ -123,17 +237,32 @@ def run_agent(
                                   history=history, system_prompt=system_prompt), episode))
             start = time.perf_counter()
             turns = policy.generate(requests)
-            share = (time.perf_counter() - start) / len(live)
+            elapsed = time.perf_counter() - start
             if len(turns) != len(live):
                 raise RuntimeError(f"policy returned {len(turns)} turns for {len(live)} requests")
+            stats.policy_calls += 1
+            stats.rows_busy += len(live)
+            stats.rows_available += len(mine)
+            stats.generate_s += elapsed
             for i, turn in zip(live, turns):
                 traces[i].turns.append(turn)
-                traces[i].generate_seconds += share
-                episodes[i].step_text(turn.text, tool)
-                if episodes[i].done:
-                    tool.close(episodes[i].episode_id)
+                traces[i].generate_seconds += elapsed / len(live)
+            items = list(zip(live, turns))
+            if cohorts > 1:
+                pending[cohort] = pool.submit(tool_stage, items)
+            else:
+                tool_stage(items)
+            cohort = (cohort + 1) % cohorts
     finally:
+        for f in pending.values():
+            try:
+                f.result()
+            except Exception:  # the first error is already propagating (or is raised below)
+                pass
+        if pool is not None:
+            pool.shutdown(wait=True)
         for episode in opened:
             if not episode.done:
                 tool.close(episode.episode_id)
+        stats._finish(time.perf_counter() - t_start)
     return traces

@@ -183,21 +183,38 @@ def run_agent(
     opened: list[Episode] = []
     interval_lock = threading.Lock()
 
-    def admit(slot: int) -> None:
-        i = waiting.pop()
-        tool.open(episodes[i].episode_id, episodes[i].image)
-        opened.append(episodes[i])
-        slots[slot] = i
-
-    def apply(i: int, turn: PolicyTurn) -> None:
+    def timed(fn, *args) -> None:
         t0 = time.perf_counter()
         try:
-            episodes[i].step_text(turn.text, tool)
-            if episodes[i].done:
-                tool.close(episodes[i].episode_id)
+            fn(*args)
         finally:
             with interval_lock:
                 stats.tool_intervals.append((t0, time.perf_counter()))
+
+    def admit(free: list[int]) -> None:
+        """Opens the next waiting episodes on the tool (together when there are workers) into `free` rows."""
+        new = [waiting.pop() for _ in free[:len(waiting)]]
+        if pool is not None and tool_workers > 1 and len(new) > 1:
+            futures = [pool.submit(timed, tool.open, episodes[i].episode_id, episodes[i].image) for i in new]
+            for i, f in zip(new, futures):
+                try:
+                    f.result()
+                finally:
+                    opened.append(episodes[i])  # closed in the end even if another open failed
+        else:
+            for i in new:
+                timed(tool.open, episodes[i].episode_id, episodes[i].image)
+                opened.append(episodes[i])
+        for slot, i in zip(free, new):
+            slots[slot] = i
+
+    def step(i: int, turn: PolicyTurn) -> None:
+        episodes[i].step_text(turn.text, tool)
+        if episodes[i].done:
+            tool.close(episodes[i].episode_id)
+
+    def apply(i: int, turn: PolicyTurn) -> None:
+        timed(step, i, turn)
 
     def tool_stage(items: list[tuple[int, PolicyTurn]]) -> None:
         if pool is None or tool_workers <= 1:
@@ -209,8 +226,7 @@ def run_agent(
 
     try:
         if max_rows is None:  # the static batch: every episode open from the start
-            for slot in range(rows):
-                admit(slot)
+            admit(list(range(rows)))
         cohort = 0
         while True:
             mine = [s for s in range(rows) if s % cohorts == cohort]
@@ -219,8 +235,7 @@ def run_agent(
             for s in mine:
                 if slots[s] is not None and episodes[slots[s]].done:
                     slots[s] = None
-                if slots[s] is None and waiting:
-                    admit(s)
+            admit([s for s in mine if slots[s] is None])
             live = [slots[s] for s in mine if slots[s] is not None and not episodes[slots[s]].done]
             if not live:
                 if not pending and not waiting and all(x is None or episodes[x].done for x in slots):

@@ -36,7 +36,7 @@ from ibis_jax.data.queries import sample_query
 from ibis_jax.data.sources.base import Sample
 from ibis_jax.models.qwen2_5_vl import load_hf
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
-from ibis_jax.rl.batch import TurnExample, build_grpo_batch
+from ibis_jax.rl.batch import TurnExample, build_grpo_batch, row_multiple
 from ibis_jax.rl.grpo import GRPOConfig, chunked_token_logprobs, group_advantages
 from ibis_jax.rl.loss import make_grpo_loss, sampling_logits
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
@@ -199,7 +199,8 @@ def train_grpo(
                     np.asarray([s.score for s in scores], np.float32), rl.grpo.group_size,
                     rl.grpo.normalize_std, rl.grpo.std_eps))
                 examples = _turn_examples(episodes, traces, advantages, config.image_size, rl.history, prompt_text)
-                batch = build_grpo_batch(examples, processor, rl.seq_buckets)
+                batch = build_grpo_batch(examples, processor, rl.seq_buckets, pad_rows=row_multiple(
+                    mesh.shape["data"] * mesh.shape["fsdp"]))
                 arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                           "targets": batch.targets, "loss_mask": batch.loss_mask, "advantages": batch.advantages,
                           "row_weights": batch.row_weights,

@@ -157,7 +157,7 @@ def run_ours(policy, client, cases, rows: int, overlap: bool, tag: str):
     return time.perf_counter() - t, stats, episodes, traces
 
 
-def run_official(tm, processor, client, cases, new_tokens: int, tag: str, system_prompt: str):
+def run_official(tm, processor, client, cases, new_tokens: int, tag: str, system_prompt: str, device: str = "cpu"):
     """One case at a time, transformers generate per turn, a stateless tool request per click."""
     import torch
 
@@ -177,13 +177,14 @@ def run_official(tm, processor, client, cases, new_tokens: int, tag: str, system
             ids, images = encode_messages(messages, processor)
             pixel_values, grid = processor.images(images)
             with torch.no_grad():
-                out = tm.generate(torch.tensor(ids[None], dtype=torch.long),
-                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  pixel_values=torch.tensor(pixel_values), image_grid_thw=torch.tensor(grid),
+                out = tm.generate(torch.tensor(ids[None], dtype=torch.long, device=device),
+                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                  pixel_values=torch.tensor(pixel_values, device=device),
+                                  image_grid_thw=torch.tensor(grid, device=device),
                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)
             gen_s += time.perf_counter() - t
-            turns.append(tuple(out[0, len(ids):].tolist()))
+            turns.append(tuple(out[0, len(ids):].cpu().tolist()))
             episode.step_text(scripted_turn(case, len(episode.steps)), tool)
         tool.close(episode.episode_id)
         tokens.append(turns)
@@ -200,6 +201,7 @@ def main() -> int:
     ap.add_argument("--overlap", action="store_true", help="also time the two-cohort tool overlap")
     ap.add_argument("--no-prefix-cache", action="store_true", help="encode the system turn in every prompt")
     ap.add_argument("--static", action="store_true", help="also time the static batch (one row per case)")
+    ap.add_argument("--device", default="cpu", help="torch device of transformers and the tool (cuda on a GPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 cases, 2 clicks, 8 tokens, 112 px")
@@ -229,10 +231,10 @@ def main() -> int:
                                      vocab_size=2000, corpus=[SYSTEM_PROMPT])  # 333 prompt tokens, as Qwen's
         cfg = dataclasses.replace(medium_config(), **special_token_ids(tok_dir))
         hf_dir = os.path.join(tmp, "model")
-        tm = make_hf_model_dir(hf_dir, cfg, tokenizer_dir=tok_dir, randomize=False)
+        tm = make_hf_model_dir(hf_dir, cfg, tokenizer_dir=tok_dir, randomize=False).to(args.device)
         model = load_hf(hf_dir)
         processor = Qwen25VLProcessor(hf_dir)
-        backend = MedSAM2Backend(random_checkpoint(tmp), device="cpu")
+        backend = MedSAM2Backend(random_checkpoint(tmp), device=args.device)
     cases = make_cases(args.cases, args.side, args.clicks)
     # Chunk buckets 1.5x apart (the default doubles): a turn's prompt pads less.
     sampler_cfg = SamplerConfig(max_new_tokens=args.new_tokens, stop_strings=(), eos_token_ids=(),
@@ -255,12 +257,12 @@ def main() -> int:
                 run_ours(policy, client, cases, args.rows, True, "v")
             if args.static:
                 run_ours(policy, client, cases, None, False, "s")
-            run_official(tm, processor, client, cases[:1], args.new_tokens, "u", SYSTEM_PROMPT)
+            run_official(tm, processor, client, cases[:1], args.new_tokens, "u", SYSTEM_PROMPT, args.device)
 
             wall, stats, _, traces = run_ours(policy, client, cases, args.rows, False, "a")
             ours_tokens = [[t.token_ids for t in tr.turns] for tr in traces]
             o_wall, o_gen, o_tool, o_calls, hf_tokens = run_official(tm, processor, client, cases, args.new_tokens,
-                                                                     "b", SYSTEM_PROMPT)
+                                                                     "b", SYSTEM_PROMPT, args.device)
             same = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y))
             n = args.cases
             ours_tool = stats.tool_s

@@ -155,8 +155,8 @@ def run_agent(
     call, so no row idles on a finished episode. Each episode's conversation depends only on its
     own turns, so greedy episodes do not depend on the schedule. overlap: split the rows into two
     cohorts that alternate, the tool answering one cohort's clicks while the policy writes the
-    other's turns. tool_workers: threads for the tool calls of a round (0: in turn on this
-    thread, or one worker with ``overlap``); several let a bridge server batch them.
+    other's turns. tool_workers: threads for the tool calls of a round (0 or 1: one after the
+    other, on this thread or the cohort's); several let a bridge server batch them.
     stats: an :class:`AgentStats` to fill in.
 
     The tool is opened on each episode when its row takes it (all at the start for the static
@@ -178,8 +178,10 @@ def run_agent(
     slots: list[int | None] = [None] * rows  # episode index per row
     waiting = list(range(len(episodes)))[::-1]  # pop() takes the next in order
     pending: dict[int, concurrent.futures.Future] = {}  # cohort -> its tool stage
-    workers = max(tool_workers, 1 if cohorts > 1 else 0)
-    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="agent-tool") if workers else None
+    # The tool calls' threads, and (overlap) one thread per cohort running its tool stage; kept
+    # apart, so a stage waiting on its calls never holds a thread the calls need.
+    pool = concurrent.futures.ThreadPoolExecutor(tool_workers, thread_name_prefix="agent-tool") if tool_workers > 1 else None
+    stages = concurrent.futures.ThreadPoolExecutor(cohorts, thread_name_prefix="agent-cohort") if cohorts > 1 else None
     opened: list[Episode] = []
     interval_lock = threading.Lock()
 
@@ -194,7 +196,7 @@ def run_agent(
     def admit(free: list[int]) -> None:
         """Opens the next waiting episodes on the tool (together when there are workers) into `free` rows."""
         new = [waiting.pop() for _ in free[:len(waiting)]]
-        if pool is not None and tool_workers > 1 and len(new) > 1:
+        if pool is not None and len(new) > 1:
             futures = [pool.submit(timed, tool.open, episodes[i].episode_id, episodes[i].image) for i in new]
             for i, f in zip(new, futures):
                 try:
@@ -217,7 +219,7 @@ def run_agent(
         timed(step, i, turn)
 
     def tool_stage(items: list[tuple[int, PolicyTurn]]) -> None:
-        if pool is None or tool_workers <= 1:
+        if pool is None or len(items) == 1:
             for i, turn in items:
                 apply(i, turn)
             return
@@ -264,7 +266,7 @@ def run_agent(
                 traces[i].generate_seconds += elapsed / len(live)
             items = list(zip(live, turns))
             if cohorts > 1:
-                pending[cohort] = pool.submit(tool_stage, items)
+                pending[cohort] = stages.submit(tool_stage, items)
             else:
                 tool_stage(items)
             cohort = (cohort + 1) % cohorts
@@ -274,8 +276,9 @@ def run_agent(
                 f.result()
             except Exception:  # the first error is already propagating (or is raised below)
                 pass
-        if pool is not None:
-            pool.shutdown(wait=True)
+        for executor in (stages, pool):
+            if executor is not None:
+                executor.shutdown(wait=True)
         for episode in opened:
             if not episode.done:
                 tool.close(episode.episode_id)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from ibis_jax.agent.encoding import encode_conversation
 from ibis_jax.agent.loop import PolicyTurn, TurnRequest
@@ -33,9 +34,13 @@ class ModelPolicy:
     """
 
     def __init__(self, model, processor: Qwen25VLProcessor, sampler_config: SamplerConfig = SamplerConfig(), *,
-                 settings: AgentSettings = HF_DEFAULTS, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
+                 settings: AgentSettings = HF_DEFAULTS, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+                 prefix_cache: bool = False):
         self.processor = processor
         self.settings = settings
+        # Encode the system turn, shared by every prompt, once and keep its cache (Sampler.prefill_shared).
+        self.prefix_cache = prefix_cache
+        self._im_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
         if not sampler_config.suppress_token_ids:
             sampler_config = dataclasses.replace(sampler_config,
                                                  suppress_token_ids=model.config.multimodal_token_ids)
@@ -78,5 +83,17 @@ class ModelPolicy:
             pixel_values, grid = self.processor.images(images)
         key = jax.random.fold_in(self._key, self._calls)
         self._calls += 1
-        completions = self.sampler.generate(prompts, pixel_values, grid, key=key)
+        prefix = self._shared_prefix(prompts) if self.prefix_cache else 0
+        completions = self.sampler.generate([p[prefix:] for p in prompts], pixel_values, grid, key=key,
+                                            prefix=prompts[0][:prefix] if prefix else None)
         return [PolicyTurn(c.text, c.token_ids, c.logprobs, c.stop_reason) for c in completions]
+
+    def _shared_prefix(self, prompts: Sequence[np.ndarray]) -> int:
+        """Length of the first turn (up to the second ``<|im_start|>``) when every prompt starts
+        with the same one, else 0."""
+        first = prompts[0]
+        starts = np.flatnonzero(first == self._im_start)
+        if len(starts) < 2:
+            return 0
+        n = int(starts[1])
+        return n if all(len(p) > n and np.array_equal(p[:n], first[:n]) for p in prompts[1:]) else 0

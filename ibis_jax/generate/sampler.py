@@ -291,6 +291,22 @@ def _decode(graphdef, params, packed, state: DecodeState, key, row_live, stop_ta
     return state, tokens, logp, model_logp, lengths, reason
 
 
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _seed_prefix(state: DecodeState, prefix_k, prefix_v, prefix_valid, prefix_next):
+    """Copy a cached prefix (per layer k/v [1, KV, P, D], valid [P], its next position) into
+    slots [0, P) of every row of an empty `state`; `end` becomes P."""
+    p = prefix_valid.shape[0]
+
+    def put(x, y):
+        return x.at[:, :, :p].set(jnp.broadcast_to(y, (x.shape[0],) + y.shape[1:]).astype(x.dtype))
+
+    return dataclasses.replace(
+        state, k=tuple(put(x, y) for x, y in zip(state.k, prefix_k)),
+        v=tuple(put(x, y) for x, y in zip(state.v, prefix_v)),
+        slot_valid=state.slot_valid.at[:, :p].set(prefix_valid[None]),
+        end=jnp.asarray(p, jnp.int32), next_pos=jnp.full_like(state.next_pos, prefix_next))
+
+
 # ---------------------------------------------------------------------------- host side
 def cache_spec(mesh: jax.sharding.Mesh | None, kv_heads: int, batch: int) -> P | None:
     """The k/v cache's PartitionSpec [B, kv_heads, T, head_dim]: kv heads over "tensor" and rows
@@ -338,6 +354,7 @@ class Sampler:
         self._stop_table = jnp.asarray(self.stop.table)
         self._eos = jnp.asarray(np.asarray(self.eos_ids or (-1,), np.int32))
         self._packed: tuple | None = None  # (ids of the param leaves, the leaves, PackedText)
+        self._prefixes: dict = {}  # prefix ids -> (param leaves, k, v, valid, next_pos): see prefill_shared
 
     # -------------------------------------------------------------- pieces
     def _split(self):
@@ -390,10 +407,10 @@ class Sampler:
         return jnp.pad(feats, ((0, n - feats.shape[0]), (0, 0)))
 
     def _chunk(self, rows: Sequence[np.ndarray], batch: int, next_pos: np.ndarray,
-               image_grid_thw: np.ndarray | None) -> Chunk:
+               image_grid_thw: np.ndarray | None, size: int | None = None) -> Chunk:
         """Left-pad `rows` (1-D id arrays; missing rows of the batch bucket are empty) to a chunk
-        bucket and compute the 3D positions offset by each row's next_pos."""
-        s = bucket(max(max((len(r) for r in rows), default=1), 1), self.config.chunk_buckets)
+        bucket (or `size`) and compute the 3D positions offset by each row's next_pos."""
+        s = size or bucket(max(max((len(r) for r in rows), default=1), 1), self.config.chunk_buckets)
         ids = np.zeros((batch, s), np.int32)
         valid = np.zeros((batch, s), bool)
         for i, r in enumerate(rows):
@@ -427,6 +444,36 @@ class Sampler:
         reserve = self.config.max_new_tokens if reserve is None else reserve
         chunk = self._chunk(prompts, b, np.zeros(b, np.int32), image_grid_thw)
         state = self.init_state(b, bucket(chunk.input_ids.shape[1] + reserve, self.config.cache_buckets))
+        return self._append(state, chunk, pixel_values, image_grid_thw)
+
+    def prefill_shared(self, prefix: np.ndarray, suffixes: Sequence[np.ndarray], pixel_values: np.ndarray | None = None,
+                       image_grid_thw: np.ndarray | None = None, *, reserve: int | None = None) -> DecodeState:
+        """`prefill` of prompts that all start with the text-only `prefix` (e.g. the system turn):
+        the prefix is encoded once and kept (per parameter set), each call copies its cache into
+        every row and encodes only the `suffixes` (the rest of each prompt, with its images).
+        Equal to `prefill(prefix + suffix)` up to float rounding (the prefix sits in its own chunk)."""
+        prefix = np.asarray(prefix, np.int32)
+        if self.model.config.image_token_id in prefix or self.model.config.video_token_id in prefix:
+            raise ValueError("prefill_shared: the shared prefix must be text only (no image tokens)")
+        _, params = nnx.split(self.model)
+        leaves = jax.tree.leaves(params)
+        key = (tuple(prefix.tolist()), tuple(id(x) for x in leaves))
+        if key not in self._prefixes:
+            if len(self._prefixes) >= 4:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            # Once per prefix: a chunk of its own length (rounded to 16), not a bucket's.
+            chunk = self._chunk([prefix], 1, np.zeros(1, np.int32), None, size=-(-len(prefix) // 16) * 16)
+            end = chunk.input_ids.shape[1]
+            st = self._append(self.init_state(1, end), chunk, None, None)
+            self._prefixes[key] = (leaves, tuple(k[:1, :, :end] for k in st.k), tuple(v[:1, :, :end] for v in st.v),
+                                   st.slot_valid[0, :end], int(st.next_pos[0]))
+        _, pk, pv, pvalid, pnext = self._prefixes[key]
+        b = bucket(len(suffixes), self.config.batch_buckets)
+        reserve = self.config.max_new_tokens if reserve is None else reserve
+        chunk = self._chunk(suffixes, b, np.full(b, pnext, np.int32), image_grid_thw)
+        state = self.init_state(b, bucket(pvalid.shape[0] + chunk.input_ids.shape[1] + reserve,
+                                          self.config.cache_buckets))
+        state = self._run(_seed_prefix, state, pk, pv, pvalid, jnp.int32(pnext))
         return self._append(state, chunk, pixel_values, image_grid_thw)
 
     def extend(self, state: DecodeState, turns: Sequence[np.ndarray], pixel_values: np.ndarray | None = None,
@@ -493,7 +540,13 @@ class Sampler:
         return state, out
 
     def generate(self, prompts: Sequence[np.ndarray], pixel_values: np.ndarray | None = None,
-                 image_grid_thw: np.ndarray | None = None, key: jax.Array | None = None) -> list[Completion]:
-        """prefill + decode; one `Completion` per prompt."""
-        state = self.prefill(prompts, pixel_values, image_grid_thw)
+                 image_grid_thw: np.ndarray | None = None, key: jax.Array | None = None, *,
+                 prefix: np.ndarray | None = None) -> list[Completion]:
+        """prefill + decode; one `Completion` per prompt. prefix: a text-only start shared by
+        every prompt, whose cache is kept between calls (`prefill_shared`); the prompts are then
+        the rest of each prompt."""
+        if prefix is not None and len(prefix):
+            state = self.prefill_shared(prefix, prompts, pixel_values, image_grid_thw)
+        else:
+            state = self.prefill(prompts, pixel_values, image_grid_thw)
         return self.decode(state, len(prompts), key)[1]

@@ -8,9 +8,9 @@ tokens never enter the loss or the ratio. Every turn of a trajectory shares that
 advantage, and ``row_weights`` = 1 / (policy tokens of the whole trajectory), so the paper's
 per-trajectory token mean (``trajectory_mean``) can be taken over rows that are single turns.
 
-Arrays are padded to a bucketed length, and the number of rows to a power of two (at least
-``pad_rows``), so the jitted steps see few shapes although the number of turns changes from step
-to step. Padding rows repeat the last real turn with an empty loss mask and advantage 0: they
+Arrays are padded to a bucketed length, and the number of rows to a multiple of ``pad_rows`` (the
+mesh's batch divisor, or 8) from a bounded set (`row_bucket`), so the jitted steps see few shapes
+although the number of turns changes from step to step, and few rows are padding. Padding rows repeat the last real turn with an empty loss mask and advantage 0: they
 carry no loss and leave the sequence count of the loss denominator unchanged.
 """
 
@@ -53,9 +53,25 @@ class GRPOBatch:
         return int(self.loss_mask.sum())
 
 
-def row_bucket(rows: int, min_rows: int = 8) -> int:
-    """The padded number of rows: the next power of two, at least ``min_rows``."""
-    return max(min_rows, 1 << max(0, rows - 1).bit_length())
+def row_bucket(rows: int, multiple: int = 8) -> int:
+    """The padded number of rows: a multiple of ``multiple`` (the mesh's batch divisor, or 8), from
+    a bounded set: every multiple up to 8 x ``multiple``, then 8 sizes per doubling (steps of
+    2^(k-3) multiples between 2^k and 2^(k+1) multiples). So at most ``multiple - 1`` rows or 1/8
+    of the rows are padding, and N rows of ``multiple`` see at most 8 + 8 log2(N / 8) shapes."""
+    if rows < 1 or multiple < 1:
+        raise ValueError(f"row_bucket: rows and multiple must be >= 1, got {rows}, {multiple}")
+    q = -(-rows // multiple)
+    if q > 8:
+        step = 1 << (q.bit_length() - 4)
+        q = -(-q // step) * step
+    return q * multiple
+
+
+def row_multiple(mesh_batch_ways: int, at_least: int = 8) -> int:
+    """Rows are padded to multiples of this: the mesh's batch ways (data x fsdp), raised to a
+    multiple of it that is >= ``at_least`` (few shapes on one device)."""
+    ways = max(1, mesh_batch_ways)
+    return ways * -(-at_least // ways)
 
 
 def trajectory_tokens(examples: Sequence[TurnExample]) -> dict[int, int]:

@@ -39,7 +39,7 @@ from ibis_jax.data.queries import sample_query
 from ibis_jax.data.sources.base import Sample
 from ibis_jax.models.qwen2_5_vl import load_hf
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor, eos_token_ids
-from ibis_jax.rl.batch import TurnExample, build_grpo_batch, row_bucket, trajectory_tokens
+from ibis_jax.rl.batch import TurnExample, build_grpo_batch, row_bucket, row_multiple, trajectory_tokens
 from ibis_jax.rl.grpo import GRPOConfig, compute_advantages, minibatch_indices, nonzero_variance_groups
 from ibis_jax.rl.loss import make_grpo_loss, make_token_logprobs
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
@@ -233,6 +233,7 @@ def train_grpo(
     export_dir = None
     stopped = False
     eos_ids = eos_token_ids(processor.tokenizer, model_def.config.text)
+    pad_to = row_multiple(mesh.shape["data"] * mesh.shape["fsdp"])  # rows: multiples of the batch divisor
     episode_config = EpisodeConfig(max_actions=rl.max_turns)
     summary: dict[str, Any] = {}
     try:
@@ -274,7 +275,8 @@ def train_grpo(
                     t1 = time.perf_counter()
                     for part in minibatch_indices(len(examples), grpo.mini_batches, rollout_seed(rl, step)):
                         arrays, sampler_lp = micro_batches([examples[i] for i in part], processor, rl.seq_buckets,
-                                                           config.grad_accum, eos_ids, config.image_size, counts)
+                                                           config.grad_accum, eos_ids, config.image_size, counts,
+                                                           pad_to)
                         arrays = with_vision_layout(arrays, model_def.config.vision, layout_cache)
                         shape_key = tuple((k, np.shape(v)) for k, v in arrays.items() if hasattr(v, "shape"))
                         if shape_key not in step_fns:
@@ -345,14 +347,14 @@ BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "advantages
 
 
 def micro_batches(examples: Sequence[TurnExample], processor, buckets: Sequence[int], grad_accum: int,
-                  eos_ids: Sequence[int], image_size: int, tokens_per_trajectory: dict[int, int] | None = None
-                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                  eos_ids: Sequence[int], image_size: int, tokens_per_trajectory: dict[int, int] | None = None,
+                  pad_to: int = 8) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The turns as `grad_accum` micro-batches [A, ...] of one sequence length and row count
     (contiguous groups of turns; padding rows carry no loss), and the sampler log-probs [A, b, S].
     The loss is a sum over rows with per-row weights, so the update equals one batch.
     tokens_per_trajectory: N_i of the whole rollout batch when ``examples`` is a mini-batch of it."""
     counts = tokens_per_trajectory if tokens_per_trajectory is not None else trajectory_tokens(examples)
-    whole = build_grpo_batch(examples, processor, buckets, eos_ids, image_size=image_size,
+    whole = build_grpo_batch(examples, processor, buckets, eos_ids, pad_to, image_size=image_size,
                              tokens_per_trajectory=counts)
     if grad_accum == 1:
         parts = [whole]

@@ -9,7 +9,7 @@ from ibis_jax.models.qwen2_5_vl import Qwen25VL
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
 from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir, tiny_config
 from ibis_jax.buckets import fit_bucket
-from ibis_jax.rl.batch import TurnExample, build_grpo_batch
+from ibis_jax.rl.batch import TurnExample, build_grpo_batch, row_bucket, row_multiple
 from ibis_jax.rl.grpo import policy_logprobs
 
 
@@ -67,7 +67,7 @@ def test_policy_logprobs_equal_full_forward(setup):
 
 
 def test_padding_rows_carry_no_loss(setup):
-    """3 turns -> 8 rows (power of two, min_rows 8); padded rows change neither loss nor gradient."""
+    """3 turns -> 8 rows (a multiple of 8); padded rows change neither loss nor gradient."""
     import jax.numpy as jnp
 
     from ibis_jax.rl.grpo import GRPOConfig, grpo_loss
@@ -104,3 +104,21 @@ def test_turn_without_token_ids_and_overlong_are_refused(setup):
         build_grpo_batch([bad], processor, image_size=56)
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
         fit_bucket(5000, (512, 1024))
+
+
+def test_row_bucket_pads_to_a_multiple_from_a_bounded_set():
+    # The quickstart's sizes: 2 prompts x 4 rollouts x 1..6 turns = 8..48 rows.
+    assert [row_bucket(r) for r in (1, 8, 9, 20, 24, 33, 48)] == [8, 8, 16, 24, 24, 40, 48]
+    padding = sum(row_bucket(r) - r for r in range(8, 49))
+    assert padding == 140  # a power of two: 524 padding rows over the same range
+    sizes = {row_bucket(r, 8) for r in range(1, 4097)}
+    assert len(sizes) == 8 + 8 * 6  # 8 multiples, then 8 sizes per doubling (64 .. 4096 rows)
+    for multiple in (1, 3, 8, 12):
+        for r in range(1, 3000):
+            b = row_bucket(r, multiple)
+            assert b % multiple == 0 and b >= r
+            assert b - r < max(multiple, -(-r // 8) + multiple)  # at most a multiple or ~1/8 of the rows
+    # The mesh's batch ways divide the rows; one device still pads to 8 (few shapes).
+    assert row_multiple(1) == 8 and row_multiple(4) == 8 and row_multiple(16) == 16 and row_multiple(6) == 12
+    with pytest.raises(ValueError):
+        row_bucket(0)

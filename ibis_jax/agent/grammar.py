@@ -154,8 +154,10 @@ _TAG_CLOSE = {tag: re.compile(f"</{tag}>", re.I) for tag in ("think", "action", 
 
 # The slice click: the point form with a third coordinate. Kept in its own expressions and
 # functions so the 2D forms stay as they are.
+# Possessive whitespace as in _POINT_LENIENT: linear in the input (no backtracking over spaces).
 _SLICE_POINT_LENIENT = re.compile(
-    rf"^\s*(positive|negative)\s*point\s*[:\s]*\(\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*\.?\s*$", re.I
+    rf"^\s*+(positive|negative)\s*+point[:\s]*+\(\s*+{_NUM}\s*+,\s*+{_NUM}\s*+,\s*+{_NUM}\s*+\)\s*+(?:\.\s*+)?$",
+    re.I,
 )
 _SLICE_POINT_STRICT = re.compile(
     r"^(Positive|Negative) Point \((\d+(?:\.\d+)?), (\d+(?:\.\d+)?), (\d+(?:\.\d+)?)\)$"

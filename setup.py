@@ -37,7 +37,8 @@ TOOL = [
     # install command does that step (see SPEC section 7).
 ]
 # `ibis-jax plan` (SPEC section 9): compile-only TPU devices; a 213 MB wheel (jax 0.10.2's `tpu`
-# extra pins 0.0.42.*). GPU nodes also need the CUDA PJRT plugin, kept out of `all` (it would make
+# extra pins 0.0.42.*). Kept out of `all`: with libtpu installed every JAX process on a machine
+# without a TPU probes for one (about 2 s and a screen of warnings); CI installs it (.ci/run). GPU nodes also need the CUDA PJRT plugin, kept out of `all` (it would make
 # every JAX process probe for CUDA): pip install -e ".[plan-gpu]" and run plan with JAX_PLATFORMS=cpu.
 PLAN = ["libtpu==0.0.42.1"]
 PLAN_GPU = ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"]
@@ -56,6 +57,6 @@ setup(
     packages=find_packages(include=["ibis_jax", "ibis_jax.*", "tool_bridge", "tool_bridge.*"]),
     package_data={"tool_bridge": ["proto/*.proto", "proto/*.pyi"]},
     install_requires=CORE,
-    extras_require={"tool": TOOL, "dev": DEV, "plan": PLAN, "plan-gpu": PLAN_GPU, "all": TOOL + DEV + PLAN},
+    extras_require={"tool": TOOL, "dev": DEV, "plan": PLAN, "plan-gpu": PLAN_GPU, "all": TOOL + DEV},
     entry_points={"console_scripts": ["ibis-jax=ibis_jax.cli:main"]},
 )

@@ -1,8 +1,8 @@
 """Agentic GRPO of Qwen2.5-VL-7B on a TPU v5p-8 (4 chips), from the SFT export of
 configs/qwen2_5_vl_7b_tpu.py: LoRA rank 8 as in SFT, vision tower frozen, bf16.
 
-`get_rl_config()` holds the rollout settings (`ibis-jax plan` reads them; pass the same values to
-`ibis-jax grpo` as rl.* overrides until it reads them too). Sizes, all checked with
+`get_rl_config()` holds the rollout settings (`ibis-jax grpo` and `ibis-jax plan` read them;
+rl.* overrides change them). Sizes, all checked with
 `ibis-jax plan --config configs/qwen2_5_vl_7b_tpu_grpo.py --topology v5p-8 --stage all`:
   - 4 prompts x G = 4 rollouts (the paper's G) = 16 episodes decoding together, up to 6 turns:
     the update sees <= 96 turn rows (padded to 128), in one micro-batch as the trainer runs it;
@@ -17,37 +17,33 @@ configs/qwen2_5_vl_7b_tpu.py: LoRA rank 8 as in SFT, vision tower frozen, bf16.
 """
 
 import dataclasses
+import importlib.util
+import os
 
 from ibis_jax.rl.trainer import RLConfig
 from ibis_jax.train.config import TrainConfig
 
 
 def get_config() -> TrainConfig:
-    return TrainConfig(
-        model="qwen2_5_vl_7b",
-        hf_dir=None,  # --init gives the weights and tokenizer
-        param_dtype="bfloat16",
-        compute_dtype="bfloat16",
-        remat=True,
-        freeze_vision=True,
-        lora_rank=8,
-        lora_alpha=16.0,
-        mesh_shape=(1, -1, 1),
-        image_size=504,
-        history="none",
+    """The SFT config's model, precision, mesh and image size (a GRPO run must see what SFT
+    trained), with GRPO's optimizer and checkpoint cadence."""
+    return dataclasses.replace(
+        _sft_config(), hf_dir=None,  # --init gives the weights and tokenizer
         lr=1e-5,  # LoRA; the paper's 1e-6 is for full fine-tuning
-        warmup_frac=0.0,
-        end_lr_frac=1.0,  # constant (SPEC section 5)
-        weight_decay=0.01,
-        grad_clip=1.0,
-        checkpoint_every=50,
-        keep_checkpoints=3,
+        grad_accum=1, warmup_frac=0.0, weight_decay=0.01, grad_clip=1.0, checkpoint_every=50, keep_checkpoints=3,
     )
+
+
+def _sft_config() -> TrainConfig:
+    spec = importlib.util.spec_from_file_location("sft_config", os.path.join(os.path.dirname(__file__), "qwen2_5_vl_7b_tpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def get_rl_config() -> RLConfig:
     rl = RLConfig()
     return dataclasses.replace(
         rl, steps=1000, prompts_per_step=4, max_turns=6, history="none", temperature=1.0, max_new_tokens=192,
-        seq_buckets=(1024, 1280), grpo=dataclasses.replace(rl.grpo, group_size=4, epsilon=0.2, beta=0.0),
+        seq_buckets=(1024, 1280), grpo=dataclasses.replace(rl.grpo, group_size=4, epsilon_low=0.2, beta=0.0),
     )

@@ -76,3 +76,25 @@ def test_grpo_config_file_and_every_config_loads():
         assert isinstance(load_config(path), TrainConfig), path
     assert rl_config_from([], str(CONFIGS / "tiny_cpu.py")) == RLConfig()  # no get_rl_config: the defaults
     assert dataclasses.is_dataclass(rl.grpo)
+
+
+def test_every_shipped_config_loads_with_its_rl_settings():
+    """Each configs/*.py builds its TrainConfig, and a GRPO config its RLConfig (a renamed field
+    would otherwise surface only on a rented machine). GRPO configs keep their SFT config's model,
+    precision and image size, which the run's init model was trained with."""
+    import glob
+
+    from ibis_jax.commands.grpo import rl_config_from
+    from ibis_jax.train.config import load_config
+
+    paths = sorted(glob.glob("configs/*.py"))
+    assert len(paths) >= 6
+    for path in paths:
+        config = load_config(path, [])
+        rl = rl_config_from([], path)
+        assert rl.grpo.group_size >= 2, path
+        sft = path.replace("_grpo.py", ".py")
+        if path.endswith("_grpo.py") and sft in paths:
+            base = load_config(sft, [])
+            assert (config.model, config.param_dtype, config.image_size, config.lora_rank, config.grad_accum) == (
+                base.model, base.param_dtype, base.image_size, base.lora_rank, 1), path

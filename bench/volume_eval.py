@@ -17,7 +17,9 @@ import time
 
 import numpy as np
 
-from ibis_jax.agent.volume import SLICE_RULES, VOLUME_CLICKERS, VolumeEpisode, VolumeEpisodeConfig, VolumeOraclePolicy, run_volume_agent
+from ibis_jax.agent.loop import run_agent
+from ibis_jax.agent.oracle import VOLUME_CLICKERS, OraclePolicy
+from ibis_jax.agent.volume import SLICE_RULES, VolumeEpisode, VolumeEpisodeConfig
 from ibis_jax.data.volumes import ellipsoid_volume, to_view, view_spacing
 from ibis_jax.data.windowing import window_percentile
 from ibis_jax.metrics import interactive_summary
@@ -66,7 +68,7 @@ def main() -> None:
         query = "Segment the ellipsoid."
     config = VolumeEpisodeConfig(max_actions=args.clicks + 1, slice_rule=args.slice_rule)
     episodes = [VolumeEpisode(v, sp, query, g, config=config) for v, g, sp in cases]
-    run_volume_agent(VolumeOraclePolicy(args.clicker, max_clicks=args.clicks), ClassicalVolumeTool(TISSUE_3D if args.tissue else ClassicalVolumeToolConfig()), episodes)
+    run_agent(OraclePolicy(max_clicks=args.clicks, volume_clicker=args.clicker), ClassicalVolumeTool(TISSUE_3D if args.tissue else ClassicalVolumeToolConfig()), episodes)
     seconds = time.perf_counter() - start
     dices = [e.dices[-1] for e in episodes]
     nsd = [e.surface_dice(args.tolerance) for e in episodes]

@@ -9,6 +9,11 @@ bridge, one at a time or batched), and :meth:`Episode.apply_click` records the a
 
 Termination: a ``Terminate`` action; a turn that does not parse; the same action three times in a
 row (``repeat_limit``); ``max_actions`` actions.
+
+What the agent loop and the oracle ask of an episode, so that the same loop and the same oracle run
+2D images and volumes (``agent/volume.py``): ``open_tool``, ``observation``, ``user_text``,
+``system_note``, ``step_text``, and for the oracle ``click_at`` / ``position`` / ``clicked_map``
+(a simulated click to an action and back, in the episode's geometry).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from ibis_jax.agent.grammar import (
     parse_turn,
 )
 from ibis_jax.agent.overlay import DEFAULT_ALPHA, DEFAULT_COLOR, render_overlay
+from ibis_jax.agent.prompts import user_turn
+from ibis_jax.data.clicks import SimulatedClick
 from ibis_jax.data.images import check_mask
-from ibis_jax.metrics import iou
+from ibis_jax.metrics import dice, iou
 from ibis_jax.tools.protocol import SegmentationTool, SegmentResult, validate_image
 
 END_REASONS = ("terminate", "parse_error", "repeated_action", "max_actions", "no_click", "stopped")
@@ -48,7 +55,8 @@ class Step:
     """One policy turn and its consequence.
 
     ``mask`` is the mask after the step (unchanged from ``prev_mask`` for a terminate or a parse
-    failure); ``iou``/``prev_iou`` are against the ground truth when the episode has one.
+    failure); ``iou``/``prev_iou``/``dice`` are against the ground truth when the episode has one.
+    ``slice``: on a volume, the slice on view when the turn was written (None in 2D).
     """
 
     index: int
@@ -64,14 +72,18 @@ class Step:
     loss_weight: float = 1.0
     parse_error: str | None = None
     tool_seconds: float = 0.0
+    dice: float | None = None
+    slice: int | None = None
 
     @property
     def is_click(self) -> bool:
-        return isinstance(self.action, Click)
+        return isinstance(self.action, (Click, SliceClick))
 
 
 class Episode:
     """One image, one query, a sequence of steps until termination."""
+
+    system_note = ""  # appended to the system prompt (a volume episode explains its slices)
 
     def __init__(
         self,
@@ -122,7 +134,7 @@ class Episode:
 
     @property
     def clicks(self) -> list[Click]:
-        return [s.action for s in self.steps if isinstance(s.action, Click)]
+        return [s.action for s in self.steps if s.is_click]
 
     @property
     def num_actions(self) -> int:
@@ -149,6 +161,30 @@ class Episode:
         and alpha are the policy's ``AgentSettings``; the agent loop passes them)."""
         return render_overlay(self.image, self.current_mask, color, alpha)
 
+    def user_text(self, step_index: int, nudge: str = "") -> str:
+        """The user text in front of turn ``step_index`` (``nudge``: a synthesized refinement hint)."""
+        return user_turn(step_index, self.query, nudge)
+
+    def open_tool(self, tool: SegmentationTool) -> None:
+        """Opens ``tool`` on this episode (the image is sent once; clicks refer to it by id)."""
+        tool.open(self.episode_id, self.image)
+
+    # -- the oracle's view: simulated clicks in this episode's geometry ------------------------
+    def click_at(self, sim: SimulatedClick) -> Click:
+        return Click.from_pixel(sim.row, sim.col, self.height, self.width, sim.positive)
+
+    def position(self, click: Click) -> tuple[int, int]:
+        """The pixel ``(row, col)`` a click lands on (the index :attr:`SimulatedClick.position` gives)."""
+        col, row = click.pixel(self.width, self.height)
+        return row, col
+
+    def clicked_map(self) -> np.ndarray:
+        """``bool [H, W]``: the pixels clicked so far."""
+        clicked = np.zeros(self.current_mask.shape, dtype=bool)
+        for c in self.clicks:
+            clicked[self.position(c)] = True
+        return clicked
+
     # -- transitions -------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self.done:
@@ -156,6 +192,26 @@ class Episode:
 
     def _iou(self, mask: np.ndarray) -> float | None:
         return None if self.gt_mask is None else iou(mask, self.gt_mask)
+
+    def _dice(self, mask: np.ndarray) -> float | None:
+        return None if self.gt_mask is None else dice(mask, self.gt_mask)
+
+    # Hooks a volume episode overrides.
+    def _check_mask(self, mask: np.ndarray, where: str) -> np.ndarray:
+        return check_mask(mask, self.image.shape, where=where)
+
+    def _on_view(self) -> int | None:
+        """The slice on view (None in 2D)."""
+        return None
+
+    def _after_click(self, prev: np.ndarray, result) -> None:
+        """Called after a click's step is recorded (a volume moves its view here)."""
+
+    def _as_action(self, action: Action) -> Action | ActionParseError:
+        """The action as this episode applies it, or why it cannot (a slice click in 2D)."""
+        if isinstance(action, SliceClick):  # the volume form names a slice a 2D image lacks
+            return ActionParseError("bad_action", "a slice click (x, y, z) in a 2D episode; write 'Positive Point (x, y)'")
+        return action
 
     def tool_request(self, click: Click) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The tool call for ``click``: all clicks so far plus this one, in pixels, and the
@@ -178,7 +234,7 @@ class Episode:
     ) -> Step:
         """Records the tool's answer to ``click`` and applies the termination rules."""
         self._check_open()
-        mask = check_mask(result.mask, self.image.shape, where="tool mask")
+        mask = self._check_mask(result.mask, "tool mask")
         prev = self.current_mask
         step = Step(
             index=len(self.steps),
@@ -193,9 +249,12 @@ class Episode:
             score=float(result.score),
             loss_weight=loss_weight,
             tool_seconds=tool_seconds,
+            dice=self._dice(mask),
+            slice=self._on_view(),
         )
         self.steps.append(step)
         self.tool_logits = result.logits
+        self._after_click(prev, result)
         recent = [format_action(s.action) if s.action is not None else None for s in self.steps[-self.config.repeat_limit:]]
         if len(recent) == self.config.repeat_limit and len(set(recent)) == 1:
             self.end_reason = "repeated_action"
@@ -209,7 +268,7 @@ class Episode:
         mask = self.current_mask
         score = self.steps[-1].score if self.steps else None
         step = Step(len(self.steps), action, text, reasoning, answer, mask, mask, self._iou(mask),
-                    self._iou(mask), score, loss_weight, parse_error)
+                    self._iou(mask), score, loss_weight, parse_error, dice=self._dice(mask), slice=self._on_view())
         self.steps.append(step)
         self.end_reason = reason
         return step
@@ -235,8 +294,11 @@ class Episode:
         """Applies one action synchronously: a click runs ``tool`` (opened on this episode's id)."""
         if isinstance(action, Terminate):
             return self.terminate(reasoning=reasoning, answer=answer, text=text, loss_weight=loss_weight)
-        if not isinstance(action, Click):
+        if not isinstance(action, (Click, SliceClick)):
             raise TypeError(f"expected Click or Terminate, got {type(action).__name__}")
+        action = self._as_action(action)
+        if isinstance(action, ActionParseError):
+            raise ValueError(action.detail)
         points, labels, prev_logits = self.tool_request(action)
         start = time.perf_counter()
         result = tool.segment(self.episode_id, points, labels, prev_logits)
@@ -249,8 +311,9 @@ class Episode:
             turn = parse_turn(text)
         except ActionParseError as error:
             return self.record_parse_failure(text, error)
-        if isinstance(turn.action, SliceClick):  # the volume form names a slice a 2D image lacks
-            return self.record_parse_failure(text, ActionParseError(
-                "bad_action", "a slice click (x, y, z) in a 2D episode; write 'Positive Point (x, y)'"))
+        if isinstance(turn.action, (Click, SliceClick)):
+            action = self._as_action(turn.action)
+            if isinstance(action, ActionParseError):
+                return self.record_parse_failure(text, action)
         return self.step(turn.action, tool, reasoning=turn.reasoning, text=text, answer=turn.answer,
                          loss_weight=loss_weight)

@@ -3,7 +3,9 @@
 Rollouts (GRPO), evaluation and the ``segment`` command all run this loop over a batch of
 episodes: each round, every live episode's conversation goes to the policy in one batched call,
 each reply is parsed leniently and applied (a click runs the tool), and the new overlay becomes the
-next observation. The :class:`Policy` protocol is implemented by the oracle (``agent/oracle.py``: the
+next observation. Episodes are 2D images (``agent/episode.py``) or volumes (``agent/volume.py``,
+which adds the slice on view to each user text and a note to the system text); the loop asks the
+episode, never its class. The :class:`Policy` protocol is implemented by the oracle (``agent/oracle.py``: the
 click simulator, for synthesis and upper bounds) and by the Flax model with its sampler
 (``generate/policy.py``).
 """
@@ -183,7 +185,7 @@ def run_agent(
         """Opens the next waiting episodes on the tool (together when there are workers) into `free` rows."""
         new = [waiting.pop() for _ in free[:len(waiting)]]
         if pool is not None and len(new) > 1:
-            futures = [pool.submit(timed, tool.open, episodes[i].episode_id, episodes[i].image) for i in new]
+            futures = [pool.submit(timed, episodes[i].open_tool, tool) for i in new]
             for i, f in zip(new, futures):
                 try:
                     f.result()
@@ -191,7 +193,7 @@ def run_agent(
                     opened.append(episodes[i])  # closed in the end even if another open failed
         else:
             for i in new:
-                timed(tool.open, episodes[i].episode_id, episodes[i].image)
+                timed(episodes[i].open_tool, tool)
                 opened.append(episodes[i])
         for slot, i in zip(free, new):
             slots[slot] = i
@@ -238,9 +240,12 @@ def run_agent(
                     continue
                 trace.observations.append(episode.observation(settings.overlay_color, settings.overlay_alpha))
                 assistant = [Message("assistant", t.text, token_ids=t.token_ids) for t in trace.turns]
+                t = len(episode.steps)
+                system = system_prompt + ("\n\n" + episode.system_note if episode.system_note else "")
                 requests.append(TurnRequest(
-                    turn_messages(len(episode.steps), episode.query, trace.observations, assistant,
-                                  history=history, system_prompt=system_prompt), episode))
+                    turn_messages(t, episode.query, trace.observations, assistant, history=history,
+                                  user_texts=[episode.user_text(k) for k in range(t + 1)], system_prompt=system),
+                    episode))
             start = time.perf_counter()
             turns = policy.generate(requests)
             elapsed = time.perf_counter() - start

@@ -4,8 +4,13 @@ One class plays the policy wherever the ground truth decides the next action: tr
 (the cold-start data is ``run_agent(OraclePolicy(...), tool, episodes)``), the oracle upper bound
 in evaluation, the demo and the tool benchmarks. Each turn it simulates the next click from the
 ground truth and the current mask (``data.clicks.next_click``, SPEC section 3) and terminates when
-the stop IoU is reached, the click budget is spent, nothing is left to click, or its click would
-repeat the last one (the tool stopped responding).
+the stop IoU (or Dice) is reached, the click budget is spent, nothing is left to click, or its
+click would repeat the last one (the tool stopped responding).
+
+Volumes (``agent/volume.py``) run through the same class: ``volume_clicker="3d"`` clicks the RITM
+rule on the whole volume (any slice; an upper bound), ``"slice"`` only on the slice on view (what a
+policy that sees one slice can do). The episode turns a simulated click into its action
+(``click_at``), so the oracle does not care which geometry it clicks in.
 
 A synthesized trajectory also needs what only the synthesis knows about an episode: its target
 and modality (for the reasoning), its seeded random streams, a teacher and whether it contains a
@@ -16,7 +21,7 @@ reasoning, no self-correction), as evaluation wants.
 Self-correction (paper): a scripted episode with ``wrong_at`` gets one deliberately wrong click (a
 positive click on clear background or a negative click inside the covered target) at that turn,
 with loss weight 0; the next turn's reasoning notices what it did and undoes it with a click in
-the region it spoiled. Every turn carries its tag (``first``, ``oracle``, ``wrong``,
+the region it spoiled (2D only; a volume episode's script has no wrong click). Every turn carries its tag (``first``, ``oracle``, ``wrong``,
 ``correction``, ``final``, ``absent``) and, for a scripted episode, the user text it was drawn
 with, so the record writer can store them.
 """
@@ -30,16 +35,24 @@ from typing import Any
 import numpy as np
 
 from ibis_jax.agent.episode import Episode, Step
-from ibis_jax.agent.grammar import Click, Terminate, format_turn
+from ibis_jax.agent.grammar import Terminate, format_turn
 from ibis_jax.agent.loop import PolicyTurn, TurnRequest
-from ibis_jax.agent.prompts import user_turn
 from ibis_jax.agent.settings import HF_DEFAULTS
-from ibis_jax.data.clicks import ClickRule, SimulatedClick, correction_click, next_click, wrong_click
+from ibis_jax.data.clicks import (
+    ClickRule,
+    SimulatedClick,
+    correction_click,
+    next_click,
+    next_click_on_slice,
+    wrong_click,
+)
 from ibis_jax.data.queries import make_refinement
 from ibis_jax.data.reasoning import TeacherFn, compute_facts, location_words, template_answer, template_reasoning
+from ibis_jax.metrics import dice
 
 PLAIN_CLICK = "Oracle click on the largest error region."
 PLAIN_DONE = ("The mask fits the target.", "The target is segmented.")
+VOLUME_CLICKERS = ("3d", "slice")
 
 
 @dataclasses.dataclass
@@ -82,20 +95,24 @@ class OraclePolicy:
     reads_messages = False
     settings = HF_DEFAULTS
 
-    def __init__(self, rule: ClickRule = "ritm", stop_iou: float | None = None, max_clicks: int = 20):
+    def __init__(self, rule: ClickRule = "ritm", stop_iou: float | None = None, max_clicks: int = 20, *,
+                 volume_clicker: str = "3d", stop_dice: float | None = None):
         if rule not in ("ritm", "ibis"):
             raise ValueError(f"click rule {rule!r}: choose ritm or ibis")
+        if volume_clicker not in VOLUME_CLICKERS:
+            raise ValueError(f"volume clicker {volume_clicker!r}: choose one of {VOLUME_CLICKERS}")
         self.rule, self.stop_iou, self.max_clicks = rule, stop_iou, max_clicks
+        self.volume_clicker, self.stop_dice = volume_clicker, stop_dice
         self._scripts: dict[str, OracleScript] = {}
         self._states: dict[str, _State] = {}
 
     @property
     def fixed_clicks(self) -> bool:
-        return self.stop_iou is None
+        return self.stop_iou is None and self.stop_dice is None
 
     def with_budget(self, max_clicks: int, stop_iou: float | None = None) -> "OraclePolicy":
         """The same clicker with another budget and stop (e.g. the fixed-click curves)."""
-        return OraclePolicy(self.rule, stop_iou, max_clicks)
+        return OraclePolicy(self.rule, stop_iou, max_clicks, volume_clicker=self.volume_clicker)
 
     def add_script(self, episode_id: str, script: OracleScript) -> None:
         self._scripts[episode_id] = script
@@ -113,8 +130,11 @@ class OraclePolicy:
             self._states[episode.episode_id] = _State(wrong_at=None if script is None else script.wrong_at)
         state = self._states[episode.episode_id]
         mask = episode.current_mask
-        clicked = _clicked_map(episode)
-        reached = self.stop_iou is not None and episode.ious[-1] >= self.stop_iou
+        clicked = episode.clicked_map()
+        reached = ((self.stop_iou is not None and episode.ious[-1] >= self.stop_iou)
+                   or (self.stop_dice is not None and dice(mask, gt) >= self.stop_dice))
+        if gt.ndim != 2:
+            state.wrong_at = None  # self-correction is 2D only
         if not gt.any():
             return self._finish(episode, script, "absent", True)
         if state.pending is None and (reached or state.oracle_clicks >= self.max_clicks):
@@ -136,19 +156,27 @@ class OraclePolicy:
             sim, effect = correction_click(gt, before, mask, clicked)
             kind, extra = "correction", {"wrong_effect": effect, "wrong_location": location}
         if sim is None:
-            sim = next_click(gt, mask, rule=self.rule, clicked=clicked)
+            sim = self._next_click(episode, clicked)
         if sim is None or _repeats(episode, sim):  # nothing left to click, or the tool stopped responding
             return self._finish(episode, script, "final", reached)
         if kind != "correction":
             state.oracle_clicks += 1
         return self._click(episode, script, sim, kind, 1.0, **extra)
 
+    def _next_click(self, episode: Episode, clicked: np.ndarray) -> SimulatedClick | None:
+        gt, mask = episode.gt_mask, episode.current_mask
+        if gt.ndim == 2:
+            return next_click(gt, mask, rule=self.rule, clicked=clicked)
+        if self.volume_clicker == "slice":
+            return next_click_on_slice(gt, mask, episode.current_slice, spacing=episode.spacing, clicked=clicked)
+        return next_click(gt, mask, clicked=clicked, spacing=episode.spacing)
+
     def _click(self, episode: Episode, script: OracleScript | None, sim: SimulatedClick, kind: str,
                weight: float, **extra: Any) -> PolicyTurn:
-        click = Click.from_pixel(sim.row, sim.col, episode.height, episode.width, sim.positive)
+        click = episode.click_at(sim)
         if script is None:
             return PolicyTurn(format_turn(PLAIN_CLICK, click), stop_reason="oracle", tag=kind, loss_weight=weight)
-        facts = _facts(episode, script, "positive" if sim.positive else "negative", kind, (sim.row, sim.col), **extra)
+        facts = _facts(episode, script, "positive" if sim.positive else "negative", kind, sim, **extra)
         user = _user_text(episode, script)
         return PolicyTurn(format_turn(_reasoning(facts, script), click), stop_reason="oracle", tag=kind,
                           loss_weight=weight, user_text=user)
@@ -164,29 +192,25 @@ class OraclePolicy:
                           stop_reason="oracle", tag=kind, user_text=user)
 
 
-def _clicked_map(episode: Episode) -> np.ndarray:
-    clicked = np.zeros((episode.height, episode.width), dtype=bool)
-    for c in episode.clicks:
-        col, row = c.pixel(episode.width, episode.height)
-        clicked[row, col] = True
-    return clicked
-
-
 def _repeats(episode: Episode, sim: SimulatedClick) -> bool:
     last = episode.clicks[-1] if episode.clicks else None
-    return (last is not None and last.positive == sim.positive
-            and last.pixel(episode.width, episode.height) == (sim.col, sim.row))
+    return last is not None and last.positive == sim.positive and episode.position(last) == sim.position
 
 
-def _facts(episode: Episode, script: OracleScript, action: str, kind: str, click, **extra):
-    return compute_facts(episode.gt_mask, episode.current_mask, step_index=len(episode.steps), target=script.target,
-                         modality=script.modality, action=action, kind=kind, click=click, **extra)
+def _facts(episode: Episode, script: OracleScript, action: str, kind: str, sim: SimulatedClick | None, **extra):
+    """The reasoning's facts; on a volume, those of the slice the turn looks at (or clicks)."""
+    gt, mask = episode.gt_mask, episode.current_mask
+    if gt.ndim == 3:
+        k = episode.current_slice if sim is None or sim.slice is None else sim.slice
+        gt, mask = gt[k], mask[k]
+    return compute_facts(gt, mask, step_index=len(episode.steps), target=script.target, modality=script.modality,
+                         action=action, kind=kind, click=None if sim is None else (sim.row, sim.col), **extra)
 
 
 def _user_text(episode: Episode, script: OracleScript) -> str:
     t = len(episode.steps)
     nudge = make_refinement(script.target, script.modality, script.text_rng).text if t > 0 else ""
-    return user_turn(t, episode.query, nudge)
+    return episode.user_text(t, nudge)
 
 
 def _reasoning(facts, script: OracleScript) -> str:

@@ -77,15 +77,16 @@ def _enlarge(rgb: np.ndarray, size: int = 160) -> np.ndarray:
     return cv2.resize(rgb, (rgb.shape[1] * scale, rgb.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
 
 
-def report_html(episode, trace, volume, title: str, facts: dict) -> str:
+def report_html(episode, volume, title: str, facts: dict) -> str:
     """A self-contained page: each step's slice and click, then a montage of the final mask."""
     from ibis_jax.agent.grammar import Click, SliceClick, format_action
     from ibis_jax.agent.overlay import draw_clicks, render_overlay
 
     d, h, w = episode.shape
     rows = []
-    for step, observation, k in zip(episode.steps, trace.observations, trace.slices):
-        picture = observation
+    for step in episode.steps:
+        k = step.slice  # the observation before the step: the slice on view with the mask so far
+        picture = observation = render_overlay(volume.rgb_slice(k), step.prev_mask[k])
         if isinstance(step.action, SliceClick) and step.action.voxel(d, h, w)[0] == k:
             picture = draw_clicks(observation, [Click(step.action.x, step.action.y, step.action.positive)], radius=1)
         metric = "" if step.dice is None else f" &middot; 3D Dice after {step.dice:.4f}"
@@ -112,7 +113,9 @@ def report_html(episode, trace, volume, title: str, facts: dict) -> str:
 
 
 def run_volume_command(args: argparse.Namespace) -> int:
-    from ibis_jax.agent.volume import VolumeEpisode, VolumeEpisodeConfig, VolumeOraclePolicy, run_volume_agent
+    from ibis_jax.agent.loop import run_agent
+    from ibis_jax.agent.oracle import OraclePolicy
+    from ibis_jax.agent.volume import VolumeEpisode, VolumeEpisodeConfig
     from ibis_jax.data.sources import SourceError
     from ibis_jax.data.volumes import load_label_volume, save_nifti_atomic
     from ibis_jax.data.windowing import WindowError
@@ -128,14 +131,14 @@ def run_volume_command(args: argparse.Namespace) -> int:
         gt = load_label_volume(args.gt, volume, args.gt_label, what="gt") if args.gt else None
         init = load_label_volume(args.mask_init, volume, args.mask_label, what="mask-init") if args.mask_init else None
         if is_oracle(args.model):
-            policy = VolumeOraclePolicy(args.clicker, stop_iou=args.stop_iou or None, max_clicks=args.max_steps)
+            policy = OraclePolicy(stop_iou=args.stop_iou or None, max_clicks=args.max_steps, volume_clicker=args.clicker)
         else:
             policy = load_policy(args.model, rule=args.rule, stop_iou=args.stop_iou or None, max_clicks=args.max_steps)
         episode = VolumeEpisode(volume.display, volume.spacing, args.query, gt, episode_id="segment-volume",
                                 config=VolumeEpisodeConfig(max_actions=args.max_steps, slice_rule=args.slice_rule),
                                 initial_mask=init, start_slice=args.start_slice)
         start = time.perf_counter()
-        [trace] = run_volume_agent(policy, tool, [episode], history=args.history)
+        run_agent(policy, tool, [episode], history=args.history)
         seconds = time.perf_counter() - start
         out.mkdir(parents=True, exist_ok=True)
         mask_path = save_nifti_atomic(volume.mask_image(episode.current_mask), out / "mask.nii.gz")
@@ -158,7 +161,7 @@ def run_volume_command(args: argparse.Namespace) -> int:
     facts = {"input": args.volume, "model": args.model, "tool": args.tool, "view shape (slices, rows, cols)": episode.shape,
              "spacing (mm)": episode.spacing, "window": volume.window, "slice rule": args.slice_rule,
              "end": episode.end_reason, "time": f"{seconds:.2f} s", **{k: f"{v:.4f}" for k, v in metrics.items()}}
-    (out / "report.html").write_text(report_html(episode, trace, volume, f"ibis-jax segment: {args.query}", facts))
+    (out / "report.html").write_text(report_html(episode, volume, f"ibis-jax segment: {args.query}", facts))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     for step in summary["steps"]:
         dice = "" if step["dice"] is None else f"  3D Dice {step['dice']:.4f}"

@@ -8,15 +8,22 @@ Two rules (SPEC section 3):
   distance is strictly greater than the false-positive one (a tie clicks negative). The first
   arg-max in row-major order is taken, so the first click is the deepest interior point.
 - ``ibis``: the released IBISAgent trajectory generator: OpenCV ``DIST_L2`` with a 5x5 mask, no
-  padding, ties positive, no memory of earlier clicks.
+  padding, ties positive, no memory of earlier clicks (2D only).
 
-Both return ``None`` when there is nothing left to click (mask equals ground truth, or every
+The ``ritm`` rule works the same on volumes ``bool [D, H, W]`` in view order (slice, row, col;
+see ``ibis_jax.data.volumes``): the distance transform is taken in millimetres with the voxel
+``spacing`` ``(sd, sh, sw)``, so a thick-slice axis is not mistaken for depth.
+:func:`next_click_on_slice` is its per-slice variant, for a clicker that can only click on the
+slice it looks at.
+
+All return ``None`` when there is nothing left to click (mask equals ground truth, or every
 error pixel was already clicked), where RITM would click a meaningless pixel (0, 0).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
 import cv2
@@ -29,11 +36,17 @@ CLICK_RULES: tuple[str, ...] = ("ritm", "ibis")
 
 @dataclasses.dataclass(frozen=True)
 class SimulatedClick:
-    """A simulated click in pixel coordinates."""
+    """A simulated click in pixel coordinates; ``slice`` is its slice on a volume (None in 2D)."""
 
     row: int
     col: int
     positive: bool
+    slice: int | None = None
+
+    @property
+    def position(self) -> tuple[int, ...]:
+        """``(row, col)`` in 2D, ``(slice, row, col)`` on a volume: an index into the mask."""
+        return (self.row, self.col) if self.slice is None else (self.slice, self.row, self.col)
 
 
 def error_maps(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,10 +58,23 @@ def error_maps(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return gt & ~pred, pred & ~gt
 
 
-def _ritm_distances(region: np.ndarray) -> np.ndarray:
-    # Padding with background makes pixels on the image border one pixel from the boundary.
+def _spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+    if spacing is None:
+        return (1.0,) * ndim
+    values = tuple(float(s) for s in spacing)
+    if len(values) != ndim or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing must be {ndim} positive finite numbers, got {spacing!r}")
+    return values
+
+
+def border_distances(region: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Euclidean distance (in ``spacing`` units, default pixels) of each ``region`` element to the
+    nearest non-region one, counting the outside of the array as non-region (one element of
+    background padding, so the image border counts as boundary)."""
+    region = np.asarray(region, dtype=bool)
     padded = np.pad(region, 1, mode="constant", constant_values=False)
-    return ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+    dist = ndimage.distance_transform_edt(padded, sampling=_spacing(spacing, region.ndim))
+    return dist[(slice(1, -1),) * region.ndim]
 
 
 def _ibis_distances(region: np.ndarray) -> np.ndarray:
@@ -61,17 +87,22 @@ def next_click(
     *,
     rule: ClickRule = "ritm",
     clicked: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> SimulatedClick | None:
-    """The next simulated click for mask ``pred`` against ground truth ``gt`` (``bool [H, W]``).
+    """The next simulated click for mask ``pred`` against ground truth ``gt`` (``bool [H, W]``, or
+    ``[D, H, W]`` volumes with the ``ritm`` rule and their voxel ``spacing`` in mm).
 
-    ``clicked`` (``bool [H, W]``, pixels clicked so far) is used by the ``ritm`` rule only; the
+    ``clicked`` (same shape, pixels clicked so far) is used by the ``ritm`` rule only; the
     ``ibis`` rule, like the released generator, has no memory.
     """
     if rule not in CLICK_RULES:
         raise ValueError(f"unknown click rule {rule!r}; choose one of {CLICK_RULES}")
     fn, fp = error_maps(gt, pred)
+    if fn.ndim not in (2, 3) or (rule == "ibis" and fn.ndim != 2):
+        raise ValueError(f"click rule {rule!r} takes {'2D masks' if rule == 'ibis' else '2D masks or 3D volumes'}, "
+                         f"got shape {fn.shape}")
     if rule == "ritm":
-        fn_dist, fp_dist = _ritm_distances(fn), _ritm_distances(fp)
+        fn_dist, fp_dist = border_distances(fn, spacing), border_distances(fp, spacing)
         if clicked is not None:
             clicked = np.asarray(clicked, dtype=bool)
             if clicked.shape != fn.shape:
@@ -85,8 +116,25 @@ def next_click(
     dist = fn_dist if positive else fp_dist
     if dist.max() <= 0:
         return None
-    row, col = np.unravel_index(int(np.argmax(dist)), dist.shape)  # first arg-max, row-major
-    return SimulatedClick(int(row), int(col), bool(positive))
+    index = np.unravel_index(int(np.argmax(dist)), dist.shape)  # first arg-max, C order
+    *k, row, col = (int(i) for i in index)
+    return SimulatedClick(row, col, bool(positive), k[0] if k else None)
+
+
+def next_click_on_slice(gt: np.ndarray, pred: np.ndarray, index: int, *,
+                        spacing: Sequence[float] | None = None,
+                        clicked: np.ndarray | None = None) -> SimulatedClick | None:
+    """The next ``ritm`` click on a volume restricted to slice ``index`` (the 2D rule with the
+    in-plane spacing ``(sh, sw)``)."""
+    gt = np.asarray(gt, dtype=bool)
+    if gt.ndim != 3:
+        raise ValueError(f"next_click_on_slice expects volumes [D, H, W], got shape {gt.shape}")
+    if not 0 <= index < gt.shape[0]:
+        raise ValueError(f"slice {index} out of range for {gt.shape[0]} slices")
+    plane_spacing = None if spacing is None else _spacing(spacing, 3)[1:]
+    sim = next_click(gt[index], np.asarray(pred, dtype=bool)[index], clicked=None if clicked is None else np.asarray(clicked)[index],
+                     spacing=plane_spacing)
+    return None if sim is None else dataclasses.replace(sim, slice=int(index))
 
 
 # -- self-correction (SPEC section 3): a deliberately wrong click and the click that undoes it ---

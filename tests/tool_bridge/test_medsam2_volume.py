@@ -8,7 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sam2")
 
-from ibis_jax.agent.volume import VolumeEpisode, VolumeEpisodeConfig, VolumeOraclePolicy, run_volume_agent  # noqa: E402
+from ibis_jax.agent.loop import run_agent  # noqa: E402
+from ibis_jax.agent.oracle import OraclePolicy  # noqa: E402
+from ibis_jax.agent.volume import VolumeEpisode, VolumeEpisodeConfig  # noqa: E402
 from ibis_jax.data.volumes import ellipsoid_volume  # noqa: E402
 from tool_bridge.backends.medsam2_video import MedSAM2VolumeTool, volume_frames  # noqa: E402
 
@@ -25,7 +27,7 @@ def test_medsam2_video_tool_runs_an_episode_with_random_weights(checkpoint):
     assert tool.side == 512
     volume, gt, spacing = ellipsoid_volume(0, (3, 24, 24), (3.0, 1.0, 1.0))
     episode = VolumeEpisode(volume, spacing, "Segment the ellipsoid.", gt, config=VolumeEpisodeConfig(max_actions=2))
-    run_volume_agent(VolumeOraclePolicy("3d", max_clicks=1), tool, [episode])
+    run_agent(OraclePolicy(max_clicks=1), tool, [episode])
     assert len(episode.clicks) == 1 and episode.done
     assert episode.current_mask.shape == gt.shape and episode.current_mask.dtype == bool
     # the replay is a function of the clicks: the same request twice gives the same mask

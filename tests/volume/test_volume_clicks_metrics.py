@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ibis_jax.data.clicks3d import border_distances, next_click_3d, next_click_on_slice
+from ibis_jax.data.clicks import border_distances, next_click, next_click_on_slice
 from ibis_jax.metrics import dice, interactive_summary, iou, noc, surface_dice, surface_voxels
 
 
@@ -15,7 +15,7 @@ def _box(shape, k0, k1, r0, r1, c0, c1):
 
 def test_first_click_is_deepest_voxel_of_a_box():
     gt = _box((9, 9, 9), 1, 8, 1, 8, 1, 8)  # a 7^3 cube: its centre is 4 voxels from outside
-    click = next_click_3d(gt, np.zeros_like(gt))
+    click = next_click(gt, np.zeros_like(gt))
     assert (click.slice, click.row, click.col, click.positive) == (4, 4, 4, True)
     assert border_distances(gt).max() == 4.0
 
@@ -24,7 +24,7 @@ def test_first_click_with_the_volume_border_as_boundary():
     # The box spans every column (0..8): the border is its boundary, so cols 3, 4, 5 are all
     # 4 voxels deep (as deep as the slice/row centre) and the first arg-max in C order is col 3.
     gt = _box((9, 9, 9), 1, 8, 1, 8, 0, 9)
-    click = next_click_3d(gt, np.zeros_like(gt))
+    click = next_click(gt, np.zeros_like(gt))
     assert (click.slice, click.row, click.col) == (4, 4, 3)
     dist = border_distances(gt)
     assert dist[4, 4, 0] == 1.0 and dist[4, 4, 2] == 3.0 and dist[4, 4, 4] == 4.0
@@ -50,17 +50,17 @@ def test_anisotropic_spacing_moves_the_deepest_voxel():
 def test_tie_clicks_negative_and_clicked_voxels_are_skipped():
     gt = _box((5, 5, 10), 0, 5, 0, 5, 0, 5)
     pred = _box((5, 5, 10), 0, 5, 0, 5, 5, 10)  # mirror-image error regions, same depth
-    click = next_click_3d(gt, pred)
+    click = next_click(gt, pred)
     assert click.positive is False and (click.slice, click.row) == (2, 2)
     clicked = np.zeros_like(gt)
     clicked[click.slice, click.row, click.col] = True
-    again = next_click_3d(gt, pred, clicked=clicked)
+    again = next_click(gt, pred, clicked=clicked)
     assert (again.slice, again.row, again.col) != (click.slice, click.row, click.col)
 
 
 def test_nothing_to_click():
     gt = _box((4, 4, 4), 1, 3, 1, 3, 1, 3)
-    assert next_click_3d(gt, gt) is None
+    assert next_click(gt, gt) is None
     assert next_click_on_slice(gt, gt, 2) is None
 
 

@@ -4,12 +4,9 @@ import numpy as np
 import pytest
 
 from ibis_jax.agent.grammar import Click, SliceClick, Terminate, format_turn
-from ibis_jax.agent.volume import (
-    VolumeEpisode,
-    VolumeEpisodeConfig,
-    VolumeOraclePolicy,
-    run_volume_agent,
-)
+from ibis_jax.agent.loop import PolicyTurn, run_agent
+from ibis_jax.agent.oracle import OraclePolicy
+from ibis_jax.agent.volume import VOLUME_PROMPT_NOTE, VolumeEpisode, VolumeEpisodeConfig
 from ibis_jax.data.volumes import ellipsoid_volume
 from ibis_jax.tools.volume import ClassicalVolumeTool, VolumeSegmentResult
 
@@ -106,14 +103,42 @@ def test_termination_rules_as_in_2d():
 def test_oracle_3d_with_ball_tool_reaches_the_cube():
     ep = _cube_episode(config=VolumeEpisodeConfig(max_actions=12))
     tool = BallTool()
-    traces = run_volume_agent(VolumeOraclePolicy("3d", stop_dice=0.99, max_clicks=10), tool, [ep])
+    run_agent(OraclePolicy(stop_dice=0.99, max_clicks=10), tool, [ep])
     assert ep.done and not tool.opened  # closed
     # the first click is the cube's deepest voxel in mm: slices are 2 mm, so depth is limited by
     # rows/cols; the first arg-max in C order
     first = ep.clicks[0].voxel(16, 12, 10)
     assert first[0] in (3, 4) and ep.click_dice_curve[0] > 0
-    assert traces[0].slices[0] == 8  # the middle of 16 slices is on view first
-    assert len(traces[0].observations) == len(ep.steps) == len(traces[0].slices)
+    assert ep.steps[0].slice == 8  # the middle of 16 slices is on view first
+    assert len(ep.clicks) == 10 and ep.end_reason == "terminate"  # the ball tool cannot reach 0.99: budget spent
+
+
+class ScriptedReader:
+    """A message-reading policy: clicks the cube's centre, then terminates; keeps what it saw."""
+
+    def __init__(self):
+        self.seen = []
+
+    def generate(self, requests):
+        self.seen.append([r.messages for r in requests])
+        texts = [format_turn("c", SliceClick.from_voxel(3, 6, 5, 16, 12, 10, True)) if not r.episode.steps
+                 else format_turn("done", Terminate(), "a cube") for r in requests]
+        return [PolicyTurn(t) for t in texts]
+
+
+@pytest.mark.parametrize("history", ["none", "full"])
+def test_the_shared_loop_shows_a_reading_policy_the_slice_and_the_volume_note(history):
+    ep = _cube_episode(start_slice=8)
+    policy = ScriptedReader()
+    run_agent(policy, BallTool(), [ep], history=history)
+    assert [s.slice for s in ep.steps] == [8, 3]  # the click moved the view to the slice it changed
+    first, second = policy.seen[0][0], policy.seen[1][0]
+    assert first[0].role == "system" and first[0].text.endswith(VOLUME_PROMPT_NOTE)
+    assert first[-1].text.endswith("Slice 9 of 16 (z = 0.5312).")
+    assert second[-1].text.endswith("Slice 4 of 16 (z = 0.2188).")
+    assert second[-1].image.shape == (12, 10, 3)
+    if history == "full":  # earlier user turns keep the slice they were written on
+        assert second[1].text.endswith("Slice 9 of 16 (z = 0.5312).") and second[2].role == "assistant"
 
 
 def test_2d_episode_rejects_a_slice_click():
@@ -131,7 +156,7 @@ def _oracle_dice(seeds, shape, clicker="3d", rule="changed", max_clicks=5):
         volume, gt, spacing = ellipsoid_volume(seed, shape, (2.0, 1.0, 1.0) if seed % 2 else (1.0, 1.0, 1.0))
         episodes.append(VolumeEpisode(volume, spacing, "Segment the ellipsoid.", gt,
                                       config=VolumeEpisodeConfig(max_actions=max_clicks + 1, slice_rule=rule)))
-    run_volume_agent(VolumeOraclePolicy(clicker, max_clicks=max_clicks), tool, episodes)
+    run_agent(OraclePolicy(max_clicks=max_clicks, volume_clicker=clicker), tool, episodes)
     return [e.dices[-1] for e in episodes], episodes
 
 

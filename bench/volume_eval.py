@@ -12,7 +12,6 @@ nilearn wheel (SPEC section 8), mask = probability >= 0.5, both block-averaged b
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -20,29 +19,9 @@ import numpy as np
 from ibis_jax.agent.loop import run_agent
 from ibis_jax.agent.oracle import VOLUME_CLICKERS, OraclePolicy
 from ibis_jax.agent.volume import SLICE_RULES, VolumeEpisode, VolumeEpisodeConfig
-from ibis_jax.data.volumes import ellipsoid_volume, to_view, view_spacing
-from ibis_jax.data.windowing import window_percentile
+from ibis_jax.data.sources.volumes import EllipsoidVolumeSource, MNIVolumeSource
 from ibis_jax.metrics import interactive_summary
 from ibis_jax.tools.volume import TISSUE_3D, ClassicalVolumeTool, ClassicalVolumeToolConfig
-
-
-def _pool(data: np.ndarray, factor: int) -> np.ndarray:
-    shape = [n // factor * factor for n in data.shape]
-    data = data[: shape[0], : shape[1], : shape[2]].astype(np.float64)
-    return data.reshape(shape[0] // factor, factor, shape[1] // factor, factor, shape[2] // factor, factor).mean(axis=(1, 3, 5))
-
-
-def mni_white_matter(factor: int = 3, axis: int = 2):
-    import nibabel as nib
-    import nilearn
-
-    folder = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
-    t1 = nib.as_closest_canonical(nib.load(os.path.join(folder, "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")))
-    wm = nib.as_closest_canonical(nib.load(os.path.join(folder, "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")))
-    zooms = np.array(t1.header.get_zooms()[:3]) * factor
-    display = window_percentile(_pool(np.asarray(t1.dataobj), factor), nonzero=True)
-    target = _pool(np.asarray(wm.dataobj), factor) >= 0.5
-    return to_view(display, axis), to_view(target, axis), view_spacing(zooms, axis)
 
 
 def main() -> None:
@@ -59,13 +38,12 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     if args.data == "mni":
-        volume, gt, spacing = mni_white_matter(args.factor)
-        cases = [(volume, gt, spacing)]
+        source = MNIVolumeSource(("white matter",), factor=args.factor)
         query = "Segment the white matter."
     else:
-        side = (args.shape,) * 3
-        cases = [ellipsoid_volume(s, side, (2.0, 1.0, 1.0) if s % 2 else (1.0, 1.0, 1.0)) for s in range(args.n)]
+        source = EllipsoidVolumeSource(args.n, args.shape)
         query = "Segment the ellipsoid."
+    cases = [(s.volume, s.mask, s.spacing) for item in source.items() for s in source.load(item)]
     config = VolumeEpisodeConfig(max_actions=args.clicks + 1, slice_rule=args.slice_rule)
     episodes = [VolumeEpisode(v, sp, query, g, config=config) for v, g, sp in cases]
     run_agent(OraclePolicy(max_clicks=args.clicks, volume_clicker=args.clicker), ClassicalVolumeTool(TISSUE_3D if args.tissue else ClassicalVolumeToolConfig()), episodes)

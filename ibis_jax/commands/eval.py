@@ -6,11 +6,15 @@ Examples::
     ibis-jax eval --policy ckpt/hf --tool localhost:50051 --source folder --root BiomedParseData/amos22 \\
         --split test --out runs/eval-amos --history full
     ibis-jax eval --policy ckpt/hf --vqa slake/test.json --image-root slake/imgs --out runs/vqa-slake
+    ibis-jax eval --policy oracle --source volumes --volumes mni:3 --max-steps 10 --out runs/eval-mni3d
+    ibis-jax eval --policy ckpt/hf --source volumes --volumes scans.json --out runs/eval-ct3d
 
 Writes ``OUT/metrics.json``, ``OUT/metrics.md`` (the paper's table layout), ``OUT/cases.jsonl``,
 one trajectory record per episode (``OUT/trajectories-00000-of-00001.array_record``, the shape
 ``synth`` writes) and ``OUT/examples/`` (pictures and HTML reports). With ``--vqa``: closed-ended
-VQA exact-match accuracy in ``OUT/vqa_metrics.json``.
+VQA exact-match accuracy in ``OUT/vqa_metrics.json``. With ``--source volumes``: 3D episodes
+(``--volumes ellipsoids[:N]``, ``mni[:FACTOR]`` or a manifest JSON of NIfTI / DICOM scans with
+label maps), 3D IoU / Dice / NoC and the surface Dice; no records or example pictures.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import argparse
 import sys
 
 from ibis_jax.agent.conversation import HISTORY_MODES
+from ibis_jax.agent.oracle import VOLUME_CLICKERS
+from ibis_jax.agent.volume import SLICE_RULES
 from ibis_jax.commands.synth import add_source_arguments, build_source
 from ibis_jax.data.clicks import CLICK_RULES
 from ibis_jax.data.queries import QUERY_STYLES
@@ -30,7 +36,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, help="'oracle' (click simulator, upper bound) or a model dir")
     parser.add_argument("--tool", default="auto", help="'auto' (the classical tool's preset per target; "
                         "default), 'classical', 'classical-tissue', a bridge HOST:PORT, or module:factory")
-    parser.add_argument("--source", choices=("folder", "nifti", "dicom", "demo"), help="test data (not with --vqa)")
+    parser.add_argument("--source", choices=("folder", "nifti", "dicom", "demo", "volumes"),
+                        help="test data (not with --vqa); 'volumes': 3D episodes from --volumes")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--history", default=None, choices=HISTORY_MODES,
                         help="turns the policy sees (SPEC 1); default: what the model was trained with")
@@ -50,6 +57,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     vqa = parser.add_argument_group("closed-ended VQA")
     vqa.add_argument("--vqa", default=None, help="JSON list of {image, question, answer} (SLAKE/VQA-RAD/PathVQA)")
     vqa.add_argument("--image-root", default=None, help="folder the VQA image paths are relative to")
+    volumes = parser.add_argument_group("volumes (--source volumes)")
+    volumes.add_argument("--volumes", default="ellipsoids:8",
+                         help="ellipsoids[:N], mni[:FACTOR] (MNI152 white and grey matter) or a manifest .json "
+                              "(a list of {image, labels, target, label, modality, window, axis})")
+    volumes.add_argument("--slice-rule", default="changed", choices=SLICE_RULES, help="the slice on view next")
+    volumes.add_argument("--volume-clicker", default="3d", choices=VOLUME_CLICKERS,
+                         help="oracle: click anywhere in the volume (3d) or on the slice on view (slice)")
+    volumes.add_argument("--nsd-tolerance", type=float, default=2.0, help="surface Dice tolerance, mm")
     add_source_arguments(parser)
     parser.set_defaults(run=run_command)
 
@@ -64,8 +79,14 @@ def run_command(args: argparse.Namespace) -> int:
         if (args.vqa is None) == (args.source is None):
             raise ValueError("give exactly one of --source (segmentation) or --vqa FILE (closed-ended VQA)")
         policy = load_policy(args.policy, rule=args.rule, stop_iou=args.oracle_stop_iou or None,
-                             max_clicks=args.max_steps)
-        tool = make_tool(args.tool)
+                             max_clicks=args.max_steps, volume_clicker=args.volume_clicker)
+        if args.source == "volumes":
+            from ibis_jax.commands.segment_volume import make_volume_tool
+            from ibis_jax.tools.auto import AutoTool
+
+            tool = AutoTool() if args.tool == "auto" else make_volume_tool(args.tool)
+        else:
+            tool = make_tool(args.tool)
         policy_name = "oracle" if args.policy.strip().lower() == "oracle" else args.policy
         if args.vqa:
             from ibis_jax.eval.vqa import evaluate_vqa, load_vqa
@@ -76,11 +97,17 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"closed-ended VQA: {metrics['questions']} questions, exact-match accuracy "
                   f"{100 * metrics['accuracy']:.2f}% -> {args.out}/vqa_metrics.json")
             return 0
-        source = build_source(args)
+        if args.source == "volumes":
+            from ibis_jax.data.sources.volumes import volume_source
+
+            source = volume_source(args.volumes)
+        else:
+            source = build_source(args)
         config = EvalConfig(
             history=args.history, max_steps=args.max_steps, batch_size=args.batch_size, limit=args.limit,
             query_style=args.query_style, seed=args.seed, curve_clicks=args.curve_clicks, on_error=args.on_error,
             num_examples=args.examples, policy_name=policy_name, tool_name=args.tool, source_name=args.source,
+            nsd_tolerance_mm=args.nsd_tolerance, slice_rule=args.slice_rule,
         )
         metrics = evaluate(policy, tool, source, config=config, out_dir=args.out, show_progress=True)
     except (SourceError, PolicyUnavailable, ValueError, FileNotFoundError) as e:
@@ -91,9 +118,12 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"Interactive ({metrics['interactive']['curve']}):")
     print(interactive_markdown([metrics]))
     overall = metrics["overall"]
+    if "mean_nsd" in overall:
+        print(f"\n3D: Dice {overall['mean_dice']:.4f}, IoU {overall['mean_iou']:.4f}, "
+              f"NSD@{args.nsd_tolerance:g}mm {overall['mean_nsd']:.4f}, clicks {overall['avg_steps']:.2f}")
     print(f"\nend reasons {overall['end_reasons']}, parse failures {100 * overall['parse_failure_rate']:.1f}%, "
           f"per case: generation {overall['generate_seconds_per_case']:.3f} s, tool "
           f"{overall['tool_seconds_per_case']:.3f} s; {metrics['seconds']} s in all")
-    print(f"wrote {args.out}/metrics.json, metrics.md, cases.jsonl, {metrics['records']} and "
-          f"{len(metrics['examples'])} example files")
+    records = f", {metrics['records']} and {len(metrics['examples'])} example files" if metrics["records"] else ""
+    print(f"wrote {args.out}/metrics.json, metrics.md, cases.jsonl{records}")
     return 0

@@ -13,6 +13,11 @@ reports the interactive-segmentation metrics NoC@85/@90, NoF@90 and mIoU@k over 
 Samples whose target is absent (empty ground truth) count in IoU / Dice (an empty answer scores
 1.0) but not in the curves, which need something to click.
 
+Volume sources (``data.sources.volumes``) run the same way as volume episodes (``agent/volume.py``)
+with a volume tool: IoU, Dice and the curves are 3D, and the cases add the normalised surface Dice
+at ``nsd_tolerance_mm`` (``mean_nsd``). Volume evaluations write no trajectory records or example
+pictures (records hold one 2D image).
+
 Outputs (``out_dir``): ``metrics.json``, ``metrics.md`` (tables laid out like the paper's),
 ``cases.jsonl`` (one line per episode), ``trajectories-00000-of-00001.array_record`` (one
 ``TrajectoryRecord`` per episode, the shape synthesis writes) and ``examples/`` (pictures and
@@ -34,14 +39,15 @@ import numpy as np
 
 from ibis_jax.agent.conversation import HistoryMode
 from ibis_jax.agent.episode import END_REASONS, Episode, EpisodeConfig
-from ibis_jax.agent.grammar import Click, is_well_formed
+from ibis_jax.agent.grammar import is_well_formed
 from ibis_jax.agent.loop import EpisodeTrace, Policy, run_agent
 from ibis_jax.agent.oracle import oracle_iou_curve
-from ibis_jax.agent.prompts import user_turn
 from ibis_jax.agent.trajectory import record_from_episode
+from ibis_jax.agent.volume import VolumeEpisode, VolumeEpisodeConfig
 from ibis_jax.data.queries import sample_query
 from ibis_jax.data.records import ShardWriter, TrajectoryRecord, shard_name, to_jsonable, write_json_atomic
 from ibis_jax.data.sources.base import Sample, Source, SourceError
+from ibis_jax.data.sources.volumes import VolumeSample
 from ibis_jax.metrics import dice, interactive_summary
 from ibis_jax.tools.auto import assign_episode
 from ibis_jax.tools.protocol import SegmentationTool
@@ -62,6 +68,7 @@ class EvalConfig:
       on_error: a bad source item stops the run (``raise``) or is counted and skipped (``skip``).
       num_examples: episodes drawn under ``examples/`` (one per modality first).
       policy_name, tool_name, source_name: labels written into the metrics and tables.
+      nsd_tolerance_mm, slice_rule: volumes only (surface Dice tolerance; the slice on view next).
     """
 
     history: HistoryMode | None = None
@@ -77,6 +84,8 @@ class EvalConfig:
     policy_name: str = "policy"
     tool_name: str = "tool"
     source_name: str = ""
+    nsd_tolerance_mm: float = 2.0
+    slice_rule: str = "changed"
 
 
 @dataclasses.dataclass
@@ -100,6 +109,7 @@ class CaseResult:
     curve: list[float] = dataclasses.field(default_factory=list)
     # Grounding: the first action is a positive click inside the target (None: empty target).
     first_click_hit: bool | None = None
+    nsd: float | None = None  # volumes: normalised surface Dice at EvalConfig.nsd_tolerance_mm
 
 
 # -- samples -------------------------------------------------------------------------------------
@@ -139,7 +149,17 @@ def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 
 # -- running -------------------------------------------------------------------------------------
 
-def _case(sample: Sample, episode: Episode, trace: EpisodeTrace, curve: list[float]) -> CaseResult:
+def make_episode(sample: Sample | VolumeSample, query: str, config: EvalConfig, episode_id: str,
+                 max_actions: int | None = None) -> Episode:
+    """The episode of a 2D sample or a volume sample."""
+    max_actions = config.max_steps if max_actions is None else max_actions
+    if isinstance(sample, VolumeSample):
+        return VolumeEpisode(sample.volume, sample.spacing, query, sample.mask, episode_id=episode_id,
+                             config=VolumeEpisodeConfig(max_actions=max_actions, slice_rule=config.slice_rule))
+    return Episode(sample.image, query, sample.mask, config=EpisodeConfig(max_actions=max_actions), episode_id=episode_id)
+
+
+def _case(sample: Sample, episode: Episode, trace: EpisodeTrace, curve: list[float], config: EvalConfig) -> CaseResult:
     final = episode.current_mask
     return CaseResult(
         sample_id=sample.sample_id, target=sample.target, modality=sample.modality, query=episode.query,
@@ -151,6 +171,7 @@ def _case(sample: Sample, episode: Episode, trace: EpisodeTrace, curve: list[flo
         tool_seconds=float(sum(s.tool_seconds for s in episode.steps)),
         empty_gt=not bool(episode.gt_mask.any()), curve=[float(v) for v in curve],
         first_click_hit=first_click_hit(episode),
+        nsd=episode.surface_dice(config.nsd_tolerance_mm) if isinstance(episode, VolumeEpisode) else None,
     )
 
 
@@ -158,21 +179,19 @@ def first_click_hit(episode: Episode) -> bool | None:
     """Whether the episode opens with a positive click on the target (None when it has none)."""
     if not episode.gt_mask.any():
         return None
-    first = episode.steps[0].action if episode.steps else None
-    if not isinstance(first, Click) or not first.positive:
+    first = episode.steps[0] if episode.steps else None
+    if first is None or not first.is_click or not first.action.positive:
         return False
-    col, row = first.pixel(episode.width, episode.height)
-    return bool(episode.gt_mask[row, col])
+    return bool(episode.gt_mask[episode.position(first.action)])
 
 
 def fixed_click_curves(policy: Policy, tool: SegmentationTool, samples: Sequence[Sample],
-                       curve_clicks: int) -> list[list[float]]:
+                       curve_clicks: int, config: EvalConfig = EvalConfig()) -> list[list[float]]:
     """IoU curves with early stop off: ``policy.with_budget(curve_clicks)`` clicks (fewer only when
     nothing is left to click), padded with the last value (``oracle_iou_curve``)."""
     clicker = policy.with_budget(curve_clicks)
-    config = EpisodeConfig(max_actions=curve_clicks + 1)  # room for the clicks and the terminate
-    episodes = [Episode(s.image, "", s.mask, config=config, episode_id=f"curve-{i}-{s.sample_id}")
-                for i, s in enumerate(samples)]
+    # room for the clicks and the terminate
+    episodes = [make_episode(s, "", config, f"curve-{i}-{s.sample_id}", curve_clicks + 1) for i, s in enumerate(samples)]
     for sample, episode in zip(samples, episodes):
         assign_episode(tool, episode.episode_id, sample.modality, sample.target)
     run_agent(clicker, tool, episodes)
@@ -210,7 +229,6 @@ def evaluate(
     cases: list[CaseResult] = []
     records: list[TrajectoryRecord] = []
     progress = None
-    episode_config = EpisodeConfig(max_actions=config.max_steps)
     samples = iter_samples(source, limit=config.limit, on_error=config.on_error, skipped=skipped)
     try:
         for batch in _batches(samples, max(1, config.batch_size)):
@@ -218,27 +236,26 @@ def evaluate(
                 from tqdm import tqdm                # fails with its one-line error and no bar
 
                 progress = tqdm(desc="eval episodes", unit="episode")
-            episodes = [
-                Episode(s.image, sample_query(s, config.query_style, config.seed), s.mask, config=episode_config,
-                        episode_id=f"eval-{len(cases) + i}")
-                for i, s in enumerate(batch)
-            ]
+            episodes = [make_episode(s, sample_query(s, config.query_style, config.seed), config, f"eval-{len(cases) + i}")
+                        for i, s in enumerate(batch)]
             for sample, episode in zip(batch, episodes):
                 assign_episode(tool, episode.episode_id, sample.modality, sample.target)
             traces = run_agent(policy, tool, episodes, history=config.history)
             clickable = [s for s in batch if s.mask.any()]
             if fixed and not reuse and clickable:
-                curves = iter(fixed_click_curves(policy, tool, clickable, config.curve_clicks))
+                curves = iter(fixed_click_curves(policy, tool, clickable, config.curve_clicks, config))
             else:
                 curves = iter([oracle_iou_curve(e, config.curve_clicks) if reuse else e.click_iou_curve
                                for s, e in zip(batch, episodes) if s.mask.any()])
             for sample, episode, trace in zip(batch, episodes, traces):
                 curve = next(curves) if sample.mask.any() else []
-                case = _case(sample, episode, trace, curve)
+                case = _case(sample, episode, trace, curve, config)
                 cases.append(case)
+                if isinstance(episode, VolumeEpisode):
+                    continue  # a record holds one 2D image (module docstring)
                 record = record_from_episode(
                     episode, record_id=sample.sample_id, target=sample.target, modality=sample.modality,
-                    user_turns=[t.user_text or user_turn(i, episode.query) for i, t in enumerate(trace.turns)],
+                    user_turns=[t.user_text or episode.user_text(i) for i, t in enumerate(trace.turns)],
                     tags=[t.tag or "policy" for t in trace.turns],
                     query_style=config.query_style, source=sample.source, sample_id=sample.sample_id,
                     meta={"policy": config.policy_name, "tool": config.tool_name, "history": config.history,
@@ -268,7 +285,7 @@ def evaluate(
         from ibis_jax.eval.report import format_markdown
         from ibis_jax.report.examples import write_examples
 
-        metrics["records"] = str(out / shard_name(0, 1))
+        metrics["records"] = str(out / shard_name(0, 1)) if records else None
         metrics["examples"] = [str(p) for p in write_examples(records, out / "examples", config.num_examples)]
         from ibis_jax.fileio import atomic_write_text
 
@@ -304,6 +321,7 @@ def segmentation_summary(cases: Sequence[CaseResult]) -> dict[str, Any]:
         "first_click_hit_rate": _mean([float(c.first_click_hit) for c in cases if c.first_click_hit is not None]),
         "generate_seconds_per_case": _mean([c.generate_seconds for c in cases]),
         "tool_seconds_per_case": _mean([c.tool_seconds for c in cases]),
+        **({"mean_nsd": _mean([c.nsd for c in cases])} if any(c.nsd is not None for c in cases) else {}),
     }
 
 

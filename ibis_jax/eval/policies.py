@@ -18,14 +18,16 @@ def is_oracle(spec: str) -> bool:
 
 
 def load_policy(
-    spec: str, *, rule: ClickRule = "ritm", stop_iou: float | None = 0.9, max_clicks: int = 20
+    spec: str, *, rule: ClickRule = "ritm", stop_iou: float | None = 0.9, max_clicks: int = 20,
+    volume_clicker: str = "3d",
 ) -> Policy:
     """``oracle`` (the click simulator; reads the ground truth) or a checkpoint / HF directory.
 
-    ``rule``, ``stop_iou`` and ``max_clicks`` configure the oracle only; a model decides itself.
+    ``rule``, ``stop_iou``, ``max_clicks`` and ``volume_clicker`` configure the oracle only; a model
+    decides itself.
     """
     if is_oracle(spec):
-        return OraclePolicy(rule=rule, stop_iou=stop_iou, max_clicks=max_clicks)
+        return OraclePolicy(rule=rule, stop_iou=stop_iou, max_clicks=max_clicks, volume_clicker=volume_clicker)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"{spec!r}: no such checkpoint or model directory (or use 'oracle')")

@@ -59,7 +59,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     vqa.add_argument("--image-root", default=None, help="folder the VQA image paths are relative to")
     volumes = parser.add_argument_group("volumes (--source volumes)")
     volumes.add_argument("--volumes", default="ellipsoids:8",
-                         help="ellipsoids[:N], mni[:FACTOR] (MNI152 white and grey matter) or a manifest .json "
+                         help="ellipsoids[:N], mni[:FACTOR] (MNI152 white and grey matter), stardist (3D nuclei) or a manifest .json "
                               "(a list of {image, labels, target, label, modality, window, axis})")
     volumes.add_argument("--slice-rule", default="changed", choices=SLICE_RULES, help="the slice on view next")
     volumes.add_argument("--volume-clicker", default="3d", choices=VOLUME_CLICKERS,

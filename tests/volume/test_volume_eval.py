@@ -71,3 +71,11 @@ def test_manifest_source_reads_nifti_pairs_and_names_bad_entries(tmp_path, capsy
         ManifestVolumeSource(manifest)
     with pytest.raises(ValueError, match="ellipsoids"):
         volume_source("ct-scans")
+
+
+def test_stardist_3d_nuclei_sample_loads_from_the_wheel():
+    source = volume_source("stardist")
+    [sample] = [s for item in source.items() for s in source.load(item)]
+    assert sample.volume.shape == sample.mask.shape == (31, 61, 57) and sample.volume.dtype == np.uint8
+    assert sample.provenance["nuclei"] == 51 and 0.05 < sample.mask.mean() < 0.5
+    assert (sample.target, sample.modality) == ("cell nuclei", "Microscopy")

@@ -7,6 +7,9 @@ with a reason), for evaluation and the volume benchmarks:
   every other one with 2 mm slices;
 - :class:`MNIVolumeSource`: the MNI152 2009a T1 template from the nilearn wheel with its white and
   grey matter probability maps (target = probability >= 0.5), block-averaged by ``factor``;
+- :class:`StardistVolumeSource`: the stardist wheel's 3D fluorescence nuclei sample
+  (``img3d.tif`` 31 x 61 x 57 and its instance labels ``mask3d.tif``; target: all cell nuclei; the
+  file records no voxel size, so the spacing is taken as 1 per voxel);
 - :class:`ManifestVolumeSource`: a JSON list of your own scans, each a NIfTI file or a DICOM series
   folder with an aligned label NIfTI::
 
@@ -17,7 +20,7 @@ with a reason), for evaluation and the volume benchmarks:
   optional).
 
 :func:`volume_source` builds one from the command line's ``--volumes`` spec: ``ellipsoids[:N]``,
-``mni[:FACTOR]`` or a manifest path.
+``mni[:FACTOR]``, ``stardist`` or a manifest path.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ibis_jax.data.sources.base import Item, SourceError
-from ibis_jax.data.sources.demo import MNI_FILES, MRI_TARGETS, mni_path
+from ibis_jax.data.sources.demo import MNI_FILES, MRI_TARGETS, mni_path, package_dir
 from ibis_jax.data.volumes import (
     ellipsoid_volume,
     load_dicom_series,
@@ -114,6 +117,32 @@ class MNIVolumeSource:
                             "factor": self.factor, "threshold": 0.5})
 
 
+class StardistVolumeSource:
+    name = "stardist"
+    FILES = ("img3d.tif", "mask3d.tif")
+
+    def items(self) -> list[Item]:
+        folder = package_dir("stardist", "install its wheel without dependencies: "
+                             "pip install --no-deps stardist==0.9.2 csbdeep==0.8.2 (scripts/install.sh does)")
+        self.paths = [folder / "data" / "images" / f for f in self.FILES]
+        for path in self.paths:
+            if not path.is_file():
+                raise SourceError(path, "missing_file", "the stardist wheel should ship this file; reinstall stardist")
+        return [Item("stardist_nuclei3d", ())]
+
+    def load(self, item: Item) -> Iterator[VolumeSample]:
+        import tifffile
+
+        image, labels = (tifffile.imread(str(p)) for p in self.paths)
+        if image.shape != labels.shape or image.ndim != 3:
+            raise SourceError(self.paths[1], "size_mismatch", f"image {image.shape} and labels {labels.shape} differ")
+        display = window_percentile(image, 0.5, 99.8, where=str(self.paths[0]))
+        yield VolumeSample(display, (1.0, 1.0, 1.0), labels > 0, "cell nuclei", "Microscopy", item.item_id, self.name,
+                           {"package": "stardist", "image": "data/images/img3d.tif", "mask": "data/images/mask3d.tif",
+                            "nuclei": int(len(np.unique(labels)) - 1), "window": "percentile:0.5,99.8",
+                            "spacing": "not recorded in the file: 1 per voxel"})
+
+
 class ManifestVolumeSource:
     name = "manifest"
     FIELDS = ("image", "labels", "target", "label", "modality", "window", "axis")
@@ -166,9 +195,11 @@ def volume_source(spec: str):
             return EllipsoidVolumeSource(int(arg) if arg else 8)
         if name == "mni":
             return MNIVolumeSource(factor=int(arg) if arg else 3)
+        if name == "stardist" and not arg:
+            return StardistVolumeSource()
     except ValueError as e:
-        raise ValueError(f"--volumes {spec!r}: {e} (ellipsoids[:N], mni[:FACTOR] or a manifest .json)") from None
+        raise ValueError(f"--volumes {spec!r}: {e} (ellipsoids[:N], mni[:FACTOR], stardist or a manifest .json)") from None
     if spec.endswith(".json"):
         return ManifestVolumeSource(spec)
-    raise ValueError(f"--volumes {spec!r}: use ellipsoids[:N], mni[:FACTOR] or a manifest .json "
+    raise ValueError(f"--volumes {spec!r}: use ellipsoids[:N], mni[:FACTOR], stardist or a manifest .json "
                      "(a list of {image, labels, target, label, modality})")

@@ -118,6 +118,20 @@ class AgentStats:
         self.tool_s = busy
 
 
+def episode_messages(episode: Episode, trace: EpisodeTrace, step_index: int, *, history: HistoryMode,
+                     system_prompt: str) -> list[Message]:
+    """The conversation in front of turn ``step_index`` of ``episode``: the one builder of what the
+    policy saw, for the rollout itself and for the GRPO batch afterwards (same ids on both routes).
+
+    User texts come from the episode (a volume adds the slice that was on view), the system text is
+    ``system_prompt`` plus the episode's ``system_note``; assistant turns carry the sampled ids.
+    """
+    assistant = [Message("assistant", t.text, token_ids=t.token_ids) for t in trace.turns]
+    system = system_prompt + ("\n\n" + episode.system_note if episode.system_note else "")
+    return turn_messages(step_index, episode.query, trace.observations, assistant, history=history,
+                         user_texts=[episode.user_text(k) for k in range(step_index + 1)], system_prompt=system)
+
+
 def run_agent(
     policy: Policy,
     tool: SegmentationTool,
@@ -239,13 +253,8 @@ def run_agent(
                     requests.append(TurnRequest([], episode))
                     continue
                 trace.observations.append(episode.observation(settings.overlay_color, settings.overlay_alpha))
-                assistant = [Message("assistant", t.text, token_ids=t.token_ids) for t in trace.turns]
-                t = len(episode.steps)
-                system = system_prompt + ("\n\n" + episode.system_note if episode.system_note else "")
-                requests.append(TurnRequest(
-                    turn_messages(t, episode.query, trace.observations, assistant, history=history,
-                                  user_texts=[episode.user_text(k) for k in range(t + 1)], system_prompt=system),
-                    episode))
+                requests.append(TurnRequest(episode_messages(episode, trace, len(episode.steps), history=history,
+                                                             system_prompt=system_prompt), episode))
             start = time.perf_counter()
             turns = policy.generate(requests)
             elapsed = time.perf_counter() - start

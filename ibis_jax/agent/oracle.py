@@ -9,7 +9,9 @@ click would repeat the last one (the tool stopped responding).
 
 Volumes (``agent/volume.py``) run through the same class: ``volume_clicker="3d"`` clicks the RITM
 rule on the whole volume (any slice; an upper bound), ``"slice"`` only on the slice on view (what a
-policy that sees one slice can do). The episode turns a simulated click into its action
+policy that sees one slice can do; it terminates when that slice has nothing left to fix),
+``"slice-then-3d"`` on the slice on view while it has errors, else where the volume's error is
+deepest (the synthesis default: a view that looks finished does not end a volume that is not). The episode turns a simulated click into its action
 (``click_at``), so the oracle does not care which geometry it clicks in.
 
 A synthesized trajectory also needs what only the synthesis knows about an episode: its target
@@ -52,7 +54,7 @@ from ibis_jax.metrics import dice
 
 PLAIN_CLICK = "Oracle click on the largest error region."
 PLAIN_DONE = ("The mask fits the target.", "The target is segmented.")
-VOLUME_CLICKERS = ("3d", "slice")
+VOLUME_CLICKERS = ("3d", "slice", "slice-then-3d")
 
 
 @dataclasses.dataclass
@@ -167,8 +169,10 @@ class OraclePolicy:
         gt, mask = episode.gt_mask, episode.current_mask
         if gt.ndim == 2:
             return next_click(gt, mask, rule=self.rule, clicked=clicked)
-        if self.volume_clicker == "slice":
-            return next_click_on_slice(gt, mask, episode.current_slice, spacing=episode.spacing, clicked=clicked)
+        if self.volume_clicker in ("slice", "slice-then-3d"):
+            sim = next_click_on_slice(gt, mask, episode.current_slice, spacing=episode.spacing, clicked=clicked)
+            if sim is not None or self.volume_clicker == "slice":
+                return sim
         return next_click(gt, mask, clicked=clicked, spacing=episode.spacing)
 
     def _click(self, episode: Episode, script: OracleScript | None, sim: SimulatedClick, kind: str,

@@ -38,11 +38,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ibis_jax.agent.episode import Episode, Step
+from ibis_jax.agent.episode import Episode, EpisodeConfig, Step
 from ibis_jax.agent.grammar import Action, Click, SliceClick
 from ibis_jax.agent.overlay import DEFAULT_ALPHA, DEFAULT_COLOR, render_overlay
 from ibis_jax.agent.prompts import SYSTEM_PROMPT, user_turn
 from ibis_jax.data.clicks import SimulatedClick, error_maps
+from ibis_jax.data.sources.volumes import VolumeSample
 from ibis_jax.metrics import dice, iou, surface_dice
 from ibis_jax.tools.volume import VolumeSegmentationTool, validate_volume
 
@@ -207,3 +208,14 @@ class VolumeEpisode(Episode):
         else:
             return self.current_slice
         return self.current_slice if counts.max() == 0 else int(np.argmax(counts))
+
+
+def episode_for_sample(sample, query: str, *, episode_id: str, max_actions: int = 20, repeat_limit: int = 3,
+                       slice_rule: str = "changed") -> Episode:
+    """The episode of a source's sample: a :class:`VolumeEpisode` for a ``VolumeSample``, else a 2D
+    :class:`~ibis_jax.agent.episode.Episode` (evaluation, synthesis and rollouts build theirs here)."""
+    if isinstance(sample, VolumeSample):
+        return VolumeEpisode(sample.volume, sample.spacing, query, sample.mask, episode_id=episode_id,
+                             config=VolumeEpisodeConfig(max_actions, repeat_limit, slice_rule))
+    return Episode(sample.image, query, sample.mask, config=EpisodeConfig(max_actions, repeat_limit),
+                   episode_id=episode_id)

@@ -23,9 +23,7 @@ import argparse
 import sys
 
 from ibis_jax.agent.conversation import HISTORY_MODES
-from ibis_jax.agent.oracle import VOLUME_CLICKERS
-from ibis_jax.agent.volume import SLICE_RULES
-from ibis_jax.commands.synth import add_source_arguments, build_source
+from ibis_jax.commands.synth import SOURCE_NAMES, add_source_arguments, build_source
 from ibis_jax.data.clicks import CLICK_RULES
 from ibis_jax.data.queries import QUERY_STYLES
 
@@ -36,8 +34,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, help="'oracle' (click simulator, upper bound) or a model dir")
     parser.add_argument("--tool", default="auto", help="'auto' (the classical tool's preset per target; "
                         "default), 'classical', 'classical-tissue', a bridge HOST:PORT, or module:factory")
-    parser.add_argument("--source", choices=("folder", "nifti", "dicom", "demo", "volumes"),
-                        help="test data (not with --vqa); 'volumes': 3D episodes from --volumes")
+    parser.add_argument("--source", choices=SOURCE_NAMES, help="test data (not with --vqa); 'volumes': 3D episodes "
+                        "from --volumes")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--history", default=None, choices=HISTORY_MODES,
                         help="turns the policy sees (SPEC 1); default: what the model was trained with")
@@ -57,14 +55,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     vqa = parser.add_argument_group("closed-ended VQA")
     vqa.add_argument("--vqa", default=None, help="JSON list of {image, question, answer} (SLAKE/VQA-RAD/PathVQA)")
     vqa.add_argument("--image-root", default=None, help="folder the VQA image paths are relative to")
-    volumes = parser.add_argument_group("volumes (--source volumes)")
-    volumes.add_argument("--volumes", default="ellipsoids:8",
-                         help="ellipsoids[:N], mni[:FACTOR] (MNI152 white and grey matter), stardist (3D nuclei) or a manifest .json "
-                              "(a list of {image, labels, target, label, modality, window, axis})")
-    volumes.add_argument("--slice-rule", default="changed", choices=SLICE_RULES, help="the slice on view next")
-    volumes.add_argument("--volume-clicker", default="3d", choices=VOLUME_CLICKERS,
-                         help="oracle: click anywhere in the volume (3d) or on the slice on view (slice)")
-    volumes.add_argument("--nsd-tolerance", type=float, default=2.0, help="surface Dice tolerance, mm")
+    parser.add_argument("--nsd-tolerance", type=float, default=2.0, help="volumes: surface Dice tolerance, mm")
     add_source_arguments(parser)
     parser.set_defaults(run=run_command)
 
@@ -79,14 +70,8 @@ def run_command(args: argparse.Namespace) -> int:
         if (args.vqa is None) == (args.source is None):
             raise ValueError("give exactly one of --source (segmentation) or --vqa FILE (closed-ended VQA)")
         policy = load_policy(args.policy, rule=args.rule, stop_iou=args.oracle_stop_iou or None,
-                             max_clicks=args.max_steps, volume_clicker=args.volume_clicker)
-        if args.source == "volumes":
-            from ibis_jax.commands.segment_volume import make_volume_tool
-            from ibis_jax.tools.auto import AutoTool
-
-            tool = AutoTool() if args.tool == "auto" else make_volume_tool(args.tool)
-        else:
-            tool = make_tool(args.tool)
+                             max_clicks=args.max_steps, volume_clicker=args.volume_clicker or "3d")
+        tool = make_tool(args.tool, volumes=args.source == "volumes")
         policy_name = "oracle" if args.policy.strip().lower() == "oracle" else args.policy
         if args.vqa:
             from ibis_jax.eval.vqa import evaluate_vqa, load_vqa
@@ -97,12 +82,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"closed-ended VQA: {metrics['questions']} questions, exact-match accuracy "
                   f"{100 * metrics['accuracy']:.2f}% -> {args.out}/vqa_metrics.json")
             return 0
-        if args.source == "volumes":
-            from ibis_jax.data.sources.volumes import volume_source
-
-            source = volume_source(args.volumes)
-        else:
-            source = build_source(args)
+        source = build_source(args)
         config = EvalConfig(
             history=args.history, max_steps=args.max_steps, batch_size=args.batch_size, limit=args.limit,
             query_style=args.query_style, seed=args.seed, curve_clicks=args.curve_clicks, on_error=args.on_error,

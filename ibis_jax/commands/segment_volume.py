@@ -41,25 +41,13 @@ def load_volume_input(path: str | Path, *, axis: str = "axial", window: str | No
     return load_nifti_volume(path, axis=axis, window=window, modality=modality or "unknown")
 
 
-VOLUME_TOOLS = "'auto' (the classical preset the query's target needs; default), 'classical' (3D random walker), 'classical-tissue' (with the intensity prior, for tissue classes such as white matter) or 'medsam2-3d:CHECKPOINT' (sam2's video predictor, in process)"
-
-
 def make_volume_tool(spec: str, target: str = ""):
+    """``--tool`` for a volume (``ibis_jax.tools.make_tool(spec, volumes=True)``); ``auto`` takes the
+    classical preset the query's target needs, as in 2D (white matter, nuclei: the tissue preset)."""
+    from ibis_jax.tools import make_tool
     from ibis_jax.tools.auto import classical_preset
-    from ibis_jax.tools.volume import TISSUE_3D, ClassicalVolumeTool
 
-    if spec == "auto":  # as in 2D: the tissue preset for tissue-class targets (white matter, nuclei)
-        spec = classical_preset("", target)
-
-    if spec == "classical":
-        return ClassicalVolumeTool()
-    if spec == "classical-tissue":
-        return ClassicalVolumeTool(TISSUE_3D)
-    if spec.startswith("medsam2-3d:"):
-        from tool_bridge.backends.medsam2_video import MedSAM2VolumeTool
-
-        return MedSAM2VolumeTool(spec.split(":", 1)[1])
-    raise ValueError(f"--tool {spec!r} for a volume: use {VOLUME_TOOLS}")
+    return make_tool(classical_preset("", target) if spec == "auto" else spec, volumes=True)
 
 
 def _png(rgb: np.ndarray) -> str:

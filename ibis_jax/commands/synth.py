@@ -7,6 +7,7 @@ Examples::
     ibis-jax synth --source nifti --images imagesTr --labels labelsTr --target liver=1 \\
         --modality CT --window abdomen --empty-ratio 0.1 --out data/liver --workers 4
     ibis-jax synth --source dicom --dicom series/ --masks masks/ --window lung --out data/lung
+    ibis-jax synth --source volumes --volumes scans.json --out data/ct3d   # 3D episodes, slice by slice
 
 Writes ``OUT/trajectories-SSSSS-of-NNNNN.array_record`` (one record per trajectory, read with
 ``ibis_jax.data.records.TrajectoryDataSource``), ``OUT/stats.json`` and ``OUT/stats.md`` (the
@@ -21,13 +22,17 @@ import sys
 import time
 from pathlib import Path
 
+from ibis_jax.agent.oracle import VOLUME_CLICKERS
+from ibis_jax.agent.volume import SLICE_RULES
 from ibis_jax.data.queries import QUERY_STYLES
+
+SOURCE_NAMES = ("folder", "nifti", "dicom", "demo", "volumes")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__.split("\n\n", 1)[1] if __doc__ else None
-    parser.add_argument("--source", required=True, choices=("folder", "nifti", "dicom", "demo"))
+    parser.add_argument("--source", required=True, choices=SOURCE_NAMES)
     parser.add_argument("--out", required=True, help="output folder (created; reruns resume)")
 
     run = parser.add_argument_group("synthesis")
@@ -87,11 +92,24 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--nuclei-tile", type=int, default=128, help="demo: nuclei tile side")
     src.add_argument("--nuclei-tiles", type=int, default=6, help="demo: number of nuclei tiles")
     src.add_argument("--num-shapes", type=int, default=8, help="demo: synthetic-shapes samples")
+    vol = parser.add_argument_group("volumes (--source volumes: 3D episodes)")
+    vol.add_argument("--volumes", default="ellipsoids:8",
+                     help="ellipsoids[:N], mni[:FACTOR] (MNI152 white and grey matter), stardist (3D nuclei) or a "
+                          "manifest .json (a list of {image, labels, target, label, modality, window, axis})")
+    vol.add_argument("--slice-rule", default="changed", choices=SLICE_RULES, help="the slice on view after a click")
+    vol.add_argument("--volume-clicker", default=None, choices=VOLUME_CLICKERS,
+                     help="oracle: on the slice on view (slice), there while it has errors and else anywhere "
+                          "(slice-then-3d; synth's default), or anywhere (3d; eval's default)")
 
 
 def build_source(args: argparse.Namespace):
     """The source named by ``--source`` with its arguments."""
     from ibis_jax.data.sources import DemoSource, DicomSource, FolderSource, NiftiSource, parse_target_labels
+
+    if args.source == "volumes":
+        from ibis_jax.data.sources.volumes import volume_source
+
+        return volume_source(args.volumes)
 
     if args.source == "folder":
         if not (args.root or args.index or (args.images and args.masks)):
@@ -131,6 +149,7 @@ def run_command(args: argparse.Namespace) -> int:
             min_clicks=args.min_steps, drop_unreached=args.drop_unreached,
             self_correction=args.self_correction, seed=args.seed,
             query_styles=tuple(s.strip() for s in args.query_styles.split(",") if s.strip()),
+            volume_clicker=args.volume_clicker or "slice-then-3d", slice_rule=args.slice_rule,
         )
         stats = run_synthesis(
             source, args.out, config, tool_name=args.tool, shard_size=args.shard_size, workers=args.workers,

@@ -7,9 +7,19 @@ image once (PNG bytes), the ground truth and every step's mask as COCO RLE, and 
 turn, the loss weight and the IoU. Overlays are *not* stored: the training pipeline renders them
 from image + mask when it reads a record.
 
+A volume trajectory (``agent/volume.py``) shows the policy a different slice each turn, so its
+record also holds the slices on view (``views``): before each step and once more at the end, the
+slice index and which of the stored slice images (``view_pngs``, each distinct slice once) it
+showed; ``image_png`` is the first one, ``height``/``width`` are a slice's. Its step masks are 2D as well: the 3D mask after the step
+cut at the slice the *next* turn views (so ``observation_mask(t)`` is exactly what turn t saw), its
+``gt_mask`` is None, and the 3D facts (shape, spacing, 3D Dice/IoU) are in ``meta["volume"]``.
+
 Bytes layout of one record (``TrajectoryRecord.to_bytes``)::
 
     b"IBTR" | version: uint8 | header length: uint32 LE | header: UTF-8 JSON | image: PNG bytes
+            | view images: PNG bytes each (their sizes in the header's ``view_png_sizes``)
+
+Version 2 added the view images; version 1 records (no views) still read.
 
 Files: ``trajectories-SSSSS-of-NNNNN.array_record`` (one record per trajectory). A shard is written
 under a temporary name and renamed when complete, so a reader never sees a half-written shard.
@@ -39,7 +49,8 @@ from ibis_jax.errors import DataError
 from ibis_jax.fileio import atomic_write_json
 
 MAGIC = b"IBTR"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SHARD_PATTERN = "trajectories-{index:05d}-of-{count:05d}.array_record"
 SHARD_GLOB = "trajectories-*-of-*.array_record"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -95,6 +106,8 @@ class StepRecord:
     row: int | None = None
     col: int | None = None
     positive: bool | None = None
+    z: float | None = None  # volume clicks: the normalised slice coordinate
+    slice: int | None = None  # volume clicks: the clicked slice
     iou: float | None = None
     score: float | None = None
     answer: str | None = None
@@ -123,6 +136,8 @@ class TrajectoryRecord:
       answer: the final ``<answer>``; end_reason: why the episode ended.
       final_iou, final_dice: of the last mask (``None`` without ground truth).
       meta: free-form JSON facts (tool, click rule, seed, provenance, ...).
+      views: volume records only: ``{"slice": k, "image": i}`` before each step and at the end
+        (``len(steps) + 1`` entries), ``i`` indexing ``view_pngs``.
     """
 
     record_id: str
@@ -142,6 +157,8 @@ class TrajectoryRecord:
     final_iou: float | None = None
     final_dice: float | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    views: list[dict[str, int]] | None = None
+    view_pngs: list[bytes] = dataclasses.field(default_factory=list)
 
     # -- views ---------------------------------------------------------------------------------
     def image(self) -> np.ndarray:
@@ -151,6 +168,18 @@ class TrajectoryRecord:
     def gt(self) -> np.ndarray | None:
         """The ground truth ``bool [height, width]``, or ``None``."""
         return None if self.gt_mask is None else decode_rle(self.gt_mask)
+
+    def observation_image(self, index: int) -> np.ndarray:
+        """The image under the overlay before step ``index``: the original image, or for a volume
+        record the slice on view then."""
+        if not self.views:
+            return self.image()
+        return decode_png(self.view_pngs[self.views[index]["image"]])
+
+    def step_image(self, index: int) -> np.ndarray:
+        """The image the mask after step ``index`` (``-1``: before step 0) is drawn on: the original,
+        or for a volume record the slice on view after that step."""
+        return self.observation_image(index + 1) if self.views else self.image()
 
     def step_mask(self, index: int) -> np.ndarray:
         """The mask after step ``index``; ``-1`` gives the mask before step 0 (empty)."""
@@ -173,28 +202,37 @@ class TrajectoryRecord:
 
     # -- bytes ---------------------------------------------------------------------------------
     def header(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.pop("image_png")
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("image_png", "view_pngs")}
         data["steps"] = [s.to_dict() for s in self.steps]
+        data["view_png_sizes"] = [len(p) for p in self.view_pngs]
         return data
 
     def to_bytes(self) -> bytes:
         header = json.dumps(self.header(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        return MAGIC + struct.pack("<BI", VERSION, len(header)) + header + self.image_png
+        return MAGIC + struct.pack("<BI", VERSION, len(header)) + header + self.image_png + b"".join(self.view_pngs)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "TrajectoryRecord":
         if len(data) < 9 or data[:4] != MAGIC:
             raise RecordError("not a trajectory record (bad magic); was this file written by ibis-jax?")
         version, length = struct.unpack("<BI", data[4:9])
-        if version != VERSION:
-            raise RecordError(f"trajectory record version {version}; this code reads version {VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise RecordError(f"trajectory record version {version}; this code reads versions {READABLE_VERSIONS}")
         if 9 + length > len(data):
             raise RecordError("trajectory record is truncated")
         header = json.loads(data[9 : 9 + length].decode("utf-8"))
         header["steps"] = [StepRecord.from_dict(s) for s in header["steps"]]
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(image_png=bytes(data[9 + length :]), **{k: v for k, v in header.items() if k in names})
+        sizes = header.pop("view_png_sizes", [])
+        payload = bytes(data[9 + length :])
+        end = len(payload) - sum(sizes)
+        if end <= 0:
+            raise RecordError("trajectory record is truncated (its view images are missing)")
+        views, offset = [], end
+        for size in sizes:
+            views.append(payload[offset : offset + size])
+            offset += size
+        names = {f.name for f in dataclasses.fields(cls)} - {"image_png", "view_pngs"}
+        return cls(image_png=payload[:end], view_pngs=views, **{k: v for k, v in header.items() if k in names})
 
 
 # -- files ---------------------------------------------------------------------------------------

@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 
 from ibis_jax.agent.conversation import HistoryMode
-from ibis_jax.agent.episode import END_REASONS, Episode, EpisodeConfig
+from ibis_jax.agent.episode import END_REASONS, Episode
 from ibis_jax.agent.grammar import is_well_formed
 from ibis_jax.agent.loop import EpisodeTrace, Policy, run_agent
 from ibis_jax.agent.oracle import oracle_iou_curve
 from ibis_jax.agent.trajectory import record_from_episode
-from ibis_jax.agent.volume import VolumeEpisode, VolumeEpisodeConfig
+from ibis_jax.agent.volume import VolumeEpisode, episode_for_sample
 from ibis_jax.data.queries import sample_query
 from ibis_jax.data.records import ShardWriter, TrajectoryRecord, shard_name, to_jsonable, write_json_atomic
 from ibis_jax.data.sources.base import Sample, Source, SourceError
@@ -151,12 +151,8 @@ def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 
 def make_episode(sample: Sample | VolumeSample, query: str, config: EvalConfig, episode_id: str,
                  max_actions: int | None = None) -> Episode:
-    """The episode of a 2D sample or a volume sample."""
-    max_actions = config.max_steps if max_actions is None else max_actions
-    if isinstance(sample, VolumeSample):
-        return VolumeEpisode(sample.volume, sample.spacing, query, sample.mask, episode_id=episode_id,
-                             config=VolumeEpisodeConfig(max_actions=max_actions, slice_rule=config.slice_rule))
-    return Episode(sample.image, query, sample.mask, config=EpisodeConfig(max_actions=max_actions), episode_id=episode_id)
+    return episode_for_sample(sample, query, episode_id=episode_id, slice_rule=config.slice_rule,
+                              max_actions=config.max_steps if max_actions is None else max_actions)
 
 
 def _case(sample: Sample, episode: Episode, trace: EpisodeTrace, curve: list[float], config: EvalConfig) -> CaseResult:

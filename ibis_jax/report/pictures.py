@@ -28,8 +28,11 @@ def initial_mask(record: TrajectoryRecord) -> np.ndarray:
 
 
 def step_clicks(record: TrajectoryRecord, upto: int) -> list[Click]:
-    """The clicks of steps ``0 .. upto`` (inclusive), oldest first."""
-    return [Click(s.x, s.y, bool(s.positive)) for s in record.steps[: upto + 1] if s.kind == "click"]
+    """The clicks of steps ``0 .. upto`` (inclusive), oldest first (for a volume record, those on
+    the slice the mask after step ``upto`` is shown on)."""
+    on = record.views[upto + 1]["slice"] if record.views else None
+    return [Click(s.x, s.y, bool(s.positive)) for s in record.steps[: upto + 1]
+            if s.kind == "click" and (on is None or s.slice == on)]
 
 
 def step_label(step: StepRecord) -> str:
@@ -39,7 +42,7 @@ def step_label(step: StepRecord) -> str:
 
 def step_frame(record: TrajectoryRecord, index: int, image: np.ndarray | None = None) -> np.ndarray:
     """The overlay after step ``index`` with the clicks so far marked; ``-1`` is M_0."""
-    image = record.image() if image is None else image
+    image = record.step_image(index) if record.views else record.image() if image is None else image
     mask = initial_mask(record) if index < 0 else decode_rle(record.steps[index].mask)
     clicks = step_clicks(record, index) if index >= 0 else []
     return draw_clicks(render_overlay(image, mask), clicks)

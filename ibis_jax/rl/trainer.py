@@ -31,10 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ibis_jax.agent.conversation import Message, turn_messages
 from ibis_jax.agent.settings import AGENT_FILE, AgentSettings, load_agent_settings
 from ibis_jax.agent.episode import Episode, EpisodeConfig
-from ibis_jax.agent.loop import Policy, run_agent
+from ibis_jax.agent.loop import Policy, episode_messages, run_agent
 from ibis_jax.data.queries import sample_query
 from ibis_jax.data.sources.base import Sample
 from ibis_jax.models.qwen2_5_vl import load_hf
@@ -114,10 +113,8 @@ def _turn_examples(episodes: Sequence[Episode], traces, advantages: np.ndarray, 
                    system_prompt: str) -> list[TurnExample]:
     examples = []
     for index, (episode, trace, adv) in enumerate(zip(episodes, traces, advantages)):
-        assistant = [Message("assistant", t.text, token_ids=t.token_ids) for t in trace.turns]
         for t, turn in enumerate(trace.turns):
-            messages = turn_messages(t, episode.query, trace.observations, assistant, history=history,
-                                     system_prompt=system_prompt)
+            messages = episode_messages(episode, trace, t, history=history, system_prompt=system_prompt)
             examples.append(TurnExample(messages, turn, float(adv), trajectory=index))
     return examples
 

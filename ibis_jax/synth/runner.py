@@ -51,6 +51,10 @@ def write_examples(out_dir: Path, num: int = 6) -> list[Path]:
 
 # -- shards ----------------------------------------------------------------------------------------
 
+def is_volume_source(source) -> bool:
+    return getattr(source, "kind", "") == "volume"
+
+
 def shard_items(items: Sequence[Item], shard_size: int) -> list[list[Item]]:
     """Cuts the item list into consecutive shards of ``shard_size`` (the last may be shorter)."""
     if shard_size < 1:
@@ -163,7 +167,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(source, config, tool_name, on_error, teacher_path, out_dir, count, queue) -> None:
-    _WORKER.update(source=source, config=config, tool=make_tool(tool_name), tool_name=tool_name,
+    _WORKER.update(source=source, config=config, tool=make_tool(tool_name, volumes=is_volume_source(source)), tool_name=tool_name,
                    on_error=on_error, teacher=load_object(teacher_path, what="teacher") if teacher_path else None,
                    out_dir=out_dir, count=count, queue=queue)
 
@@ -243,7 +247,7 @@ def run_synthesis(
     bar = tqdm(total=len(items), initial=done_items, unit="item", desc="synth", disable=not show_progress)
     try:
         if workers <= 1 or len(todo) <= 1:
-            tool = make_tool(tool_name) if todo else None
+            tool = make_tool(tool_name, volumes=is_volume_source(source)) if todo else None
             teacher_fn = load_object(teacher, what="teacher") if teacher else None
             for index, shard in todo:
                 process_shard(source, shard, index, count, out_dir, config, tool, tool_name=tool_name,

@@ -8,6 +8,10 @@ Each turn gets a user text (query, then refinement turns), template reasoning ov
 weight. A trajectory of T clicks gives T + 1 SFT samples. Self-correction (a deliberately wrong
 click and its correction) is the oracle's (:mod:`ibis_jax.agent.oracle`).
 
+A volume sample (``data.sources.volumes``) gives a volume episode: the oracle clicks on the slice on
+view while it shows an error (what a policy that sees one slice can learn), else where the volume's
+error is deepest (``volume_clicker="slice-then-3d"``), and the view moves by ``slice_rule``; its record holds the slice each turn saw, so SFT trains on it unchanged.
+
 Determinism: every random choice (query style and wording, reasoning templates, the wrong click)
 is drawn from generators seeded by ``(seed, sample id)``, so results do not depend on worker order.
 """
@@ -19,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ibis_jax.agent.episode import Episode, EpisodeConfig
 from ibis_jax.agent.loop import run_agent
 from ibis_jax.agent.oracle import OracleScript, OraclePolicy
 from ibis_jax.agent.trajectory import record_from_episode
+from ibis_jax.agent.volume import episode_for_sample
 from ibis_jax.data.queries import QUERY_STYLES, make_query, query_rng
 from ibis_jax.data.reasoning import TeacherFn
 from ibis_jax.data.records import TrajectoryRecord
@@ -48,6 +52,8 @@ class SynthConfig:
       self_correction: probability that a trajectory contains one wrong click and its correction.
       seed: seeds every random choice together with the sample id.
       query_styles: first-turn styles to draw from.
+      volume_clicker, slice_rule: volume samples only (the oracle's ``volume_clicker``; the slice on
+        view next, ``VolumeEpisodeConfig.slice_rule``).
     """
 
     rule: str = "ritm"
@@ -59,6 +65,8 @@ class SynthConfig:
     self_correction: float = 0.0
     seed: int = 0
     query_styles: tuple[str, ...] = QUERY_STYLES
+    volume_clicker: str = "slice-then-3d"
+    slice_rule: str = "changed"
 
     def __post_init__(self):
         if self.rule not in ("ritm", "ibis"):
@@ -103,9 +111,10 @@ def synthesize_trajectory(
 
     # The oracle stops when its click would repeat, so the episode's own three-repeats rule must
     # not end a synthesized trajectory before its terminate turn.
-    episode_config = EpisodeConfig(max_actions=config.max_clicks + 3, repeat_limit=config.max_clicks + 4)
-    episode = Episode(sample.image, query.text, gt, config=episode_config, episode_id=f"synth:{sample.sample_id}")
-    oracle = OraclePolicy(config.rule, config.stop_iou, config.max_clicks)
+    episode = episode_for_sample(sample, query.text, episode_id=f"synth:{sample.sample_id}",
+                                 max_actions=config.max_clicks + 3, repeat_limit=config.max_clicks + 4,
+                                 slice_rule=config.slice_rule)
+    oracle = OraclePolicy(config.rule, config.stop_iou, config.max_clicks, volume_clicker=config.volume_clicker)
     oracle.add_script(episode.episode_id, OracleScript(sample.target, sample.modality, text_rng, wrong_rng,
                                                        wrong_at, teacher))
     assign_episode(tool, episode.episode_id, sample.modality, sample.target)

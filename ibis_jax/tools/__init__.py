@@ -5,8 +5,9 @@ from ibis_jax.tools.protocol import SegmentationTool, SegmentResult, ToolError, 
 __all__ = ["SegmentResult", "SegmentationTool", "ToolError", "tool_session"]
 
 
-def make_tool(spec: str) -> SegmentationTool:
-    """A tool by name, as the command lines take it.
+def make_tool(spec: str, *, volumes: bool = False) -> SegmentationTool:
+    """A tool by name, as the command lines take it (``volumes``: a ``VolumeSegmentationTool`` for
+    volume episodes: ``auto`` and ``classical[-tissue]`` in 3D, or ``medsam2-3d:CHECKPOINT``).
 
     - ``auto``: the classical tool with its preset chosen per episode from the target
       (``tools/auto.py``; the default of the commands);
@@ -20,6 +21,8 @@ def make_tool(spec: str) -> SegmentationTool:
         from ibis_jax.tools.auto import AutoTool
 
         return AutoTool()
+    if volumes:
+        return _volume_tool(spec)
     if spec in ("classical", "classical-tissue"):
         from ibis_jax.tools.classical import TISSUE, ClassicalTool, ClassicalToolConfig
 
@@ -41,3 +44,22 @@ def make_tool(spec: str) -> SegmentationTool:
     raise ValueError(
         f"unknown tool {spec!r}: use 'auto', 'classical', 'classical-tissue', a bridge address HOST:PORT, or 'module:factory'"
     )
+
+
+VOLUME_TOOLS = ("'auto' (the classical preset the target needs; default), 'classical' (3D random walker), "
+                "'classical-tissue' (with the intensity prior, for tissue classes such as white matter) or "
+                "'medsam2-3d:CHECKPOINT' (sam2's video predictor, in process)")
+
+
+def _volume_tool(spec: str):
+    from ibis_jax.tools.volume import TISSUE_3D, ClassicalVolumeTool
+
+    if spec == "classical":
+        return ClassicalVolumeTool()
+    if spec == "classical-tissue":
+        return ClassicalVolumeTool(TISSUE_3D)
+    if spec.startswith("medsam2-3d:"):
+        from tool_bridge.backends.medsam2_video import MedSAM2VolumeTool
+
+        return MedSAM2VolumeTool(spec.split(":", 1)[1])
+    raise ValueError(f"--tool {spec!r} for a volume: use {VOLUME_TOOLS}")

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ibis_jax.agent.conversation import HISTORY_MODES, Message, turn_messages
+from ibis_jax.agent.volume import VOLUME_PROMPT_NOTE
 from ibis_jax.agent.encoding import encode_conversation
 from ibis_jax.agent.prompts import SYSTEM_PROMPT
 from ibis_jax.agent.overlay import DEFAULT_ALPHA, DEFAULT_COLOR, render_overlay
@@ -47,7 +48,11 @@ class SFTSample:
 
 def observations(record: TrajectoryRecord, color=DEFAULT_COLOR, alpha: float = DEFAULT_ALPHA) -> list[np.ndarray]:
     """The observation before every turn: the original image, then the overlay of each step's
-    mask drawn on the original (never accumulated)."""
+    mask drawn on the original (never accumulated); for a volume record, the slice on view with
+    the mask's cross-section there."""
+    if record.views:
+        return [render_overlay(record.observation_image(t), record.observation_mask(t), color, alpha)
+                for t in range(len(record.steps))]
     image = record.image()
     return [image] + [render_overlay(image, record.step_mask(t), color, alpha) for t in range(len(record.steps) - 1)]
 
@@ -68,6 +73,8 @@ def record_conversations(
     if history not in HISTORY_MODES:
         raise ValueError(f"history must be one of {HISTORY_MODES}, got {history!r} (config field `history`)")
     obs = observations(record, color, alpha)
+    if record.views:  # a volume trajectory: the policy was told how slices and z work
+        system_prompt = f"{system_prompt}\n\n{VOLUME_PROMPT_NOTE}"
     users = [s.user or None for s in record.steps]
     user_texts = None if any(u is None for u in users) else users
     turns = [Message("assistant", s.text, loss_weight=float(s.loss_weight)) for s in record.steps]

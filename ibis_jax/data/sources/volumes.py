@@ -64,13 +64,17 @@ class VolumeSample:
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
 class EllipsoidVolumeSource:
+    kind = "volume"  # the runner's cue for a volume tool
     name = "ellipsoids"
+    num: int = 8
+    side: int = 32
+    seed: int = 0
 
-    def __init__(self, num: int = 8, side: int = 32, seed: int = 0):
-        if num < 1 or side < 8:
-            raise ValueError(f"ellipsoids: need num >= 1 and side >= 8, got num={num}, side={side}")
-        self.num, self.side, self.seed = num, side, seed
+    def __post_init__(self):
+        if self.num < 1 or self.side < 8:
+            raise ValueError(f"ellipsoids: need num >= 1 and side >= 8, got num={self.num}, side={self.side}")
 
     def items(self) -> list[Item]:
         return [Item(f"ellipsoid_{i:04d}", (self.seed + i,)) for i in range(self.num)]
@@ -90,14 +94,18 @@ def _pool(data: np.ndarray, factor: int) -> np.ndarray:
     return data.reshape(shape[0] // factor, factor, shape[1] // factor, factor, shape[2] // factor, factor).mean(axis=(1, 3, 5))
 
 
+@dataclasses.dataclass
 class MNIVolumeSource:
+    kind = "volume"  # the runner's cue for a volume tool
     name = "mni"
+    targets: tuple[str, ...] = tuple(MRI_TARGETS)
+    factor: int = 3
+    axis: int = 2
 
-    def __init__(self, targets: tuple[str, ...] = tuple(MRI_TARGETS), factor: int = 3, axis: int = 2):
-        unknown = [t for t in targets if t not in MRI_TARGETS]
-        if unknown or factor < 1:
-            raise ValueError(f"mni: targets from {sorted(MRI_TARGETS)} and factor >= 1, got {targets}, {factor}")
-        self.targets, self.factor, self.axis = tuple(targets), factor, axis
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if any(t not in MRI_TARGETS for t in self.targets) or self.factor < 1:
+            raise ValueError(f"mni: targets from {sorted(MRI_TARGETS)} and factor >= 1, got {self.targets}, {self.factor}")
 
     def items(self) -> list[Item]:
         return [Item(f"mni_{MRI_TARGETS[t]}_x{self.factor}", (t,)) for t in self.targets]
@@ -117,38 +125,49 @@ class MNIVolumeSource:
                             "factor": self.factor, "threshold": 0.5})
 
 
+@dataclasses.dataclass
 class StardistVolumeSource:
+    kind = "volume"  # the runner's cue for a volume tool
     name = "stardist"
     FILES = ("img3d.tif", "mask3d.tif")
 
-    def items(self) -> list[Item]:
+    def _paths(self) -> list[Path]:
         folder = package_dir("stardist", "install its wheel without dependencies: "
                              "pip install --no-deps stardist==0.9.2 csbdeep==0.8.2 (scripts/install.sh does)")
-        self.paths = [folder / "data" / "images" / f for f in self.FILES]
-        for path in self.paths:
+        paths = [folder / "data" / "images" / f for f in self.FILES]
+        for path in paths:
             if not path.is_file():
                 raise SourceError(path, "missing_file", "the stardist wheel should ship this file; reinstall stardist")
+        return paths
+
+    def items(self) -> list[Item]:
+        self._paths()  # an optional package: checked before any work starts
         return [Item("stardist_nuclei3d", ())]
 
     def load(self, item: Item) -> Iterator[VolumeSample]:
         import tifffile
 
-        image, labels = (tifffile.imread(str(p)) for p in self.paths)
+        paths = self._paths()
+        image, labels = (tifffile.imread(str(p)) for p in paths)
         if image.shape != labels.shape or image.ndim != 3:
-            raise SourceError(self.paths[1], "size_mismatch", f"image {image.shape} and labels {labels.shape} differ")
-        display = window_percentile(image, 0.5, 99.8, where=str(self.paths[0]))
+            raise SourceError(paths[1], "size_mismatch", f"image {image.shape} and labels {labels.shape} differ")
+        display = window_percentile(image, 0.5, 99.8, where=str(paths[0]))
         yield VolumeSample(display, (1.0, 1.0, 1.0), labels > 0, "cell nuclei", "Microscopy", item.item_id, self.name,
                            {"package": "stardist", "image": "data/images/img3d.tif", "mask": "data/images/mask3d.tif",
                             "nuclei": int(len(np.unique(labels)) - 1), "window": "percentile:0.5,99.8",
                             "spacing": "not recorded in the file: 1 per voxel"})
 
 
+@dataclasses.dataclass
 class ManifestVolumeSource:
+    kind = "volume"  # the runner's cue for a volume tool
     name = "manifest"
     FIELDS = ("image", "labels", "target", "label", "modality", "window", "axis")
+    manifest: str
 
-    def __init__(self, manifest: str | Path):
-        self.path = Path(manifest)
+    def __post_init__(self):
+        self.manifest = str(self.manifest)
+        self.path = Path(self.manifest)
         if not self.path.is_file():
             raise SourceError(self.path, "missing_file", "volume manifest does not exist")
         try:

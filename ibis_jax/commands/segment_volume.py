@@ -6,7 +6,9 @@
 
 ``--volume`` is a NIfTI file or a folder holding one DICOM series. ``--tool``: ``classical`` (3D
 random walker), ``classical-tissue`` (with an intensity prior, for white matter and other tissue
-classes) or ``medsam2-3d:CHECKPOINT`` (sam2's video predictor in process). The policy looks at one slice of
+classes), ``medsam2-3d:CHECKPOINT`` (sam2's video predictor in process) or a tool server
+``HOST:PORT[,HOST:PORT...]`` (``ibis-jax tool serve``: its volume backend, the volume sent once; with
+``--slice-rule uncertain`` the server also sends the tool's probability, quantised to 1/255). The policy looks at one slice of
 the ``--axis`` (default axial) at a time, starting at ``--start-slice`` (default the middle one);
 after each click the next slice on view is chosen by ``--slice-rule``. Writes ``OUT/mask.nii.gz``
 (``uint8``, in the input's voxel grid: its shape, affine and orientation; for a DICOM series the
@@ -41,10 +43,13 @@ def load_volume_input(path: str | Path, *, axis: str = "axial", window: str | No
     return load_nifti_volume(path, axis=axis, window=window, modality=modality or "unknown")
 
 
-VOLUME_TOOLS = "'auto' (the classical preset the query's target needs; default), 'classical' (3D random walker), 'classical-tissue' (with the intensity prior, for tissue classes such as white matter) or 'medsam2-3d:CHECKPOINT' (sam2's video predictor, in process)"
+VOLUME_TOOLS = "'auto' (the classical preset the query's target needs; default), 'classical' (3D random walker), 'classical-tissue' (with the intensity prior, for tissue classes such as white matter), 'medsam2-3d:CHECKPOINT' (sam2's video predictor, in process) or a tool server HOST:PORT (its volume backend)"
 
 
-def make_volume_tool(spec: str, target: str = ""):
+def make_volume_tool(spec: str, target: str = "", *, slice_rule: str = "changed"):
+    """A ``VolumeSegmentationTool`` by name (see ``VOLUME_TOOLS``). A bridge tool brings back the
+    tool's probability (``uint8``) only for the ``uncertain`` slice rule, the one reader of it."""
+    from ibis_jax.tools import bridge_addresses
     from ibis_jax.tools.auto import classical_preset
     from ibis_jax.tools.volume import TISSUE_3D, ClassicalVolumeTool
 
@@ -59,6 +64,11 @@ def make_volume_tool(spec: str, target: str = ""):
         from tool_bridge.backends.medsam2_video import MedSAM2VolumeTool
 
         return MedSAM2VolumeTool(spec.split(":", 1)[1])
+    addresses = bridge_addresses(spec)
+    if addresses:
+        from tool_bridge.client import BridgeVolumeTool
+
+        return BridgeVolumeTool(addresses, volume_probability="uint8" if slice_rule == "uncertain" else "none")
     raise ValueError(f"--tool {spec!r} for a volume: use {VOLUME_TOOLS}")
 
 
@@ -123,10 +133,11 @@ def run_volume_command(args: argparse.Namespace) -> int:
     from ibis_jax.tools.protocol import ToolError
 
     out = Path(args.out)
+    tool = None
     try:
         if is_oracle(args.model) and not args.gt:
             raise ValueError("--model oracle clicks from the ground truth: pass --gt LABELS.nii.gz")
-        tool = make_volume_tool(args.tool, args.query)
+        tool = make_volume_tool(args.tool, args.query, slice_rule=args.slice_rule)
         volume = load_volume_input(args.volume, axis=args.axis, window=args.window, modality=args.modality)
         gt = load_label_volume(args.gt, volume, args.gt_label, what="gt") if args.gt else None
         init = load_label_volume(args.mask_init, volume, args.mask_label, what="mask-init") if args.mask_init else None
@@ -145,6 +156,9 @@ def run_volume_command(args: argparse.Namespace) -> int:
     except (SourceError, PolicyUnavailable, WindowError, ValueError, FileNotFoundError, ToolError) as e:
         print(f"ibis-jax segment: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if tool is not None and hasattr(tool, "shutdown"):  # a bridge tool's channel and thread
+            tool.shutdown()
     metrics = {}
     if gt is not None:
         metrics = {"dice": episode.dices[-1], "iou": episode.ious[-1],

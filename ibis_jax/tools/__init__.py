@@ -5,6 +5,15 @@ from ibis_jax.tools.protocol import SegmentationTool, SegmentResult, ToolError, 
 __all__ = ["SegmentResult", "SegmentationTool", "ToolError", "tool_session"]
 
 
+def bridge_addresses(spec: str) -> list[str] | None:
+    """``HOST:PORT[,HOST:PORT...]`` (each optionally ``grpc://``-prefixed) as a list; ``None`` when
+    ``spec`` is not a list of bridge addresses (e.g. ``module:factory``)."""
+    addresses = [a.removeprefix("grpc://") for a in spec.split(",")]
+    if ":" in spec and all(a.rsplit(":", 1)[-1].isdigit() for a in addresses):
+        return addresses
+    return None
+
+
 def make_tool(spec: str) -> SegmentationTool:
     """A tool by name, as the command lines take it.
 
@@ -24,8 +33,8 @@ def make_tool(spec: str) -> SegmentationTool:
         from ibis_jax.tools.classical import TISSUE, ClassicalTool, ClassicalToolConfig
 
         return ClassicalTool(TISSUE if spec == "classical-tissue" else ClassicalToolConfig())
-    addresses = [a.removeprefix("grpc://") for a in spec.split(",")]
-    if all(a.rsplit(":", 1)[-1].isdigit() for a in addresses) and ":" in spec:
+    addresses = bridge_addresses(spec)
+    if addresses:
         from tool_bridge.client import BridgeClient
 
         return BridgeClient(addresses)

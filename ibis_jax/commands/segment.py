@@ -83,6 +83,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     volume.add_argument("--clicker", default="3d", choices=("3d", "slice"),
                         help="oracle: click anywhere in 3D, or only on the slice on view")
     volume.add_argument("--nsd-tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
+    volume.add_argument("--out-format", default="nifti", choices=("nifti", "dicom-seg", "both"),
+                        help="the 3D mask as OUT/mask.nii.gz (default), as a DICOM-SEG OUT/mask.dcm referencing a "
+                             "DICOM series input (needs highdicom: pip install -e '.[dicom-seg]'), or both")
     parser.set_defaults(run=run_command)
 
 

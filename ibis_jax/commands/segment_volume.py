@@ -14,7 +14,10 @@ after each click the next slice on view is chosen by ``--slice-rule``. Writes ``
 (``uint8``, in the input's voxel grid: its shape, affine and orientation; for a DICOM series the
 affine built from its headers), written to a temporary name and renamed so a failure leaves no
 half-written mask, ``OUT/report.html`` (a slice montage of the final mask and each step's slice
-and click) and ``OUT/summary.json`` (3D Dice / IoU / NSD when ``--gt`` is given).
+and click) and ``OUT/summary.json`` (3D Dice / IoU / NSD when ``--gt`` is given). With
+``--out-format dicom-seg`` (a DICOM series input, highdicom installed) the mask is ``OUT/mask.dcm``,
+a binary DICOM-SEG whose frames reference the series' slices (``ibis_jax.data.dicom_seg``); ``both``
+writes both files.
 """
 
 from __future__ import annotations
@@ -137,9 +140,18 @@ def run_volume_command(args: argparse.Namespace) -> int:
     try:
         if is_oracle(args.model) and not args.gt:
             raise ValueError("--model oracle clicks from the ground truth: pass --gt LABELS.nii.gz")
+        out_format = getattr(args, "out_format", "nifti")
+        if out_format != "nifti":
+            from ibis_jax.data.dicom_seg import check_dicom_seg_input
+
+            check_dicom_seg_input(args.volume)  # before any work: a series folder, highdicom installed
         tool = make_volume_tool(args.tool, args.query, slice_rule=args.slice_rule)
         volume = load_volume_input(args.volume, axis=args.axis, window=args.window, modality=args.modality)
         gt = load_label_volume(args.gt, volume, args.gt_label, what="gt") if args.gt else None
+        if out_format != "nifti":
+            from ibis_jax.data.dicom_seg import source_headers
+
+            source_headers(volume)  # the headers a DICOM-SEG needs, checked before the agent runs
         init = load_label_volume(args.mask_init, volume, args.mask_label, what="mask-init") if args.mask_init else None
         if is_oracle(args.model):
             policy = OraclePolicy(stop_iou=args.stop_iou or None, max_clicks=args.max_steps, volume_clicker=args.clicker)
@@ -152,7 +164,15 @@ def run_volume_command(args: argparse.Namespace) -> int:
         run_agent(policy, tool, [episode], history=args.history)
         seconds = time.perf_counter() - start
         out.mkdir(parents=True, exist_ok=True)
-        mask_path = save_nifti_atomic(volume.mask_image(episode.current_mask), out / "mask.nii.gz")
+        seg_path = None
+        if out_format != "nifti":
+            from ibis_jax.data.dicom_seg import write_dicom_seg
+
+            seg_path = write_dicom_seg(volume, episode.current_mask, out / "mask.dcm", label=args.query,
+                                       description=f"ibis-jax segment, {len(episode.clicks)} clicks")
+        mask_path = seg_path
+        if out_format != "dicom-seg":
+            mask_path = save_nifti_atomic(volume.mask_image(episode.current_mask), out / "mask.nii.gz")
     except (SourceError, PolicyUnavailable, WindowError, ValueError, FileNotFoundError, ToolError) as e:
         print(f"ibis-jax segment: error: {e}", file=sys.stderr)
         return 1
@@ -170,7 +190,8 @@ def run_volume_command(args: argparse.Namespace) -> int:
         "clicks": len(episode.clicks), "turns": len(episode.steps), "seconds": round(seconds, 2), **metrics,
         "steps": [{"slice": s.slice, "action": None if s.action is None else s.text.split("<action>")[-1].split("</action>")[0].strip(),
                    "dice": s.dice, "iou": s.iou} for s in episode.steps],
-        "mask": str(mask_path), "mask_voxels": int(episode.current_mask.sum()), "report": str(out / "report.html"),
+        "mask": str(mask_path), **({"dicom_seg": str(seg_path)} if seg_path is not None else {}),
+        "mask_voxels": int(episode.current_mask.sum()), "report": str(out / "report.html"),
     }
     facts = {"input": args.volume, "model": args.model, "tool": args.tool, "view shape (slices, rows, cols)": episode.shape,
              "spacing (mm)": episode.spacing, "window": volume.window, "slice rule": args.slice_rule,

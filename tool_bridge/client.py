@@ -600,7 +600,7 @@ class BridgeClient:
 
 class BridgeVolumeTool:
     """The ``VolumeSegmentationTool`` over a tool server (``open(episode_id, volume, spacing)``,
-    ``segment``, ``close``), on a :class:`BridgeClient`; ``VolumeEpisode`` and ``run_volume_agent``
+    ``segment``, ``close``), on a :class:`BridgeClient`; ``VolumeEpisode`` and ``run_agent``
     use it as they use the in-process volume tools.
 
     Args:

@@ -84,7 +84,7 @@ def run_command(args: argparse.Namespace) -> int:
             from ibis_jax.commands.segment_volume import make_volume_tool
             from ibis_jax.tools.auto import AutoTool
 
-            tool = AutoTool() if args.tool == "auto" else make_volume_tool(args.tool)
+            tool = AutoTool() if args.tool == "auto" else make_volume_tool(args.tool, slice_rule=args.slice_rule)
         else:
             tool = make_tool(args.tool)
         policy_name = "oracle" if args.policy.strip().lower() == "oracle" else args.policy

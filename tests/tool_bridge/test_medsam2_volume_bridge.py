@@ -11,7 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sam2")
 
 from bridge_helpers import THREADS  # noqa: E402
-from ibis_jax.agent.volume import VolumeEpisode, VolumeEpisodeConfig, VolumeOraclePolicy, run_volume_agent  # noqa: E402
+from ibis_jax.agent.loop import run_agent  # noqa: E402
+from ibis_jax.agent.oracle import OraclePolicy  # noqa: E402
+from ibis_jax.agent.volume import VolumeEpisode, VolumeEpisodeConfig  # noqa: E402
 from ibis_jax.data.volumes import ellipsoid_volume  # noqa: E402
 from tool_bridge.backends.classical import ClassicalBackend  # noqa: E402
 from tool_bridge.backends.medsam2_video import MedSAM2VolumeTool  # noqa: E402
@@ -33,7 +35,7 @@ def test_medsam2_3d_through_the_bridge_equals_in_process(checkpoint):
                              config=VolumeEpisodeConfig(max_actions=3))
 
     local, local_tool = episode(), MedSAM2VolumeTool(checkpoint, device="cpu")
-    run_volume_agent(VolumeOraclePolicy("3d", max_clicks=2), local_tool, [local])
+    run_agent(OraclePolicy(max_clicks=2, volume_clicker="3d"), local_tool, [local])
 
     backend = make_volume_backend("medsam2", checkpoint=checkpoint, device="cpu")
     assert backend.name == "medsam2-3d" and len(backend.checkpoint_sha256) == 64
@@ -43,7 +45,7 @@ def test_medsam2_3d_through_the_bridge_equals_in_process(checkpoint):
         with BridgeVolumeTool(thread.address, deadline_s=120) as tool:
             assert tool.client.info().volume_backend == "medsam2-3d"
             remote = episode()
-            run_volume_agent(VolumeOraclePolicy("3d", max_clicks=2), tool, [remote])
+            run_agent(OraclePolicy(max_clicks=2, volume_clicker="3d"), tool, [remote])
             assert len(remote.clicks) == len(local.clicks) == 2
             for a, b in zip(local.steps, remote.steps, strict=True):
                 np.testing.assert_array_equal(a.mask, b.mask)

@@ -14,7 +14,9 @@ import pytest
 pytest.importorskip("skimage")
 
 from bridge_helpers import ServerProcess, free_port  # noqa: E402
-from ibis_jax.agent.volume import VolumeEpisode, VolumeEpisodeConfig, VolumeOraclePolicy, run_volume_agent  # noqa: E402
+from ibis_jax.agent.loop import run_agent  # noqa: E402
+from ibis_jax.agent.oracle import OraclePolicy  # noqa: E402
+from ibis_jax.agent.volume import VolumeEpisode, VolumeEpisodeConfig  # noqa: E402
 from ibis_jax.data.volumes import ellipsoid_volume  # noqa: E402
 from ibis_jax.tools.protocol import ToolError  # noqa: E402
 from ibis_jax.tools.volume import ClassicalVolumeTool, VolumeSegmentationTool  # noqa: E402
@@ -65,13 +67,13 @@ def _episodes(seeds):
 
 
 def test_agent_loop_through_the_bridge_equals_the_in_process_tool(server):
-    policy = VolumeOraclePolicy("3d", max_clicks=4)
+    policy = OraclePolicy(max_clicks=4, volume_clicker="3d")
     local = _episodes([0, 1])
-    run_volume_agent(policy, ClassicalVolumeTool(), local)
+    run_agent(policy, ClassicalVolumeTool(), local)
     with BridgeVolumeTool(server.address, volume_probability="float32") as tool:
         assert isinstance(tool, VolumeSegmentationTool)
         remote = _episodes([0, 1])
-        run_volume_agent(VolumeOraclePolicy("3d", max_clicks=4), tool, remote)
+        run_agent(OraclePolicy(max_clicks=4, volume_clicker="3d"), tool, remote)
     for a, b in zip(local, remote, strict=True):
         assert len(a.steps) == len(b.steps) >= 2 and a.end_reason == b.end_reason
         for sa, sb in zip(a.steps, b.steps):

@@ -234,3 +234,23 @@ def test_segment_volume_command_takes_a_bridge_address(server, tmp_path, capsys)
         masks[tool] = np.asarray(image.dataobj)
     np.testing.assert_array_equal(masks["classical"], masks[server.address])
     assert masks["classical"].any()
+
+
+def test_volume_eval_takes_a_bridge_address(server, tmp_path, capsys):
+    import json
+
+    from ibis_jax.cli import main
+
+    overall = {}
+    for tool in ("classical", server.address):
+        out = tmp_path / ("local" if tool == "classical" else "bridge")
+        code = main(["eval", "--policy", "oracle", "--source", "volumes", "--volumes", "ellipsoids:2", "--tool", tool,
+                     "--max-steps", "3", "--curve-clicks", "3", "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        overall[tool] = json.loads((out / "metrics.json").read_text())["overall"]
+    assert overall["classical"]["samples"] == 2 and overall["classical"]["mean_dice"] > 0.5
+    def quality(metrics):  # everything but the timings
+        return {k: v for k, v in metrics.items() if "seconds" not in k}
+
+    assert quality(overall[server.address]) == quality(overall["classical"])
+    assert len(quality(overall["classical"])) >= 10

@@ -11,6 +11,10 @@ Open episodes are never evicted to make room: when the feature cache cannot take
 served), then answers ``RESOURCE_EXHAUSTED`` (the client backs off and retries), so that a full
 cache slows new episodes down instead of thrashing live ones. Episodes nobody touched for
 ``idle_timeout_s`` (a crashed or careless client) are freed.
+
+Volume episodes (``OpenVolume`` / ``VolumeStep``, with a ``VolumeBackend``) share the cache, the
+idempotent step records, the idle sweep and ``CloseEpisode``; the volume's header is checked before
+it is inflated, and the tool's calls run on the same model thread (one at a time, not batched).
 """
 
 from __future__ import annotations

@@ -42,6 +42,8 @@ TOOL = [
 # every JAX process probe for CUDA): pip install -e ".[plan-gpu]" and run plan with JAX_PLATFORMS=cpu.
 PLAN = ["libtpu==0.0.42.1"]
 PLAN_GPU = ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"]
+# `segment --volume SERIES --out-format dicom-seg`: DICOM-SEG writing (pulls pyjpegls, a small wheel).
+DICOM_SEG = ["highdicom==0.28.2"]
 DEV = [
     "pytest==9.0.3",
     "hypothesis==6.155.2",
@@ -57,6 +59,7 @@ setup(
     packages=find_packages(include=["ibis_jax", "ibis_jax.*", "tool_bridge", "tool_bridge.*"]),
     package_data={"tool_bridge": ["proto/*.proto", "proto/*.pyi"]},
     install_requires=CORE,
-    extras_require={"tool": TOOL, "dev": DEV, "plan": PLAN, "plan-gpu": PLAN_GPU, "all": TOOL + DEV},
+    extras_require={"tool": TOOL, "dev": DEV, "plan": PLAN, "plan-gpu": PLAN_GPU, "dicom-seg": DICOM_SEG,
+                    "all": TOOL + DEV + DICOM_SEG},
     entry_points={"console_scripts": ["ibis-jax=ibis_jax.cli:main"]},
 )

@@ -4,6 +4,7 @@ Examples::
 
     ibis-jax tool serve --backend medsam2 --checkpoint MedSAM2_latest.pt --port 50151 --device cuda
     ibis-jax tool serve --backend classical --port 50151
+    ibis-jax tool serve --backend classical --volume-backend classical-tissue --port 50151
     ibis-jax tool ping 127.0.0.1:50151
 """
 
@@ -17,6 +18,7 @@ import signal
 import sys
 
 from tool_bridge.backends import BACKENDS
+from tool_bridge.backends.volume import VOLUME_BACKENDS
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +28,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--checkpoint", help="medsam2: MedSAM2_latest.pt or a SAM2.1 checkpoint")
     serve.add_argument("--model", default="medsam2",
                        help="medsam2 (SAM2.1 Hiera-T at 512 px) or sam2.1_hiera_{t,s,b+,l} (1024 px)")
+    serve.add_argument("--volume-backend", default="auto", choices=("auto", "none", *VOLUME_BACKENDS),
+                       help="the tool behind OpenVolume/VolumeStep: auto (the --backend's own: classical -> "
+                            "the 3D random walker, medsam2 -> sam2's video predictor with the same "
+                            "--checkpoint/--model), classical, classical-tissue, medsam2, or none")
     serve.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     serve.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     serve.add_argument("--host", default="127.0.0.1",
@@ -48,6 +54,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                             "its client; 0: never). Default 300")
     serve.add_argument("--max-clicks", type=int, default=64)
     serve.add_argument("--max-image-side", type=int, default=2048)
+    serve.add_argument("--max-volume-mvoxels", type=float, default=64.0,
+                       help="largest volume OpenVolume takes, in Mi voxels (depth*height*width; default 64)")
     serve.add_argument("--max-message-mb", type=int, default=64)
     serve.add_argument("--image-root", help="directory OpenEpisode/Segment may read paths under")
     _add_security(serve)
@@ -94,7 +102,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, cache_bytes=args.cache_mb << 20, max_clicks=args.max_clicks,
-        max_image_side=args.max_image_side, max_message_bytes=args.max_message_mb << 20,
+        max_image_side=args.max_image_side, max_volume_voxels=int(args.max_volume_mvoxels * 2**20),
+        max_message_bytes=args.max_message_mb << 20,
         idle_timeout_s=args.idle_timeout_s, admit_wait_s=args.admit_wait_s,
         image_root=args.image_root, token=_token(args),
         tls=TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
@@ -103,16 +112,23 @@ def run_serve(args: argparse.Namespace) -> int:
         backend = make_backend(args.backend, checkpoint=args.checkpoint, model=args.model,
                                device=args.device, num_threads=args.threads,
                                fuse_decoder=args.fuse_decoder)
-        return asyncio.run(_serve(backend, config))
+        volume_backend = None
+        volume_name = args.backend if args.volume_backend == "auto" else args.volume_backend
+        if volume_name != "none":
+            from tool_bridge.backends.volume import make_volume_backend
+
+            volume_backend = make_volume_backend(volume_name, checkpoint=args.checkpoint, model=args.model,
+                                                 device=args.device)
+        return asyncio.run(_serve(backend, config, volume_backend))
     except ToolError as error:
         print(f"ibis-jax tool serve: {error}", file=sys.stderr)
         return 2
 
 
-async def _serve(backend, config) -> int:
+async def _serve(backend, config, volume_backend=None) -> int:
     from tool_bridge.server import BridgeServer
 
-    server = BridgeServer(backend, config)
+    server = BridgeServer(backend, config, volume_backend)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -120,7 +136,8 @@ async def _serve(backend, config) -> int:
         loop.add_signal_handler(sig, stop.set)
     # Tests and scripts wait for this line (the port matters with --port 0).
     print(f"tool_bridge: serving {backend.name} on {config.host}:{server.port} "
-          f"(device {backend.device}, image size {backend.image_size})", flush=True)
+          f"(device {backend.device}, image size {backend.image_size}; volumes: "
+          f"{volume_backend.name if volume_backend is not None else 'none'})", flush=True)
     await stop.wait()
     await server.stop(grace=2.0)
     return 0
@@ -157,6 +174,8 @@ def run_ping(args: argparse.Namespace) -> int:
     print(f"  backend {info.backend}  device {info.device}  image size {info.image_size}  "
           f"version {info.version}")
     print(f"  checkpoint sha256 {info.checkpoint_sha256 or '-'}")
+    print(f"  volumes {info.volume_backend or 'none'}"
+          + (f" (at most {info.max_volume_voxels / 2**20:g} Mi voxels)" if info.volume_backend else ""))
     print(f"  open episodes {info.open_episodes}  cache {info.cache_bytes / 2**20:.1f} MiB  "
           f"max batch {info.max_batch}  max clicks {info.max_clicks}")
     return 0 if serving else 1

@@ -14,6 +14,13 @@ within the per-call deadline). It never returns an empty mask in place of an err
 
 ``prev_logits`` is accepted for protocol compatibility and ignored: the server keeps the logits,
 and results carry ``logits=None``.
+
+Volume episodes (``open_volume`` / ``segment_volume``; :class:`BridgeVolumeTool` is the synchronous
+``VolumeSegmentationTool``) work the same way: the volume (zlib-compressed) and its spacing go once
+per episode and again only on a re-open; each step sends all clicks so far and gets the whole 3D
+mask back. Their results carry ``logits=None`` unless ``volume_probability`` asks for the tool's
+foreground probability (``"float32"`` exactly, ``"uint8"`` quantised to 1/255), which e.g. the
+``uncertain`` slice rule reads.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import random
 import threading
 import time
 import uuid
+import zlib
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import grpc
@@ -33,6 +41,7 @@ import numpy as np
 
 from ibis_jax.data.rle import decode_rle
 from ibis_jax.tools.protocol import SegmentResult, ToolError, validate_image, validate_prompt
+from ibis_jax.tools.volume import VolumeSegmentResult, validate_volume, validate_volume_prompt
 from tool_bridge.proto import tool_bridge_pb2 as pb
 from tool_bridge.proto import tool_bridge_pb2_grpc as pb_grpc
 
@@ -76,11 +85,15 @@ class _Step:
 class _Episode:
     episode_id: str
     server_id: str
-    image: np.ndarray
+    image: np.ndarray | None  # None for a volume episode
     address: int
     steps: list[_Step] = dataclasses.field(default_factory=list)
     needs_open: bool = True
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    volume: pb.Volume | None = None  # the message, compressed once, re-sent on every re-open
+    shape: tuple[int, int, int] | None = None  # (depth, height, width) of a volume episode
+
+PROBABILITY = {"none": pb.PROBABILITY_NONE, "float32": pb.PROBABILITY_FLOAT32, "uint8": pb.PROBABILITY_UINT8}
 
 
 def _read(path: str | None) -> bytes | None:
@@ -94,8 +107,32 @@ def _clicks(points: np.ndarray, labels: np.ndarray) -> pb.Clicks:
     return pb.Clicks(points=points.reshape(-1).tolist(), labels=labels.tolist())
 
 
+def _volume_clicks(points: np.ndarray, labels: np.ndarray) -> pb.VolumeClicks:
+    return pb.VolumeClicks(points=points.reshape(-1).tolist(), labels=labels.tolist())
+
+
 def _mask(rle: pb.Rle) -> np.ndarray:
     return decode_rle({"size": list(rle.size), "counts": rle.counts})
+
+
+def _volume_mask(reply: pb.VolumeStepReply, shape: tuple[int, int, int], what: str) -> np.ndarray:
+    d, h, w = shape
+    if len(reply.slices) != d or any(list(rle.size) != [h, w] for rle in reply.slices):
+        raise ToolError(f"tool bridge: {what}: the server answered {len(reply.slices)} slices for a {d}x{h}x{w} "
+                        "volume (a server of another version?)")
+    return np.stack([_mask(rle) for rle in reply.slices]).astype(bool)
+
+
+def _array(msg: pb.Array, shape: tuple[int, int, int], what: str) -> np.ndarray:
+    """A probability volume from the wire, as float32 in [0, 1]."""
+    dtype = {"float32": np.float32, "uint8": np.uint8}.get(msg.dtype)
+    expected = int(np.prod(shape)) * (np.dtype(dtype).itemsize if dtype is not None else 0)
+    data = zlib.decompress(msg.data) if msg.compression == pb.COMPRESSION_ZLIB else msg.data
+    if dtype is None or tuple(msg.shape) != tuple(shape) or len(data) != expected:
+        raise ToolError(f"tool bridge: {what}: the probability has dtype {msg.dtype!r}, shape {list(msg.shape)} "
+                        f"and {len(data)} bytes; expected float32 or uint8 {list(shape)}")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return array.astype(np.float32) if dtype == np.float32 else array.astype(np.float32) / 255.0
 
 
 class AsyncBridgeClient:
@@ -116,6 +153,8 @@ class AsyncBridgeClient:
         ``ToolError`` naming it (with several addresses the next one is tried).
       strict_replay: raise if a replayed step answers differently than before (e.g. a server with
         another checkpoint); with ``False`` a mismatch is logged and the new answer used.
+      volume_probability: what volume steps bring back besides the mask: ``"none"`` (results
+        carry ``logits=None``), ``"float32"`` or ``"uint8"`` (the tool's probability volume).
     """
 
     def __init__(
@@ -132,6 +171,7 @@ class AsyncBridgeClient:
         connect_timeout_s: float = 10.0,
         max_message_bytes: int = 64 << 20,
         strict_replay: bool = True,
+        volume_probability: str = "none",
     ) -> None:
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
@@ -146,6 +186,9 @@ class AsyncBridgeClient:
         self._jitter = random.Random()
         self.max_message_bytes = max_message_bytes
         self.strict_replay = strict_replay
+        if volume_probability not in PROBABILITY:
+            raise ToolError(f"volume_probability {volume_probability!r}: choose one of {sorted(PROBABILITY)}")
+        self.volume_probability = volume_probability
         # Server-side ids are namespaced so that clients sharing a server never cross episodes.
         self.session = uuid.uuid4().hex[:16]
         self._episodes: dict[str, _Episode] = {}
@@ -213,6 +256,8 @@ class AsyncBridgeClient:
             return
         info = await self._stub(address).Info(pb.InfoRequest(), **self._call_kwargs())
         identity = f"{info.backend}:{info.checkpoint_sha256}"
+        if info.volume_backend:
+            identity += f" volumes {info.volume_backend}"
         others = set(self._checkpoints.values())
         if others and identity not in others:
             raise ToolError(
@@ -295,6 +340,9 @@ class AsyncBridgeClient:
         address = await self._reachable(episode)
         stub = self._stub(address)
         await self._check_address(address)
+        if episode.volume is not None:
+            await self._ensure_volume_open(episode, address, stub)
+            return
         height, width = episode.image.shape[:2]
         reply = await stub.OpenEpisode(
             pb.OpenEpisodeRequest(
@@ -320,6 +368,86 @@ class AsyncBridgeClient:
                 log.warning(message)
                 step.reply = again
         episode.needs_open = False
+
+    async def _ensure_volume_open(self, episode: _Episode, address: str, stub: pb_grpc.ToolBridgeStub) -> None:
+        reply = await stub.OpenVolume(
+            pb.OpenVolumeRequest(episode_id=episode.server_id, volume=episode.volume), **self._call_kwargs())
+        if (reply.depth, reply.height, reply.width) != episode.shape:
+            raise ToolError(f"tool bridge: {address} opened episode {episode.episode_id!r} as "
+                            f"{reply.depth}x{reply.height}x{reply.width}, sent {'x'.join(map(str, episode.shape))}")
+        for index in range(reply.next_step, len(episode.steps)):
+            step = episode.steps[index]
+            again = await stub.VolumeStep(
+                pb.VolumeStepRequest(episode_id=episode.server_id, step_index=index,
+                                     clicks=_volume_clicks(step.points, step.labels)),
+                **self._call_kwargs(),
+            )
+            self.replays += 1
+            same = (again.score == step.reply.score and len(again.slices) == len(step.reply.slices)
+                    and all(a.counts == b.counts for a, b in zip(again.slices, step.reply.slices)))
+            if not same:
+                message = (f"tool bridge: replaying volume step {index} of episode {episode.episode_id!r} on "
+                           f"{address} gave another mask/score than before (different checkpoint or a "
+                           "non-deterministic device)")
+                if self.strict_replay:
+                    raise ToolError(message)
+                log.warning(message)
+                step.reply = again
+        episode.needs_open = False
+
+    # ---- volume episodes --------------------------------------------------------------------
+
+    async def open_volume(self, episode_id: str, volume: np.ndarray, spacing) -> None:
+        """Sends the volume (uint8 ``[D, H, W]``) and its spacing (mm, ``(sd, sh, sw)``) once."""
+        volume, spacing = validate_volume(volume, spacing, where=f"open_volume({episode_id!r})")
+        if episode_id in self._episodes:
+            raise ToolError(f"open_volume: episode {episode_id!r} is already open; close it or pick a new id")
+        data = await asyncio.to_thread(zlib.compress, volume.tobytes(), 1)
+        if len(data) + 4096 > self.max_message_bytes:
+            raise ToolError(f"open_volume({episode_id!r}): the {'x'.join(map(str, volume.shape))} volume compresses "
+                            f"to {len(data) / 2**20:.1f} MiB, over the {self.max_message_bytes / 2**20:g} MiB message "
+                            "limit: raise max_message_bytes here and the server's --max-message-mb, or crop it")
+        d, h, w = volume.shape
+        message = pb.Volume(data=data, depth=d, height=h, width=w, spacing=list(spacing),
+                            compression=pb.COMPRESSION_ZLIB)
+        episode = _Episode(episode_id=episode_id, server_id=f"{self.session}/{episode_id}", image=None,
+                           address=next(self._round_robin) % len(self.addresses), volume=message, shape=(d, h, w))
+        self._episodes[episode_id] = episode
+        try:
+            async with episode.lock:
+                await self._retry(f"open volume episode {episode_id!r}", lambda: self._ensure_open(episode), episode)
+        except BaseException:
+            self._episodes.pop(episode_id, None)
+            raise
+
+    async def segment_volume(self, episode_id: str, points: np.ndarray, labels: np.ndarray,
+                             prev_logits: np.ndarray | None = None) -> VolumeSegmentResult:
+        """All clicks so far (voxel ``x, y, z``) -> the whole 3D mask; ``prev_logits`` is ignored."""
+        episode = self._episodes.get(episode_id)
+        if episode is None:
+            raise ToolError(f"segment: unknown episode {episode_id!r}; call open() first")
+        if episode.volume is None:
+            raise ToolError(f"segment_volume: episode {episode_id!r} is a 2D image episode; use segment()")
+        points, labels = validate_volume_prompt(points, labels, episode.shape)
+        what = f"volume step {len(episode.steps)} of episode {episode_id!r}"
+        async with episode.lock:
+            index = len(episode.steps)
+            request = pb.VolumeStepRequest(episode_id=episode.server_id, step_index=index,
+                                           clicks=_volume_clicks(points, labels),
+                                           probability=PROBABILITY[self.volume_probability])
+
+            async def attempt() -> pb.VolumeStepReply:
+                await self._ensure_open(episode)
+                return await self._stub(self.addresses[episode.address]).VolumeStep(request, **self._call_kwargs())
+
+            reply = await self._retry(what, attempt, episode)
+            mask = await asyncio.to_thread(_volume_mask, reply, episode.shape, what)
+            probability = None
+            if reply.HasField("probability"):
+                probability = await asyncio.to_thread(_array, reply.probability, episode.shape, what)
+                reply.ClearField("probability")  # kept for replay checks: masks and score only
+            episode.steps.append(_Step(points, labels, reply))
+        return VolumeSegmentResult(mask=mask, logits=probability, score=float(reply.score))
 
     # ---- the tool protocol ------------------------------------------------------------------
 
@@ -351,6 +479,8 @@ class AsyncBridgeClient:
         episode = self._episodes.get(episode_id)
         if episode is None:
             raise ToolError(f"segment: unknown episode {episode_id!r}; call open() first")
+        if episode.volume is not None:
+            raise ToolError(f"segment: episode {episode_id!r} is a volume episode; use segment_volume()")
         height, width = episode.image.shape[:2]
         points, labels = validate_prompt(points, labels, height, width)
         async with episode.lock:
@@ -448,6 +578,13 @@ class BridgeClient:
     def info(self, address: str | None = None) -> pb.InfoReply:
         return self._run(self.aio.info(address))
 
+    def open_volume(self, episode_id: str, volume: np.ndarray, spacing) -> None:
+        self._run(self.aio.open_volume(episode_id, volume, spacing))
+
+    def segment_volume(self, episode_id: str, points: np.ndarray, labels: np.ndarray,
+                       prev_logits: np.ndarray | None = None) -> VolumeSegmentResult:
+        return self._run(self.aio.segment_volume(episode_id, points, labels, prev_logits))
+
     def shutdown(self) -> None:
         if self._loop.is_running():
             self._run(self.aio.aclose())
@@ -455,6 +592,44 @@ class BridgeClient:
             self._thread.join(5)
 
     def __enter__(self) -> "BridgeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+class BridgeVolumeTool:
+    """The ``VolumeSegmentationTool`` over a tool server (``open(episode_id, volume, spacing)``,
+    ``segment``, ``close``), on a :class:`BridgeClient`; ``VolumeEpisode`` and ``run_agent``
+    use it as they use the in-process volume tools.
+
+    Args:
+      addresses: ``"host:port"``, a list of them, or a ready ``BridgeClient`` (shared, not shut
+        down by :meth:`shutdown`).
+      **kwargs: ``BridgeClient`` arguments (``volume_probability``, ``deadline_s``, ``token``...).
+    """
+
+    name = "bridge-3d"
+
+    def __init__(self, addresses: "str | Sequence[str] | BridgeClient", **kwargs: Any) -> None:
+        self._owned = not isinstance(addresses, BridgeClient)
+        self.client = BridgeClient(addresses, **kwargs) if self._owned else addresses
+
+    def open(self, episode_id: str, volume: np.ndarray, spacing) -> None:
+        self.client.open_volume(episode_id, volume, spacing)
+
+    def segment(self, episode_id: str, points: np.ndarray, labels: np.ndarray,
+                prev_logits: np.ndarray | None = None) -> VolumeSegmentResult:
+        return self.client.segment_volume(episode_id, points, labels, prev_logits)
+
+    def close(self, episode_id: str) -> None:
+        self.client.close(episode_id)
+
+    def shutdown(self) -> None:
+        if self._owned:
+            self.client.shutdown()
+
+    def __enter__(self) -> "BridgeVolumeTool":
         return self
 
     def __exit__(self, *exc: object) -> None:

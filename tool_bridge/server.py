@@ -11,6 +11,10 @@ Open episodes are never evicted to make room: when the feature cache cannot take
 served), then answers ``RESOURCE_EXHAUSTED`` (the client backs off and retries), so that a full
 cache slows new episodes down instead of thrashing live ones. Episodes nobody touched for
 ``idle_timeout_s`` (a crashed or careless client) are freed.
+
+Volume episodes (``OpenVolume`` / ``VolumeStep``, with a ``VolumeBackend``) share the cache, the
+idempotent step records, the idle sweep and ``CloseEpisode``; the volume's header is checked before
+it is inflated, and the tool's calls run on the same model thread (one at a time, not batched).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import threading
 import time
 import warnings
+import zlib
 from typing import Any, Callable
 
 import grpc
@@ -36,7 +41,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import tool_bridge
 from ibis_jax.data.rle import encode_rle
 from ibis_jax.tools.protocol import SegmentResult, ToolError, validate_image, validate_prompt
+from ibis_jax.tools.volume import validate_volume, validate_volume_prompt
 from tool_bridge.backends.base import Backend, DecodeRequest, Encoded
+from tool_bridge.backends.volume import VolumeBackend
 from tool_bridge.proto import tool_bridge_pb2 as pb
 from tool_bridge.proto import tool_bridge_pb2_grpc as pb_grpc
 
@@ -66,6 +73,7 @@ class ServerConfig:
     cache_bytes: int = 2 << 30  # feature cache cap (MedSAM2: ~4 MiB per image)
     max_clicks: int = 64
     max_image_side: int = 2048
+    max_volume_voxels: int = 64 << 20  # OpenVolume: depth * height * width at most (each side <= max_image_side)
     idle_timeout_s: float = 300.0  # free episodes with no request for this long (abandoned)
     admit_wait_s: float = 2.0  # an open that does not fit waits this long for a close, then RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 << 20
@@ -193,10 +201,26 @@ class _Episode:
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
+    kind = "image"
+
     @property
     def nbytes(self) -> int:
         logits = 0 if self.last_logits is None else self.last_logits.nbytes
         return self.encoded.nbytes + logits
+
+
+@dataclasses.dataclass
+class _VolumeEpisode(_Episode):
+    """A volume episode: ``encoded.payload`` is the volume backend's handle, ``encoded.nbytes``
+    what the tool holds for it (measured after the open and after each step)."""
+
+    depth: int = 0
+
+    kind = "volume"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.depth, self.encoded.height, self.encoded.width
 
 
 class CacheFull(Exception):
@@ -216,7 +240,9 @@ class EpisodeCache:
         self._entries: collections.OrderedDict[str, _Episode] = collections.OrderedDict()
         self.bytes = 0
         self.reserved = 0
-        self.largest = 0  # the largest episode seen (features + logits): the estimate for a new one
+        # The largest episode seen per kind (features + logits): the estimate for a new one. Kinds
+        # apart, so that one volume does not make every image open look a volume's size.
+        self.largest: dict[str, int] = collections.defaultdict(int)
         self.refusals = 0
         self.expirations = 0
 
@@ -237,9 +263,9 @@ class EpisodeCache:
                 f"{self.cap_bytes / mib:g}, a new one needs ~{needed / mib:.1f} MiB; open episodes are "
                 "never evicted: retry after some close, or raise --cache-mb")
 
-    def reserve(self) -> int:
+    def reserve(self, kind: str = "image") -> int:
         """Holds room for one more episode of the largest size seen; raises ``CacheFull``."""
-        needed = self.largest
+        needed = self.largest[kind]
         busy = len(self._entries) > 0 or self.reserved > 0
         if busy and self.bytes + self.reserved + needed > self.cap_bytes:
             self.refusals += 1
@@ -256,21 +282,21 @@ class EpisodeCache:
         It must fit at the largest size an episode reached so far (features plus the logits its
         steps add): steps grow episodes without eviction, so the cap can only be overshot by the
         logits of the first episodes, before any step showed their size."""
-        needed = max(entry.nbytes, self.largest)
+        needed = max(entry.nbytes, self.largest[entry.kind])
         if self._entries and self.bytes + self.reserved + needed > self.cap_bytes:
             self.refusals += 1
             raise CacheFull(self._full_message(needed))
         self.pop(key)
         self._entries[key] = entry
         self.bytes += entry.nbytes
-        self.largest = max(self.largest, entry.nbytes)
+        self.largest[entry.kind] = max(self.largest[entry.kind], entry.nbytes)
 
     def resize(self, key: str, old_nbytes: int) -> None:
         """A step changed an episode's size (its logits); may overshoot the cap, never evicts."""
         entry = self._entries.get(key)
         if entry is not None:
             self.bytes += entry.nbytes - old_nbytes
-            self.largest = max(self.largest, entry.nbytes)
+            self.largest[entry.kind] = max(self.largest[entry.kind], entry.nbytes)
 
     def pop(self, key: str) -> _Episode | None:
         entry = self._entries.pop(key, None)
@@ -309,8 +335,10 @@ class _Abort(Exception):
 
 
 class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
-    def __init__(self, backend: Backend, config: ServerConfig) -> None:
+    def __init__(self, backend: Backend, config: ServerConfig, volume_backend: VolumeBackend | None = None) -> None:
         self.backend = backend
+        self.volume_backend = volume_backend
+        self._volume_pending = 0  # volume calls queued on the model thread (their own max_queue)
         self.config = config
         self.batcher = Batcher(backend, config)
         self.cache = EpisodeCache(config.cache_bytes)
@@ -323,12 +351,12 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
         async with self._room:
             self._room.notify_all()
 
-    async def _reserve(self) -> int:
+    async def _reserve(self, kind: str = "image") -> int:
         """Room for one new episode, waiting up to ``admit_wait_s`` for a close; ``CacheFull`` after."""
         deadline = time.monotonic() + max(0.0, self.config.admit_wait_s)
         while True:
             try:
-                return self.cache.reserve()
+                return self.cache.reserve(kind)
             except CacheFull:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -364,7 +392,10 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
 
     async def _release(self, entry: _Episode) -> None:
         async with entry.lock:  # a step already decoding against these features finishes first
-            await self.batcher.call(self.backend.release, entry.encoded)
+            if isinstance(entry, _VolumeEpisode):
+                await self.batcher.call(self.volume_backend.close, entry.encoded.payload)
+            else:
+                await self.batcher.call(self.backend.release, entry.encoded)
 
     # ---- request parsing -------------------------------------------------------------------
 
@@ -497,6 +528,9 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
         while True:
             existing = self.cache.get(episode_id)
             if existing is not None:
+                if isinstance(existing, _VolumeEpisode):
+                    raise _Abort(grpc.StatusCode.ALREADY_EXISTS,
+                                 f"episode {episode_id!r} is open as a volume episode; close it or use a new id")
                 if existing.image_digest != digest:
                     raise _Abort(
                         grpc.StatusCode.ALREADY_EXISTS,
@@ -543,6 +577,9 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
                 f"episode {episode_id!r} is not open here (never opened, closed, freed after "
                 "--idle-timeout-s or the server restarted); re-open it and replay its steps",
             )
+        if isinstance(episode, _VolumeEpisode):
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"episode {episode_id!r} is a volume episode: send its clicks with VolumeStep")
         points, labels = self._clicks(request.clicks, episode.encoded.height, episode.encoded.width)
         prompt = _prompt_digest(points, labels)
         index = request.step_index
@@ -620,7 +657,218 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
             max_batch=self.batcher.max_batch,
             open_episodes=len(self.cache),
             cache_bytes=self.cache.bytes,
+            volume_backend=self.volume_backend.name if self.volume_backend is not None else "",
+            max_volume_voxels=self.config.max_volume_voxels if self.volume_backend is not None else 0,
         )
+
+    # ---- volume episodes -------------------------------------------------------------------
+
+    async def OpenVolume(self, request, context):
+        return await _guard(context, self._open_volume(request))
+
+    async def VolumeStep(self, request, context):
+        return await _guard(context, self._volume_step(request))
+
+    def _need_volumes(self) -> VolumeBackend:
+        if self.volume_backend is None:
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED,
+                         "this server takes no volumes: start it with --volume-backend classical|medsam2")
+        return self.volume_backend
+
+    async def _volume_call(self, fn: Callable, *args: Any) -> Any:
+        """Runs a volume tool call on the model thread (after the batches queued before it)."""
+        if self._volume_pending >= self.batcher.max_queue:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"server busy: {self._volume_pending} volume requests queued (max_queue="
+                         f"{self.batcher.max_queue}); retry with backoff")
+        self._volume_pending += 1
+        try:
+            return await self.batcher.call(fn, *args)
+        except ToolError as error:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except Exception as error:  # noqa: BLE001
+            log.exception("volume backend %s failed", getattr(fn, "__name__", fn))
+            raise _Abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+        finally:
+            self._volume_pending -= 1
+
+    def _volume(self, msg: pb.Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """Checks the header (sizes, spacing, compression) before decoding anything, then decodes."""
+        d, h, w = int(msg.depth), int(msg.height), int(msg.width)
+        side, cap = self.config.max_image_side, self.config.max_volume_voxels
+        if not all(2 <= n <= side for n in (d, h, w)):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"volume.depth/height/width {d}x{h}x{w}: each must be 2..{side} (server --max-image-side)")
+        voxels = d * h * w
+        if voxels > cap:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"volume {d}x{h}x{w} has {voxels} voxels, over the server's --max-volume-mvoxels "
+                         f"({cap / 2**20:g} Mi voxels)")
+        spacing = tuple(msg.spacing)
+        if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"volume.spacing must be three positive mm values (depth, height, width), got {list(spacing)}")
+        if msg.compression == pb.COMPRESSION_NONE:
+            data = msg.data
+        elif msg.compression == pb.COMPRESSION_ZLIB:
+            decoder = zlib.decompressobj()
+            try:
+                data = decoder.decompress(msg.data, voxels + 1)  # never inflates past the header's size
+            except zlib.error as error:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"volume.data is not valid zlib data: {error}")
+            if len(data) != voxels or not decoder.eof or decoder.unconsumed_tail:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"volume.data (zlib) does not decode to exactly depth*height*width = {voxels} bytes")
+        else:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"volume.compression {msg.compression} is unknown")
+        if len(data) != voxels:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"volume.data has {len(data)} bytes, expected depth*height*width = {voxels} "
+                         "(uint8, row-major [depth, height, width])")
+        volume = np.frombuffer(data, dtype=np.uint8).reshape(d, h, w).copy()
+        try:
+            return validate_volume(volume, spacing)
+        except ToolError as error:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
+
+    def _volume_clicks(self, clicks: pb.VolumeClicks, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        if len(clicks.points) != 3 * len(clicks.labels):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"clicks.points has {len(clicks.points)} floats for {len(clicks.labels)} labels; "
+                         "send x,y,z per label")
+        if len(clicks.labels) > self.config.max_clicks:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{len(clicks.labels)} clicks exceed the server's --max-clicks {self.config.max_clicks}")
+        points = np.asarray(clicks.points, dtype=np.float32).reshape(-1, 3)
+        labels = np.asarray(clicks.labels, dtype=np.int32)
+        try:
+            return validate_volume_prompt(points, labels, shape)
+        except ToolError as error:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
+
+    async def _open_volume(self, request: pb.OpenVolumeRequest) -> pb.OpenVolumeReply:
+        backend = self._need_volumes()
+        episode_id = self._episode_id(request.episode_id)
+        if not request.HasField("volume"):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "OpenVolumeRequest.volume is not set")
+        volume, spacing = await asyncio.to_thread(self._volume, request.volume)
+        digest = _image_digest(volume) + ":" + np.asarray(spacing, np.float64).tobytes().hex()
+        while True:
+            existing = self.cache.get(episode_id)
+            if existing is not None:
+                if not isinstance(existing, _VolumeEpisode) or existing.image_digest != digest:
+                    raise _Abort(grpc.StatusCode.ALREADY_EXISTS,
+                                 f"episode {episode_id!r} is open with another image or volume; close it or use a new id")
+                return pb.OpenVolumeReply(depth=existing.depth, height=existing.encoded.height,
+                                          width=existing.encoded.width, next_step=len(existing.steps))
+            pending = self._opening.get(episode_id)
+            if pending is None:
+                break
+            await asyncio.shield(pending)
+        try:
+            reserved = await self._reserve("volume")
+        except CacheFull as error:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        pending = asyncio.get_running_loop().create_future()
+        self._opening[episode_id] = pending
+        d, h, w = volume.shape
+        try:
+            handle = await self._volume_call(backend.open, volume, spacing)
+            held = await self.batcher.call(backend.nbytes, handle)
+            self.cache.unreserve(reserved)
+            reserved = 0
+            try:
+                self.cache.admit(episode_id, _VolumeEpisode(Encoded(handle, h, w, held), digest, depth=d))
+            except CacheFull as error:
+                await self.batcher.call(backend.close, handle)
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        finally:
+            self.cache.unreserve(reserved)
+            del self._opening[episode_id]
+            pending.set_result(None)
+            await self._room_freed()
+        return pb.OpenVolumeReply(depth=d, height=h, width=w, next_step=0)
+
+    def _probability(self, kind: int, episode: _VolumeEpisode) -> pb.Array | None:
+        """The latest step's probability in the asked form (``None``: not asked, or the tool has none)."""
+        prob = episode.last_logits
+        if kind == pb.PROBABILITY_NONE or prob is None:
+            return None
+        if kind == pb.PROBABILITY_FLOAT32:
+            array, dtype = np.ascontiguousarray(prob, dtype=np.float32), "float32"
+        else:
+            array, dtype = np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8), "uint8"
+        return pb.Array(data=zlib.compress(array.tobytes(), 1), shape=list(array.shape), dtype=dtype,
+                        compression=pb.COMPRESSION_ZLIB)
+
+    async def _volume_step(self, request: pb.VolumeStepRequest) -> pb.VolumeStepReply:
+        backend = self._need_volumes()
+        episode_id = self._episode_id(request.episode_id)
+        episode = self.cache.get(episode_id)
+        if episode is None:
+            raise _Abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"episode {episode_id!r} is not open here (never opened, closed, freed after "
+                "--idle-timeout-s or the server restarted); re-open it and replay its steps",
+            )
+        if not isinstance(episode, _VolumeEpisode):
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"episode {episode_id!r} is a 2D image episode: send its clicks with Step")
+        kind = request.probability
+        if kind not in (pb.PROBABILITY_NONE, pb.PROBABILITY_FLOAT32, pb.PROBABILITY_UINT8):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"probability {kind} is unknown")
+        voxels = int(np.prod(episode.shape))
+        raw = voxels * (4 if kind == pb.PROBABILITY_FLOAT32 else 1)
+        if kind != pb.PROBABILITY_NONE and raw > self.config.max_message_bytes // 2:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"a {'x'.join(map(str, episode.shape))} probability volume ({raw / 2**20:.0f} MiB) does not fit "
+                         f"half the server's --max-message-mb {self.config.max_message_bytes >> 20}: ask "
+                         f"{'PROBABILITY_UINT8 or ' if kind == pb.PROBABILITY_FLOAT32 else ''}PROBABILITY_NONE")
+        points, labels = self._volume_clicks(request.clicks, episode.shape)
+        prompt = _prompt_digest(points, labels)
+        index = request.step_index
+        async with episode.lock:
+            if index < len(episode.steps):
+                record = episode.steps[index]
+                if record.prompt_digest != prompt:
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"step {index} of episode {episode_id!r} was already answered for other clicks")
+                if kind != pb.PROBABILITY_NONE and index != len(episode.steps) - 1:
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"only the latest step's probability is kept (step {len(episode.steps) - 1}), "
+                                 f"asked for step {index}")
+                reply = pb.VolumeStepReply()
+                reply.CopyFrom(record.reply)
+                probability = await asyncio.to_thread(self._probability, kind, episode)
+                if probability is not None:
+                    reply.probability.CopyFrom(probability)
+                return reply
+            if index > len(episode.steps):
+                raise _Abort(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"episode {episode_id!r} holds {len(episode.steps)} steps, got step_index {index}; "
+                    "re-open it and replay the missing steps",
+                )
+            prev = episode.last_logits if index > 0 else None
+            handle = episode.encoded.payload
+            result = await self._volume_call(backend.segment, handle, points, labels, prev)
+            mask = np.asarray(result.mask)
+            if mask.shape != episode.shape or mask.dtype != bool:
+                raise _Abort(grpc.StatusCode.INTERNAL,
+                             f"volume backend returned a {mask.dtype} {mask.shape} mask for a {episode.shape} volume")
+            slices = await asyncio.to_thread(lambda: [_rle_message(plane) for plane in mask])
+            record_reply = pb.VolumeStepReply(slices=slices, score=result.score, step_index=index)
+            old = episode.nbytes
+            episode.steps.append(_StepRecord(prompt, record_reply))
+            episode.last_logits = None if result.logits is None else np.asarray(result.logits, dtype=np.float32)
+            episode.encoded.nbytes = await self.batcher.call(backend.nbytes, handle)
+            self.cache.resize(episode_id, old)
+            reply = pb.VolumeStepReply()
+            reply.CopyFrom(record_reply)
+            probability = await asyncio.to_thread(self._probability, kind, episode)
+            if probability is not None:
+                reply.probability.CopyFrom(probability)
+            return reply
 
 
 async def _guard(context: grpc.aio.ServicerContext, coro) -> Any:
@@ -667,14 +915,14 @@ def _is_loopback(host: str) -> bool:
 class BridgeServer:
     """A started server; ``await stop()`` ends it."""
 
-    def __init__(self, backend: Backend, config: ServerConfig) -> None:
+    def __init__(self, backend: Backend, config: ServerConfig, volume_backend: VolumeBackend | None = None) -> None:
         if not _is_loopback(config.host) and not config.token:
             raise ToolError(
                 f"refusing to listen on {config.host} without a token: pass --token-file (and --tls-*) "
                 "or bind 127.0.0.1"
             )
         self.config = config
-        self.servicer = ToolBridgeServicer(backend, config)
+        self.servicer = ToolBridgeServicer(backend, config, volume_backend)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -722,12 +970,12 @@ def _server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
 class ServerThread:
     """Runs a ``BridgeServer`` on its own event loop in a daemon thread (tests, benchmarks)."""
 
-    def __init__(self, backend: Backend, config: ServerConfig) -> None:
+    def __init__(self, backend: Backend, config: ServerConfig, volume_backend: VolumeBackend | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.server: BridgeServer | None = None
-        self._backend, self._config = backend, config
+        self._backend, self._config, self._volume_backend = backend, config, volume_backend
         self._thread = threading.Thread(target=self._main, daemon=True, name="tool-bridge-server")
         self._thread.start()
         self._ready.wait()
@@ -737,7 +985,7 @@ class ServerThread:
     def _main(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            self.server = BridgeServer(self._backend, self._config)
+            self.server = BridgeServer(self._backend, self._config, self._volume_backend)
             self._loop.run_until_complete(self.server.start())
         except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
             self._error = error

@@ -71,7 +71,7 @@ def run_command(args: argparse.Namespace) -> int:
             raise ValueError("give exactly one of --source (segmentation) or --vqa FILE (closed-ended VQA)")
         policy = load_policy(args.policy, rule=args.rule, stop_iou=args.oracle_stop_iou or None,
                              max_clicks=args.max_steps, volume_clicker=args.volume_clicker or "3d")
-        tool = make_tool(args.tool, volumes=args.source == "volumes")
+        tool = make_tool(args.tool, volumes=args.source == "volumes", slice_rule=args.slice_rule)
         policy_name = "oracle" if args.policy.strip().lower() == "oracle" else args.policy
         if args.vqa:
             from ibis_jax.eval.vqa import evaluate_vqa, load_vqa

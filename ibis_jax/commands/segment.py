@@ -57,7 +57,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--volume", help="3D: a NIfTI volume or a DICOM series folder (see segment_volume)")
     parser.add_argument("--query", required=True, help='what to segment, e.g. "Segment the liver."')
     parser.add_argument("--tool", default="auto", help="'auto' (the classical tool's preset per target; "
-                        "default), 'classical', 'classical-tissue', a bridge HOST:PORT, or module:factory")
+                        "default), 'classical', 'classical-tissue', a bridge HOST:PORT, or module:factory; with "
+                        "--volume: auto, classical, classical-tissue, medsam2-3d:CHECKPOINT or a bridge HOST:PORT")
     parser.add_argument("--out", default="runs/segment", help="output folder (default runs/segment)")
     parser.add_argument("--mask-init", default=None, help="start from this mask (refinement)")
     parser.add_argument("--mask-label", type=int, default=None, help="label of --mask-init to use (default non-zero)")
@@ -82,6 +83,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     volume.add_argument("--clicker", default="3d", choices=("3d", "slice"),
                         help="oracle: click anywhere in 3D, or only on the slice on view")
     volume.add_argument("--nsd-tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
+    volume.add_argument("--out-format", default="nifti", choices=("nifti", "dicom-seg", "both"),
+                        help="the 3D mask as OUT/mask.nii.gz (default), as a DICOM-SEG OUT/mask.dcm referencing a "
+                             "DICOM series input (needs highdicom: pip install -e '.[dicom-seg]'), or both")
     parser.set_defaults(run=run_command)
 
 

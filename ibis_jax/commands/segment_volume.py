@@ -6,13 +6,18 @@
 
 ``--volume`` is a NIfTI file or a folder holding one DICOM series. ``--tool``: ``classical`` (3D
 random walker), ``classical-tissue`` (with an intensity prior, for white matter and other tissue
-classes) or ``medsam2-3d:CHECKPOINT`` (sam2's video predictor in process). The policy looks at one slice of
+classes), ``medsam2-3d:CHECKPOINT`` (sam2's video predictor in process) or a tool server
+``HOST:PORT[,HOST:PORT...]`` (``ibis-jax tool serve``: its volume backend, the volume sent once; with
+``--slice-rule uncertain`` the server also sends the tool's probability, quantised to 1/255). The policy looks at one slice of
 the ``--axis`` (default axial) at a time, starting at ``--start-slice`` (default the middle one);
 after each click the next slice on view is chosen by ``--slice-rule``. Writes ``OUT/mask.nii.gz``
 (``uint8``, in the input's voxel grid: its shape, affine and orientation; for a DICOM series the
 affine built from its headers), written to a temporary name and renamed so a failure leaves no
 half-written mask, ``OUT/report.html`` (a slice montage of the final mask and each step's slice
-and click) and ``OUT/summary.json`` (3D Dice / IoU / NSD when ``--gt`` is given).
+and click) and ``OUT/summary.json`` (3D Dice / IoU / NSD when ``--gt`` is given). With
+``--out-format dicom-seg`` (a DICOM series input, highdicom installed) the mask is ``OUT/mask.dcm``,
+a binary DICOM-SEG whose frames reference the series' slices (``ibis_jax.data.dicom_seg``); ``both``
+writes both files.
 """
 
 from __future__ import annotations
@@ -41,13 +46,14 @@ def load_volume_input(path: str | Path, *, axis: str = "axial", window: str | No
     return load_nifti_volume(path, axis=axis, window=window, modality=modality or "unknown")
 
 
-def make_volume_tool(spec: str, target: str = ""):
-    """``--tool`` for a volume (``ibis_jax.tools.make_tool(spec, volumes=True)``); ``auto`` takes the
-    classical preset the query's target needs, as in 2D (white matter, nuclei: the tissue preset)."""
+def make_volume_tool(spec: str, target: str = "", *, slice_rule: str = "changed"):
+    """``--tool`` for a volume (``ibis_jax.tools.make_tool(spec, volumes=True)``, see its
+    ``VOLUME_TOOLS``); ``auto`` takes the classical preset the query's target needs, as in 2D
+    (white matter, nuclei: the tissue preset)."""
     from ibis_jax.tools import make_tool
     from ibis_jax.tools.auto import classical_preset
 
-    return make_tool(classical_preset("", target) if spec == "auto" else spec, volumes=True)
+    return make_tool(classical_preset("", target) if spec == "auto" else spec, volumes=True, slice_rule=slice_rule)
 
 
 def _png(rgb: np.ndarray) -> str:
@@ -111,12 +117,22 @@ def run_volume_command(args: argparse.Namespace) -> int:
     from ibis_jax.tools.protocol import ToolError
 
     out = Path(args.out)
+    tool = None
     try:
         if is_oracle(args.model) and not args.gt:
             raise ValueError("--model oracle clicks from the ground truth: pass --gt LABELS.nii.gz")
-        tool = make_volume_tool(args.tool, args.query)
+        out_format = getattr(args, "out_format", "nifti")
+        if out_format != "nifti":
+            from ibis_jax.data.dicom_seg import check_dicom_seg_input
+
+            check_dicom_seg_input(args.volume)  # before any work: a series folder, highdicom installed
+        tool = make_volume_tool(args.tool, args.query, slice_rule=args.slice_rule)
         volume = load_volume_input(args.volume, axis=args.axis, window=args.window, modality=args.modality)
         gt = load_label_volume(args.gt, volume, args.gt_label, what="gt") if args.gt else None
+        if out_format != "nifti":
+            from ibis_jax.data.dicom_seg import source_headers
+
+            source_headers(volume)  # the headers a DICOM-SEG needs, checked before the agent runs
         init = load_label_volume(args.mask_init, volume, args.mask_label, what="mask-init") if args.mask_init else None
         if is_oracle(args.model):
             policy = OraclePolicy(stop_iou=args.stop_iou or None, max_clicks=args.max_steps, volume_clicker=args.clicker)
@@ -129,10 +145,21 @@ def run_volume_command(args: argparse.Namespace) -> int:
         run_agent(policy, tool, [episode], history=args.history)
         seconds = time.perf_counter() - start
         out.mkdir(parents=True, exist_ok=True)
-        mask_path = save_nifti_atomic(volume.mask_image(episode.current_mask), out / "mask.nii.gz")
+        seg_path = None
+        if out_format != "nifti":
+            from ibis_jax.data.dicom_seg import write_dicom_seg
+
+            seg_path = write_dicom_seg(volume, episode.current_mask, out / "mask.dcm", label=args.query,
+                                       description=f"ibis-jax segment, {len(episode.clicks)} clicks")
+        mask_path = seg_path
+        if out_format != "dicom-seg":
+            mask_path = save_nifti_atomic(volume.mask_image(episode.current_mask), out / "mask.nii.gz")
     except (SourceError, PolicyUnavailable, WindowError, ValueError, FileNotFoundError, ToolError) as e:
         print(f"ibis-jax segment: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if tool is not None and hasattr(tool, "shutdown"):  # a bridge tool's channel and thread
+            tool.shutdown()
     metrics = {}
     if gt is not None:
         metrics = {"dice": episode.dices[-1], "iou": episode.ious[-1],
@@ -144,7 +171,8 @@ def run_volume_command(args: argparse.Namespace) -> int:
         "clicks": len(episode.clicks), "turns": len(episode.steps), "seconds": round(seconds, 2), **metrics,
         "steps": [{"slice": s.slice, "action": None if s.action is None else s.text.split("<action>")[-1].split("</action>")[0].strip(),
                    "dice": s.dice, "iou": s.iou} for s in episode.steps],
-        "mask": str(mask_path), "mask_voxels": int(episode.current_mask.sum()), "report": str(out / "report.html"),
+        "mask": str(mask_path), **({"dicom_seg": str(seg_path)} if seg_path is not None else {}),
+        "mask_voxels": int(episode.current_mask.sum()), "report": str(out / "report.html"),
     }
     facts = {"input": args.volume, "model": args.model, "tool": args.tool, "view shape (slices, rows, cols)": episode.shape,
              "spacing (mm)": episode.spacing, "window": volume.window, "slice rule": args.slice_rule,

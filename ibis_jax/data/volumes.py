@@ -69,6 +69,8 @@ class Volume:
     path: str
     modality: str = "unknown"
     window: str = "none"
+    # A DICOM series: its files in slice order (k of ``image``'s data), what a DICOM-SEG references.
+    sources: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -288,7 +290,9 @@ def load_dicom_series(folder: str | Path, *, axis: int | str = "axial", window: 
     tag = str(getattr(first, "Modality", "") or "").upper()
     modality = modality or MODALITY_NAMES.get(tag, tag or "unknown")
     chosen = dicom_window(first, "CT" if modality.upper() == "CT" else modality, window, first_path)
-    return volume_from_image(image, folder, axis=axis, window=chosen, modality=modality)
+    volume = volume_from_image(image, folder, axis=axis, window=chosen, modality=modality)
+    volume.sources = tuple(str(path) for path, _, _ in slices)
+    return volume
 
 
 # -- synthetic shapes ------------------------------------------------------------------------------

@@ -5,9 +5,17 @@ from ibis_jax.tools.protocol import SegmentationTool, SegmentResult, ToolError, 
 __all__ = ["SegmentResult", "SegmentationTool", "ToolError", "tool_session"]
 
 
-def make_tool(spec: str, *, volumes: bool = False) -> SegmentationTool:
-    """A tool by name, as the command lines take it (``volumes``: a ``VolumeSegmentationTool`` for
-    volume episodes: ``auto`` and ``classical[-tissue]`` in 3D, or ``medsam2-3d:CHECKPOINT``).
+def bridge_addresses(spec: str) -> list[str] | None:
+    """``HOST:PORT[,HOST:PORT...]`` (each optionally ``grpc://``-prefixed) as a list; ``None`` when
+    ``spec`` is not a list of bridge addresses (e.g. ``module:factory``)."""
+    addresses = [a.removeprefix("grpc://") for a in spec.split(",")]
+    if ":" in spec and all(a.rsplit(":", 1)[-1].isdigit() for a in addresses):
+        return addresses
+    return None
+
+
+def make_tool(spec: str, *, volumes: bool = False, slice_rule: str = "changed") -> SegmentationTool:
+    """A tool by name, as the command lines take it.
 
     - ``auto``: the classical tool with its preset chosen per episode from the target
       (``tools/auto.py``; the default of the commands);
@@ -16,19 +24,23 @@ def make_tool(spec: str, *, volumes: bool = False) -> SegmentationTool:
     - ``HOST:PORT[,HOST:PORT...]`` (optionally ``grpc://``-prefixed): a ``tool_bridge`` server, or
       several for load balancing, through the replaying bridge client;
     - ``module:factory``: any zero-argument callable returning a ``SegmentationTool``.
+
+    ``volumes``: a ``VolumeSegmentationTool`` for volume episodes instead (:data:`VOLUME_TOOLS`);
+    a bridge volume tool brings back the tool's probability (``uint8``) only for the ``uncertain``
+    ``slice_rule``, its one reader.
     """
     if spec == "auto":
         from ibis_jax.tools.auto import AutoTool
 
         return AutoTool()
     if volumes:
-        return _volume_tool(spec)
+        return _volume_tool(spec, slice_rule)
     if spec in ("classical", "classical-tissue"):
         from ibis_jax.tools.classical import TISSUE, ClassicalTool, ClassicalToolConfig
 
         return ClassicalTool(TISSUE if spec == "classical-tissue" else ClassicalToolConfig())
-    addresses = [a.removeprefix("grpc://") for a in spec.split(",")]
-    if all(a.rsplit(":", 1)[-1].isdigit() for a in addresses) and ":" in spec:
+    addresses = bridge_addresses(spec)
+    if addresses:
         from tool_bridge.client import BridgeClient
 
         return BridgeClient(addresses)
@@ -47,11 +59,12 @@ def make_tool(spec: str, *, volumes: bool = False) -> SegmentationTool:
 
 
 VOLUME_TOOLS = ("'auto' (the classical preset the target needs; default), 'classical' (3D random walker), "
-                "'classical-tissue' (with the intensity prior, for tissue classes such as white matter) or "
-                "'medsam2-3d:CHECKPOINT' (sam2's video predictor, in process)")
+                "'classical-tissue' (with the intensity prior, for tissue classes such as white matter), "
+                "'medsam2-3d:CHECKPOINT' (sam2's video predictor, in process) or a tool server HOST:PORT "
+                "(its volume backend)")
 
 
-def _volume_tool(spec: str):
+def _volume_tool(spec: str, slice_rule: str):
     from ibis_jax.tools.volume import TISSUE_3D, ClassicalVolumeTool
 
     if spec == "classical":
@@ -62,4 +75,9 @@ def _volume_tool(spec: str):
         from tool_bridge.backends.medsam2_video import MedSAM2VolumeTool
 
         return MedSAM2VolumeTool(spec.split(":", 1)[1])
+    addresses = bridge_addresses(spec)
+    if addresses:
+        from tool_bridge.client import BridgeVolumeTool
+
+        return BridgeVolumeTool(addresses, volume_probability="uint8" if slice_rule == "uncertain" else "none")
     raise ValueError(f"--tool {spec!r} for a volume: use {VOLUME_TOOLS}")

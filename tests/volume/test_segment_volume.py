@@ -185,7 +185,7 @@ def test_unknown_volume_tool_is_a_named_error(tmp_path, capsys):
     values, target = _scene()
     volume = _write(tmp_path / "ct.nii.gz", values, AFFINES["ras_aniso"])
     gt = _write(tmp_path / "gt.nii.gz", target, AFFINES["ras_aniso"])
-    code = main(["segment", "--volume", str(volume), "--gt", str(gt), "--model", "oracle", "--tool", "localhost:1",
+    code = main(["segment", "--volume", str(volume), "--gt", str(gt), "--model", "oracle", "--tool", "nonsense",
                  "--query", "q", "--out", str(tmp_path / "o")])
     assert code == 1 and "classical-tissue" in capsys.readouterr().err
     assert not (tmp_path / "o" / "mask.nii.gz").exists()

@@ -10,9 +10,10 @@ attention propagates forward from the first prompted slice and backward from the
 passes reach a slice (between prompted slices) their logits are averaged. Slices no pass reaches
 are empty. The replay makes every answer a function of the clicks alone (like the 2D tool's
 restart replay). sam2 keeps one frame's image features; with ``cache_features`` (default) every
-frame's are kept for the episode (about 22 MB a frame at 512 px), so a replay encodes nothing.
+frame's are kept for the episode (with the frame itself 28 MiB a slice at 512 px, measured), so a
+replay encodes nothing.
 
-Not yet behind the gRPC bridge: the bridge's 2D image protocol would need a volume message.
+Served over the gRPC bridge as the ``medsam2`` volume backend (``backends/volume.py``).
 """
 
 from __future__ import annotations

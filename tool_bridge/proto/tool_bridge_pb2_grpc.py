@@ -59,6 +59,16 @@ class ToolBridgeStub:
                 request_serializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.InfoRequest.SerializeToString,
                 response_deserializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.InfoReply.FromString,
                 _registered_method=True)
+        self.OpenVolume = channel.unary_unary(
+                '/ibis_jax.tool_bridge.v1.ToolBridge/OpenVolume',
+                request_serializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.OpenVolumeRequest.SerializeToString,
+                response_deserializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.OpenVolumeReply.FromString,
+                _registered_method=True)
+        self.VolumeStep = channel.unary_unary(
+                '/ibis_jax.tool_bridge.v1.ToolBridge/VolumeStep',
+                request_serializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.VolumeStepRequest.SerializeToString,
+                response_deserializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.VolumeStepReply.FromString,
+                _registered_method=True)
 
 
 class ToolBridgeServicer:
@@ -94,6 +104,18 @@ class ToolBridgeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VolumeStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolBridgeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +143,16 @@ def add_ToolBridgeServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.InfoRequest.FromString,
                     response_serializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.InfoReply.SerializeToString,
+            ),
+            'OpenVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenVolume,
+                    request_deserializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.OpenVolumeRequest.FromString,
+                    response_serializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.OpenVolumeReply.SerializeToString,
+            ),
+            'VolumeStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.VolumeStep,
+                    request_deserializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.VolumeStepRequest.FromString,
+                    response_serializer=tool__bridge_dot_proto_dot_tool__bridge__pb2.VolumeStepReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +290,60 @@ class ToolBridge:
             '/ibis_jax.tool_bridge.v1.ToolBridge/Info',
             tool__bridge_dot_proto_dot_tool__bridge__pb2.InfoRequest.SerializeToString,
             tool__bridge_dot_proto_dot_tool__bridge__pb2.InfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ibis_jax.tool_bridge.v1.ToolBridge/OpenVolume',
+            tool__bridge_dot_proto_dot_tool__bridge__pb2.OpenVolumeRequest.SerializeToString,
+            tool__bridge_dot_proto_dot_tool__bridge__pb2.OpenVolumeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VolumeStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ibis_jax.tool_bridge.v1.ToolBridge/VolumeStep',
+            tool__bridge_dot_proto_dot_tool__bridge__pb2.VolumeStepRequest.SerializeToString,
+            tool__bridge_dot_proto_dot_tool__bridge__pb2.VolumeStepReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -351,23 +351,9 @@ class AsyncBridgeClient:
             ),
             **self._call_kwargs(),
         )
-        for index in range(reply.next_step, len(episode.steps)):
-            step = episode.steps[index]
-            again = await stub.Step(
-                pb.StepRequest(episode_id=episode.server_id, step_index=index,
-                               clicks=_clicks(step.points, step.labels)),
-                **self._call_kwargs(),
-            )
-            self.replays += 1
-            if again.mask.counts != step.reply.mask.counts or again.score != step.reply.score:
-                message = (f"tool bridge: replaying step {index} of episode {episode.episode_id!r} on "
-                           f"{address} gave another mask/score than before (different checkpoint or a "
-                           "non-deterministic device)")
-                if self.strict_replay:
-                    raise ToolError(message)
-                log.warning(message)
-                step.reply = again
-        episode.needs_open = False
+        await self._replay(episode, address, reply.next_step, lambda index, step: stub.Step(
+            pb.StepRequest(episode_id=episode.server_id, step_index=index, clicks=_clicks(step.points, step.labels)),
+            **self._call_kwargs()), lambda a, b: a.mask.counts == b.mask.counts and a.score == b.score)
 
     async def _ensure_volume_open(self, episode: _Episode, address: str, stub: pb_grpc.ToolBridgeStub) -> None:
         reply = await stub.OpenVolume(
@@ -375,18 +361,21 @@ class AsyncBridgeClient:
         if (reply.depth, reply.height, reply.width) != episode.shape:
             raise ToolError(f"tool bridge: {address} opened episode {episode.episode_id!r} as "
                             f"{reply.depth}x{reply.height}x{reply.width}, sent {'x'.join(map(str, episode.shape))}")
-        for index in range(reply.next_step, len(episode.steps)):
+        await self._replay(episode, address, reply.next_step, lambda index, step: stub.VolumeStep(
+            pb.VolumeStepRequest(episode_id=episode.server_id, step_index=index,
+                                 clicks=_volume_clicks(step.points, step.labels)), **self._call_kwargs()),
+            lambda a, b: a.score == b.score and len(a.slices) == len(b.slices)
+            and all(x.counts == y.counts for x, y in zip(a.slices, b.slices)))
+
+    async def _replay(self, episode: _Episode, address: str, start: int, call, same) -> None:
+        """Re-sends the steps from ``start`` on to a server that re-opened ``episode``, checking
+        that each answers as before (``same(new, old)``), then marks the episode open."""
+        for index in range(start, len(episode.steps)):
             step = episode.steps[index]
-            again = await stub.VolumeStep(
-                pb.VolumeStepRequest(episode_id=episode.server_id, step_index=index,
-                                     clicks=_volume_clicks(step.points, step.labels)),
-                **self._call_kwargs(),
-            )
+            again = await call(index, step)
             self.replays += 1
-            same = (again.score == step.reply.score and len(again.slices) == len(step.reply.slices)
-                    and all(a.counts == b.counts for a, b in zip(again.slices, step.reply.slices)))
-            if not same:
-                message = (f"tool bridge: replaying volume step {index} of episode {episode.episode_id!r} on "
+            if not same(again, step.reply):
+                message = (f"tool bridge: replaying step {index} of episode {episode.episode_id!r} on "
                            f"{address} gave another mask/score than before (different checkpoint or a "
                            "non-deterministic device)")
                 if self.strict_replay:

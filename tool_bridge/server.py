@@ -565,11 +565,8 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
             await self._room_freed()  # a reservation ended: its estimate may have been too high
         return pb.OpenEpisodeReply(height=encoded.height, width=encoded.width, next_step=0)
 
-    async def Step(self, request, context):
-        return await _guard(context, self._step(request))
-
-    async def _step(self, request: pb.StepRequest) -> pb.StepReply:
-        episode_id = self._episode_id(request.episode_id)
+    def _open_episode(self, episode_id: str, *, volume: bool):
+        """The open episode ``episode_id`` of the kind the call needs, or the status that says why not."""
         episode = self.cache.get(episode_id)
         if episode is None:
             raise _Abort(
@@ -577,9 +574,18 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
                 f"episode {episode_id!r} is not open here (never opened, closed, freed after "
                 "--idle-timeout-s or the server restarted); re-open it and replay its steps",
             )
-        if isinstance(episode, _VolumeEpisode):
+        if isinstance(episode, _VolumeEpisode) != volume:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"episode {episode_id!r} is a volume episode: send its clicks with VolumeStep")
+                         f"episode {episode_id!r} is a volume episode: send its clicks with VolumeStep" if not volume
+                         else f"episode {episode_id!r} is a 2D image episode: send its clicks with Step")
+        return episode
+
+    async def Step(self, request, context):
+        return await _guard(context, self._step(request))
+
+    async def _step(self, request: pb.StepRequest) -> pb.StepReply:
+        episode_id = self._episode_id(request.episode_id)
+        episode = self._open_episode(episode_id, volume=False)
         points, labels = self._clicks(request.clicks, episode.encoded.height, episode.encoded.width)
         prompt = _prompt_digest(points, labels)
         index = request.step_index
@@ -804,16 +810,7 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
     async def _volume_step(self, request: pb.VolumeStepRequest) -> pb.VolumeStepReply:
         backend = self._need_volumes()
         episode_id = self._episode_id(request.episode_id)
-        episode = self.cache.get(episode_id)
-        if episode is None:
-            raise _Abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"episode {episode_id!r} is not open here (never opened, closed, freed after "
-                "--idle-timeout-s or the server restarted); re-open it and replay its steps",
-            )
-        if not isinstance(episode, _VolumeEpisode):
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"episode {episode_id!r} is a 2D image episode: send its clicks with Step")
+        episode = self._open_episode(episode_id, volume=True)
         kind = request.probability
         if kind not in (pb.PROBABILITY_NONE, pb.PROBABILITY_FLOAT32, pb.PROBABILITY_UINT8):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"probability {kind} is unknown")

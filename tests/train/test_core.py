@@ -31,3 +31,19 @@ def test_cli_takes_the_launch_flags():
         args = build_parser(argv).parse_args(argv)
         assert (args.coordinator, args.num_processes, args.process_id, args.overrides) == (
             "10.0.0.1:12355", 2, 1, ["lr=1e-6"])
+
+
+def test_process_slices_cover_every_item_once_in_order():
+    import numpy as np
+
+    for n, count in [(6, 2), (7, 3), (3, 3), (5, 1), (2, 4)]:
+        shares = [core.process_slice(n, p, count) for p in range(count)]
+        assert [i for s in shares for i in range(n)[s]] == list(range(n))
+        sizes = [s.stop - s.start for s in shares]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert core.process_slice(6) == slice(0, 6)  # alone: everything
+    with pytest.raises(ValueError, match="outside 0..1"):
+        core.process_slice(4, 2, 2)
+    rows = np.arange(12.0).reshape(6, 2)
+    np.testing.assert_array_equal(core.gather_rows(rows, 6), rows)  # alone: the rows themselves
+    assert core.local_replica({"a": 1}, None, None) == {"a": 1}

@@ -7,6 +7,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from multiprocess import ROOT, launch, metrics
@@ -68,3 +69,23 @@ def test_two_processes_grpo_equal_one(tmp_path):
     # Two Adam steps of lr 1e-3 move weights by ~2e-3; fp32 reduction orders differ between one
     # and two processes (Adam magnifies that on near-zero gradients).
     assert moved > 1e-3 and diffs[worst] < 5e-5
+
+
+@pytest.mark.slow  # one more 2-process launch with the model's KV-cache sampler: ~4 min on 2 cores
+def test_two_processes_grpo_cli_samples_with_the_current_policy(tmp_path):
+    """`ibis-jax grpo --coordinator ...` with the model sampler (the default policy): each process
+    samples from its local copy of the policy, whose log-probs are the sharded old log-probs."""
+    from grpo_worker import make_init
+
+    init = str(tmp_path / "init")
+    make_init(init)
+    args = ["grpo", "--config", os.path.join(ROOT, "configs", "grpo_tiny_cpu.py"), "--init", init, "--source", "demo",
+            "--demo-parts", "shapes", "--limit", "2", "--tool", "classical", "--workdir", str(tmp_path / "run"),
+            "rl.steps=1", "rl.prompts_per_step=1", "rl.group_size=2", "rl.max_turns=1", "rl.max_new_tokens=8",
+            "image_size=56", "mesh_shape=2,2,2", "rl.seq_buckets=256,512"]
+    logs = launch(args, 2, 4, str(tmp_path / "logs"))
+    assert "GRPO done" in logs[0] and "GRPO done" not in logs[1] and "HF export" not in logs[1]
+    (m,) = metrics(str(tmp_path / "run"))
+    assert m["step"] == 1 and m["policy_tokens"] > 0 and m["time/generation_s"] > 0
+    assert m["sampler_vs_old_logprob_max_abs"] < 1e-4  # the local copy samples as the sharded policy scores
+    assert os.path.exists(tmp_path / "run" / "hf" / "model.safetensors")

@@ -184,6 +184,9 @@ def train_grpo(
     """Runs ``rl.steps`` GRPO steps from the HF dir ``init_dir`` (resuming from ``workdir``)."""
     if not samples:
         raise ValueError("GRPO needs at least one prompt sample")
+    from ibis_jax.fileio import local_workdir
+
+    local_workdir(workdir)
     core.init_distributed()  # no-op when the command did it or alone
     processes = jax.process_count()
     episodes_per_step = rl.prompts_per_step * rl.grpo.group_size

@@ -22,11 +22,11 @@ import numpy as np
 
 from ibis_jax.train import core
 
-# The GRPO settings of both runs: 3 prompts x 2 rollouts = 6 episodes; on 2 processes 3 each, so
-# the second prompt's group straddles the two processes.
+# The GRPO settings of both runs: 3 prompts x 3 rollouts = 9 episodes; on 2 processes 5 and 4, so
+# the shares differ and the second prompt's group straddles the two processes.
 MESH = (2, 2, 2)
-PROMPTS, GROUP, TURNS, IMAGE = 3, 2, 2, 56
-SALT = 6  # of the scripted turns: chosen so both steps have groups with different scores
+PROMPTS, GROUP, TURNS, IMAGE = 3, 3, 2, 56
+SALT = 7  # of the scripted turns: every group has a spread and both steps have the same row count (one compile)
 
 
 class EpisodeScriptedPolicy:

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from multiprocess import ROOT, launch, metrics
 
 WORKER = (os.path.join(ROOT, "tests", "train", "grpo_worker.py"),)
-GROUP = 2
+GROUP = 3
 
 
 def _run(tmp_path, name, processes, devices):
@@ -38,11 +38,11 @@ def test_two_processes_grpo_equal_one(tmp_path):
     for a, b in zip(one["rollouts"], two["rollouts"]):
         assert a["scores"] == b["scores"]
         np.testing.assert_allclose(a["advantages"], b["advantages"], rtol=0, atol=1e-6)
-        # Each group of G normalised together, the second one (episodes 2, 3) across the processes.
+        # Each group of G normalised together, the second one (episodes 3, 4 | 5) across the processes.
         scores = np.asarray(b["scores"], np.float32).reshape(-1, GROUP)
         want = (scores - scores.mean(1, keepdims=True)) / (scores.std(1, keepdims=True) + 1e-6)
         np.testing.assert_allclose(b["advantages"], want.reshape(-1), atol=1e-5)
-        assert scores[1, 0] != scores[1, 1]  # the straddling group has a signal on both steps
+        assert np.ptp(scores[1]) > 0  # the straddling group has a signal on both steps
     # Rollouts sampled from a copy of the current policy on each process's own devices.
     assert all(p["local"] for p in two["policy"])
     checksums = [[p["checksum"] for p in run["policy"]] for run in (one, two)]

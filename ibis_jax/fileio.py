@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ibis_jax.errors import DataError
+from ibis_jax.errors import DataError, UserError
 
 PARTIAL = ".partial-"  # infix of temporary files and folders (``.NAME.partial-XXXX``)
 
@@ -114,3 +114,25 @@ def write_png_atomic(path: str | os.PathLike, rgb) -> Path:
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
     return atomic_write_bytes(path, data.tobytes())
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an object store or other filesystem by URL (``gs://``, ``s3://``)."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike):
+    """``path`` through ``etils.epath`` (Orbax's own path layer): a URL (``gs://...``) as it is,
+    where its filesystem library is installed; a local path made absolute."""
+    from etils import epath
+
+    return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
+def local_workdir(path: str | os.PathLike, what: str = "--workdir") -> str:
+    """``path`` when it is local; a URL is refused with one line (metrics, TensorBoard events and
+    the HF export are local files, only checkpoints go through ``etils.epath``)."""
+    if is_remote(path):
+        raise UserError(f"{what} {os.fspath(path)}: metrics, TensorBoard events and the HF export are written as local "
+                        "files; give a local or mounted path (e.g. gcsfuse for gs://)")
+    return os.fspath(path)

@@ -101,6 +101,6 @@ def run(args: argparse.Namespace) -> int:
     elif jax.process_index() == 0 and m:
         print(f"GRPO done: reward {m['reward']:.3f}, IoU {m['iou']:.3f}, steps/episode {m['steps_per_episode']:.2f}; "
               f"metrics in {args.workdir}/metrics.jsonl")
-    if out.get("export_dir"):
+    if jax.process_index() == 0 and out.get("export_dir"):
         print(f"HF export (loads with transformers and ModelPolicy.from_pretrained_dir): {out['export_dir']}")
     return 0

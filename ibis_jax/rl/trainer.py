@@ -12,6 +12,14 @@ the update step (SFT's ``make_train_step`` with the ``grpo`` loss), and the loop
 6. the jitted update; metrics per reward component, IoU, steps, parse failures, clip fraction,
    ratio, KL, entropy and seconds per phase, as JSONL + TensorBoard.
 
+On several processes (``--coordinator ...``) each runs a contiguous share of the step's episodes
+with a copy of the policy on its own devices (``core.local_replica``, gathered tensor by tensor
+each step); the per-episode scores are all-gathered, so a group is normalised together wherever its
+episodes ran and every process logs the same rollout metrics (the ``time/*`` ones are process 0's);
+each process's turns become its rows of the global update batch, padded to the rows and length of
+the largest share. Process 0 alone writes metrics and exports; checkpoints are collective. The
+``rollouts`` entry of the result holds every step's scores and advantages.
+
 The final policy is exported as an HF directory to ``WORKDIR/hf`` (``config.export_hf``), with
 ``rl.export_every`` also to ``WORKDIR/exports/step_N``. Checkpoints (Orbax, SFT's
 ``Checkpointer``) hold the state and the step; prompts are drawn by
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -103,16 +112,20 @@ def default_policy_factory(model, processor, rl: RLConfig, seed: int, settings: 
                                     max_new_tokens=rl.max_new_tokens, seed=seed, settings=settings)
 
 
-def rollout_seed(rl: RLConfig, step: int) -> int:
+def rollout_seed(rl: RLConfig, step: int, process: int = 0) -> int:
     """The sampling seed of a step: distinct per step and run seed, so no two steps draw the same
-    random stream (a fresh policy per step with one fixed seed would replay the same keys)."""
-    return int(np.random.SeedSequence([rl.seed, step]).generate_state(1)[0])
+    random stream (a fresh policy per step with one fixed seed would replay the same keys), and
+    per process on several (process 0's is the single-process seed): processes sharing one group's
+    prompt must not sample the same completions."""
+    return int(np.random.SeedSequence([rl.seed, step] + ([process] if process else [])).generate_state(1)[0])
 
 
 def _turn_examples(episodes: Sequence[Episode], traces, advantages: np.ndarray, history: str,
-                   system_prompt: str) -> list[TurnExample]:
+                   system_prompt: str, first: int = 0) -> list[TurnExample]:
+    """One example per policy turn; ``first``: the step-wide index of ``episodes[0]`` (the
+    trajectory index, of this process's share on several)."""
     examples = []
-    for index, (episode, trace, adv) in enumerate(zip(episodes, traces, advantages)):
+    for index, (episode, trace, adv) in enumerate(zip(episodes, traces, advantages), start=first):
         for t, turn in enumerate(trace.turns):
             messages = episode_messages(episode, trace, t, history=history, system_prompt=system_prompt)
             examples.append(TurnExample(messages, turn, float(adv), trajectory=index))
@@ -138,15 +151,20 @@ def mean_update_metrics(per_update: Sequence[dict[str, float]]) -> dict[str, flo
     return out
 
 
-def rollout_metrics(episodes: Sequence[Episode], scores) -> dict[str, float]:
-    out: dict[str, float] = {"reward": float(np.mean([s.score for s in scores]))}
-    for name in scores[0].components:
-        out[f"reward/{name}"] = float(np.mean([s.components[name].mean() for s in scores]))
-    out["iou"] = float(np.mean([e.ious[-1] for e in episodes]))
-    out["steps_per_episode"] = float(np.mean([len(e.steps) for e in episodes]))
-    out["parse_failure_rate"] = float(np.mean([e.end_reason == "parse_error" for e in episodes]))
-    out["terminated_rate"] = float(np.mean([e.end_reason == "terminate" for e in episodes]))
-    return out
+def episode_table(episodes: Sequence[Episode], scores, reward_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Per-episode numbers, ``float32 [episodes, columns]``: the score (column 0), each reward's
+    mean over the steps, the final IoU, the steps, whether it ended on a parse error or a
+    terminate. Rows of every process are gathered into one table (``core.gather_rows``)."""
+    names = ["reward", *(f"reward/{n}" for n in reward_names), "iou", "steps_per_episode", "parse_failure_rate",
+             "terminated_rate"]
+    rows = [[s.score, *(s.components[n].mean() for n in reward_names), e.ious[-1], len(e.steps),
+             e.end_reason == "parse_error", e.end_reason == "terminate"] for e, s in zip(episodes, scores)]
+    return names, np.asarray(rows, np.float32).reshape(len(rows), len(names))
+
+
+def rollout_metrics(names: Sequence[str], table: np.ndarray) -> dict[str, float]:
+    """The step's rollout metrics: each column of the episode table averaged over all episodes."""
+    return {name: float(v) for name, v in zip(names, table.mean(axis=0))}
 
 
 def train_grpo(
@@ -163,10 +181,18 @@ def train_grpo(
     """Runs ``rl.steps`` GRPO steps from the HF dir ``init_dir`` (resuming from ``workdir``)."""
     if not samples:
         raise ValueError("GRPO needs at least one prompt sample")
+    from ibis_jax.fileio import local_workdir
+
+    local_workdir(workdir)
     core.init_distributed()  # no-op when the command did it or alone
-    if jax.process_count() > 1:
-        raise NotImplementedError("GRPO on several processes is not supported yet (rollouts are not yet spread "
-                                  "over processes); run it as one process over all local devices")
+    processes = jax.process_count()
+    episodes_per_step = rl.prompts_per_step * rl.grpo.group_size
+    if processes > 1 and rl.history != "none":
+        raise ValueError("GRPO on several processes needs rl.history=none (one image per policy turn, so the "
+                         "processes' rows form one batch)")
+    if episodes_per_step < processes:
+        raise ValueError(f"rl.prompts_per_step x rl.grpo.group_size = {episodes_per_step} episodes per step for "
+                         f"{processes} processes: each needs at least one; raise rl.prompts_per_step")
     os.makedirs(workdir, exist_ok=True)
     # The conversation the model was trained with: its directory's record must agree with the config.
     settings = dataclasses.replace(AgentSettings.from_train_config(config), history=rl.history)
@@ -180,6 +206,7 @@ def train_grpo(
     prompt_text = settings.system_text
     # ---------------------------------------------------------------- mesh, model, optimizer
     mesh = mesh_lib.make_mesh(config.mesh_shape)
+    mesh_lib.check_batch_spans_processes(mesh)
     grpo = resolve_grpo(rl)
     tx, schedule = make_optimizer(config, rl.steps * grpo.updates_per_batch,
                                   grpo_schedule(config, rl, rl.steps * grpo.updates_per_batch))
@@ -218,6 +245,18 @@ def train_grpo(
     layout_cache: dict = {}
 
     token_logprobs = make_token_logprobs(model_def, rl.temperature, suppressed)
+    # max |old - sampler log-prob| over the policy tokens, from the global arrays (a replicated scalar)
+    drift_fn = jax.jit(lambda old, sampler, mask: jnp.max(jnp.abs(old - sampler) * mask))
+    # ---------------------------------------------------------------- rollouts on several processes
+    # Each process runs its share of a step's episodes (`core.process_slice`: contiguous, so a
+    # group may span two processes) with a copy of the policy on its own devices: the rollouts of
+    # different hosts need no collective, however many turns each takes. The scores are gathered,
+    # so each group is normalised together wherever its episodes ran; each process then supplies
+    # the rows of its own turns to the global update batch.
+    share = core.process_slice(episodes_per_step)
+    rollout_mesh = mesh_lib.local_mesh(mesh)
+    # The frozen parameters never change: copied once (alone the update's outputs are used: it donates its inputs).
+    rollout_frozen = core.local_replica(state.frozen, shardings.frozen, rollout_mesh) if processes > 1 else None
 
     def export(state, directory: str) -> None:
         """The policy as an HF directory with the agent settings SFT writes (``ibis_agent.json``)."""
@@ -230,54 +269,80 @@ def train_grpo(
     export_dir = None
     stopped = False
     eos_ids = eos_token_ids(processor.tokenizer, model_def.config.text)
-    pad_to = row_multiple(mesh.shape["data"] * mesh.shape["fsdp"])  # rows: multiples of the batch divisor
+    # Rows: multiples of the batch divisor; on several processes of the share that, times the
+    # process count, splits over the data x fsdp devices.
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    pad_to = row_multiple(ways // math.gcd(ways, processes), -(-8 // processes))
     episode_config = EpisodeConfig(max_actions=rl.max_turns)
     summary: dict[str, Any] = {}
+    rollouts: list[dict[str, Any]] = []  # per step run: every episode's score and advantage, kept or not
     try:
         for step in range(start, rl.steps):
             # The model's activation constraints name mesh axes: every forward runs under the mesh.
             with jax.set_mesh(mesh):
                 times: dict[str, float] = {}
                 t0 = time.perf_counter()
-                policy = policy_factory(model_def.build(state.params, state.frozen), processor, rl,
-                                        rollout_seed(rl, step), settings)
                 picked = [samples[(step * rl.prompts_per_step + i) % len(samples)] for i in range(rl.prompts_per_step)]
+                mine = [(i, g) for i in range(rl.prompts_per_step) for g in range(rl.grpo.group_size)][share]
                 episodes = [
-                    Episode(s.image, sample_query(s, rl.query_style, rl.seed), s.mask, config=episode_config,
-                            episode_id=f"grpo-{step}-{i}-{g}")
-                    for i, s in enumerate(picked) for g in range(rl.grpo.group_size)
+                    Episode(picked[i].image, sample_query(picked[i], rl.query_style, rl.seed), picked[i].mask,
+                            config=episode_config, episode_id=f"grpo-{step}-{i}-{g}")
+                    for i, g in mine
                 ]
-                for sample, episode in zip([s for s in picked for _ in range(rl.grpo.group_size)], episodes):
-                    assign_episode(tool, episode.episode_id, sample.modality, sample.target)  # `auto`: its preset
-                traces = run_agent(policy, tool, episodes, history=rl.history, system_prompt=prompt_text)
+                for (i, _), episode in zip(mine, episodes):
+                    assign_episode(tool, episode.episode_id, picked[i].modality, picked[i].target)  # `auto`: its preset
+                rollout_params = core.local_replica(state.params, shardings.params, rollout_mesh)
+                frozen = state.frozen if rollout_frozen is None else rollout_frozen
+                with jax.set_mesh(rollout_mesh):  # this process's devices alone on several
+                    policy = policy_factory(model_def.build(rollout_params, frozen), processor, rl,
+                                            rollout_seed(rl, step, jax.process_index()), settings)
+                    traces = run_agent(policy, tool, episodes, history=rl.history, system_prompt=prompt_text)
+                del policy, rollout_params
                 times["time/rollout_s"] = time.perf_counter() - t0
                 times["time/generation_s"] = sum(t.generate_seconds for t in traces)
                 times["time/tool_s"] = sum(s.tool_seconds for e in episodes for s in e.steps)
                 scores = [score_episode(e, rl.rewards, RewardContext(rl.reward, stop_reasons=tuple(
                     t.stop_reason for t in trace.turns))) for e, trace in zip(episodes, traces)]
-                score_values = np.asarray([s.score for s in scores], np.float32)
+                names, table = episode_table(episodes, scores, [n for n in scores[0].components])
+                table = core.gather_rows(table, episodes_per_step)  # every process's episodes, in step order
+                score_values = table[:, 0].astype(np.float32)
                 advantages = np.asarray(compute_advantages(score_values, grpo))
                 spread = nonzero_variance_groups(score_values, grpo.group_size)
-                keep = spread if grpo.skip_zero_variance else np.ones(len(episodes), bool)
-                examples = [ex for ex in _turn_examples(episodes, traces, advantages, rl.history, prompt_text)
-                            if keep[ex.trajectory]]
+                keep = spread if grpo.skip_zero_variance else np.ones(episodes_per_step, bool)
+                turns = _turn_examples(episodes, traces, advantages[share], rl.history, prompt_text, share.start)
+                examples = [ex for ex in turns if keep[ex.trajectory]]
+                rollouts.append({"step": step + 1, "scores": score_values.tolist(),
+                                 "advantages": advantages.tolist(), "kept": keep.tolist()})
+                # On several processes every one supplies rows to every update, kept turns or not:
+                # one with none left (skip_zero_variance) supplies its first turn, inert.
+                counts_per_process = core.gather_rows(np.asarray([len(examples)]), processes)
+                inert = not examples and counts_per_process.sum() > 0
+                if inert:
+                    examples = turns[:1]
                 update_metrics: list[dict[str, float]] = []
                 drift = 0.0
-                if examples:
+                if counts_per_process.sum() > 0:
                     # Mini-batches of turns, fixed for this rollout batch, each cut into grad_accum
                     # micro-batches; old (and reference) log-probs once, sharded, before any update;
-                    # then num_iterations passes over them.
+                    # then num_iterations passes over them. On several processes each cuts its own
+                    # turns into the same number of mini-batches, padded to common shapes.
                     counts = trajectory_tokens(examples)
                     minis = []
                     t1 = time.perf_counter()
-                    for part in minibatch_indices(len(examples), grpo.mini_batches, rollout_seed(rl, step)):
+                    parts = minibatch_indices(len(examples), min(grpo.mini_batches, int(counts_per_process.min()) or 1),
+                                              rollout_seed(rl, step))
+                    for part in parts:
                         arrays, sampler_lp = micro_batches([examples[i] for i in part], processor, rl.seq_buckets,
                                                            config.grad_accum, eos_ids, config.image_size, counts,
                                                            pad_to)
+                        if inert:
+                            arrays = inert_rows(arrays)
+                        if processes > 1:
+                            arrays, sampler_lp = agree_micro_batches(arrays, sampler_lp)
                         arrays = with_vision_layout(arrays, model_def.config.vision, layout_cache)
                         shape_key = tuple((k, np.shape(v)) for k, v in arrays.items() if hasattr(v, "shape"))
                         if shape_key not in step_fns:
-                            batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(arrays, mesh))
+                            batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(arrays, mesh, processes))
                             lp_fn = jax.jit(token_logprobs,
                                             in_shardings=(shardings.params, shardings.frozen, batch_shardings),
                                             out_shardings=batch_shardings["targets"])
@@ -292,8 +357,9 @@ def train_grpo(
                         global_batch["old_logprobs"] = lp_fn(state.params, state.frozen, global_batch)
                         if ref_params is not None:
                             global_batch["ref_logprobs"] = lp_fn(ref_params, state.frozen, global_batch)
-                        old_lp = core.host_global(global_batch["old_logprobs"])
-                        drift = max(drift, float(np.abs((old_lp - sampler_lp) * arrays["loss_mask"]).max()))
+                        sampler_global = to_global(sampler_lp, batch_shardings["targets"])
+                        drift = max(drift, float(drift_fn(global_batch["old_logprobs"], sampler_global,
+                                                          global_batch["loss_mask"])))
                         minis.append((step_fn, global_batch, int(arrays["input_ids"].shape[0])))
                     times["time/old_logprobs_s"] = time.perf_counter() - t1
                     t2 = time.perf_counter()
@@ -309,8 +375,8 @@ def train_grpo(
                 metrics = mean_update_metrics(update_metrics) if update_metrics else {"updates": 0.0}
                 metrics["kept_group_fraction"] = float(keep.mean())
                 metrics["zero_variance_group_fraction"] = 1.0 - float(spread.mean())  # groups with advantage 0
-                metrics["micro_batches"] = float(minis[0][2]) if examples else 0.0
-                m = {**rollout_metrics(episodes, scores), **metrics, **times, "sampler_vs_old_logprob_max_abs": drift}
+                metrics["micro_batches"] = float(minis[0][2]) if update_metrics else 0.0
+                m = {**rollout_metrics(names, table), **metrics, **times, "sampler_vs_old_logprob_max_abs": drift}
                 writer.write(step + 1, m)
                 for hook in hooks:
                     hook(step + 1, m)
@@ -336,7 +402,8 @@ def train_grpo(
         writer.close()
         ckpt.close()
     return {"state": state, "model_def": model_def, "metrics": summary, "processor": processor,
-            "step": max(start, rl.steps), "already_finished": start >= rl.steps, "export_dir": export_dir}
+            "step": max(start, rl.steps), "already_finished": start >= rl.steps, "export_dir": export_dir,
+            "rollouts": rollouts}
 
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "advantages", "row_weights", "pixel_values",
@@ -368,3 +435,51 @@ def micro_batches(examples: Sequence[TurnExample], processor, buckets: Sequence[
         raise ValueError("grad_accum > 1 needs the same number of images in every micro-batch (history=none)")
     arrays = {k: np.stack([getattr(p, k) for p in parts]) for k in BATCH_KEYS}
     return arrays, np.stack([p.sampler_logprobs for p in parts])
+
+
+def inert_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Micro-batches whose rows carry no loss, no advantage and no weight (a process's share of
+    an update when it kept no turn): they enter no sum and no denominator of the loss."""
+    out = dict(arrays)
+    for k in ("loss_mask", "advantages", "row_weights"):
+        out[k] = np.zeros_like(arrays[k])
+    return out
+
+
+def agree_micro_batches(arrays: dict[str, np.ndarray], sampler_lp: np.ndarray) -> tuple[dict[str, np.ndarray],
+                                                                                       np.ndarray]:
+    """This process's micro-batches ``[A, rows, S]`` as its part of a global batch: padded to the
+    most rows and the longest bucket of any process (extra rows repeat the last one with no loss,
+    its image too; extra columns are padding), with the image grids of every process's images
+    (every turn has one image of the same square grid). A collective: every process calls it."""
+    a, rows, length = arrays["input_ids"].shape
+    grids = arrays["image_grid_thw"]
+    if grids.shape[1] != rows or np.any(grids != grids[0, 0]):
+        raise ValueError(f"GRPO on several processes needs one image of one grid per turn, got {grids.shape[1]} "
+                         f"images for {rows} rows")
+    shapes = core.gather_rows(np.asarray([[rows, length, *grids[0, 0]]]), jax.process_count())
+    if np.any(shapes[:, 2:] != shapes[0, 2:]):
+        raise ValueError(f"processes have different image grids {shapes[:, 2:].tolist()}: give every process the "
+                         "same image_size")
+    want_rows, want_len = int(shapes[:, 0].max()), int(shapes[:, 1].max())
+    out = dict(arrays)
+    extra_cols = ((0, 0), (0, 0), (0, want_len - length))
+    for k in ("input_ids", "attention_mask", "targets", "loss_mask"):
+        out[k] = np.pad(arrays[k], extra_cols)
+    sampler_lp = np.pad(sampler_lp, extra_cols)
+    extra = want_rows - rows
+    if extra:
+        def more(x, fill=None):  # x [A, rows, ...] -> the last row repeated (or `fill`) at the end
+            last = np.repeat(x[:, -1:], extra, axis=1)
+            return np.concatenate([x, last if fill is None else np.full_like(last, fill)], axis=1)
+
+        for k in ("input_ids", "attention_mask", "targets"):
+            out[k] = more(out[k])
+        for k in ("loss_mask", "advantages", "row_weights"):
+            out[k] = more(out[k], 0)
+        sampler_lp = more(sampler_lp, 0)
+        per_image = arrays["pixel_values"].shape[1] // rows
+        last = arrays["pixel_values"][:, -per_image:]
+        out["pixel_values"] = np.concatenate([arrays["pixel_values"], np.tile(last, (1, extra, 1))], axis=1)
+    out["image_grid_thw"] = np.tile(grids[:, :1], (1, want_rows * jax.process_count(), 1))
+    return out, sampler_lp

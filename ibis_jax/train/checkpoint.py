@@ -16,7 +16,6 @@ export is built in a hidden sibling folder and renamed when complete (``fileio.a
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -31,7 +30,9 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        from ibis_jax.fileio import as_path
+
+        self.directory = as_path(workdir) / "checkpoints"  # etils.epath: local, or gs:// where installed
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data", "config"),
@@ -103,16 +104,16 @@ class Checkpointer:
                             f"step {step}: {reason}); fix or delete the folder to start over")
         return None
 
-    def _step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+    def _step_dir(self, step: int):
+        return self.directory / str(step)
 
     def _set_aside(self, steps: list[int]) -> None:
         if jax.process_index() == 0:
-            aside = os.path.join(os.path.dirname(self.directory), "checkpoints-unrestorable")
-            os.makedirs(aside, exist_ok=True)
+            aside = self.directory.parent / "checkpoints-unrestorable"
+            aside.mkdir(parents=True, exist_ok=True)
             for step in steps:
-                target = os.path.join(aside, f"{step}-{int(time.time())}")
-                os.replace(self._step_dir(step), target)
+                target = aside / f"{step}-{int(time.time())}"
+                self._step_dir(step).rename(target)
                 log.warning("moved the checkpoint of step %d that does not restore to %s", step, target)
         self.manager.reload()
 

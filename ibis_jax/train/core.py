@@ -92,6 +92,59 @@ def global_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
 
 
+def process_slice(n: int, index: int | None = None, count: int | None = None) -> slice:
+    """The contiguous share of ``n`` items that process ``index`` of ``count`` takes (default: this
+    process of all): ``np.array_split`` sizes, so shares differ by at most one item and the first
+    processes take the larger ones. Every process computes every share the same way."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    if not 0 <= index < count:
+        raise ValueError(f"process {index} outside 0..{count - 1}")
+    per, extra = divmod(n, count)
+    start = index * per + min(index, extra)
+    return slice(start, start + per + (index < extra))
+
+
+def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
+    """The full ``[n, ...]`` array on every process, from each process's rows
+    ``local = full[process_slice(n)]`` (a collective; ``local`` itself when alone). Shares may
+    differ by one row: each is padded to the largest for the all-gather and cut back after it.
+    The rows travel as JAX arrays: 64-bit values as 32-bit ones unless ``jax_enable_x64``."""
+    local = np.asarray(local)
+    count = jax.process_count()
+    if count == 1:
+        return local
+    mine = process_slice(n)
+    if local.shape[0] != mine.stop - mine.start:
+        raise ValueError(f"gather_rows: process {jax.process_index()} holds {local.shape[0]} rows, its share of {n} "
+                         f"is {mine.stop - mine.start}")
+    from jax.experimental import multihost_utils
+
+    size = process_slice(n, 0, count).stop  # the first share is the largest
+    padded = np.zeros((size, *local.shape[1:]), local.dtype)
+    padded[: local.shape[0]] = local
+    every = np.asarray(multihost_utils.process_allgather(padded))  # [count, size, ...]
+    parts = []
+    for p in range(count):
+        share = process_slice(n, p, count)
+        parts.append(every[p, : share.stop - share.start])
+    return np.concatenate(parts).astype(local.dtype)
+
+
+def local_replica(tree: Any, shardings: Any, local_mesh) -> Any:
+    """A copy of the global arrays ``tree`` on this process's devices alone, laid out on
+    ``local_mesh`` with the PartitionSpecs of ``shardings`` (a collective: every process calls it).
+    Tensor by tensor (host memory holds about one at a time): each is all-gathered where it spans
+    hosts and placed sharded over the local devices. Computations on the copy need no other
+    process, so each host can run its own rollouts. Alone: ``tree`` itself."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.sharding import NamedSharding
+
+    return jax.tree.map(lambda x, s: jax.device_put(host_global(x), NamedSharding(local_mesh, s.spec)), tree,
+                        shardings)
+
+
 def host_global(x: jax.Array) -> np.ndarray:
     """A global array in host memory on every process (all-gathered when it spans hosts)."""
     from ibis_jax.models.qwen2_5_vl.params import to_host
@@ -123,4 +176,4 @@ class Preemption:
 
 
 __all__ = ["add_distributed_arguments", "init_distributed", "quiet_other_processes", "barrier", "global_max",
-           "host_global", "Preemption"]
+           "process_slice", "gather_rows", "local_replica", "host_global", "Preemption"]

@@ -7,6 +7,7 @@ parameters are sharded too.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -42,6 +43,36 @@ def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mes
     if devices == list(jax.devices()):
         return jax.make_mesh(dims, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     return Mesh(np.asarray(devices).reshape(dims), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+    """A (data, fsdp, tensor) mesh over this process's devices alone, for work each host does by
+    itself (GRPO rollouts): tensor and fsdp are the largest divisors of the global mesh's that fit
+    the local devices (so every parameter spec that splits over `mesh` splits over it), data the
+    rest. `mesh` itself on one process."""
+    if jax.process_count() == 1:
+        return mesh
+    devices = jax.local_devices()
+    n = len(devices)
+    tensor = math.gcd(mesh.shape["tensor"], n)
+    fsdp = math.gcd(mesh.shape["fsdp"], n // tensor)
+    return make_mesh((n // (tensor * fsdp), fsdp, tensor), devices)
+
+
+def check_batch_spans_processes(mesh: Mesh) -> None:
+    """On several processes each one supplies its own rows, so the batch split over (data, fsdp)
+    must give each process its own slots (no slot shared by two processes)."""
+    processes = jax.process_count()
+    if processes == 1:
+        return
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    owners: dict[int, set[int]] = {}
+    for device, index in NamedSharding(mesh, P(BATCH_AXES)).devices_indices_map((ways,)).items():
+        owners.setdefault(index[0].start or 0, set()).add(device.process_index)
+    if any(len(o) > 1 for o in owners.values()):
+        raise ValueError(f"mesh {dict(mesh.shape)} on {processes} processes: the data x fsdp batch split must span "
+                         f"the processes (each process its own rows); make data x fsdp a multiple of {processes} "
+                         "with tensor inside one host")
 
 
 def named(mesh: Mesh, specs: Any) -> Any:

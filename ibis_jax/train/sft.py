@@ -150,8 +150,10 @@ def train(
     """
     from ibis_jax.data.records import check_dataset
 
+    from ibis_jax.fileio import local_workdir
+
     check_dataset(data_dir)  # a missing, empty or corrupt dataset is named before anything is written
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(local_workdir(workdir), exist_ok=True)
     # ---------------------------------------------------------------- distributed + mesh
     core.init_distributed()  # no-op when the command did it (--coordinator ...) or alone
     os.makedirs(workdir, exist_ok=True)

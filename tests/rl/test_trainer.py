@@ -98,6 +98,8 @@ def test_each_step_samples_with_its_own_seed():
     assert len(set(seeds)) == 50
     assert seeds == [rollout_seed(rl, step) for step in range(50)]  # a resumed step replays its seed
     assert rollout_seed(RLConfig(seed=1), 0) != seeds[0]
+    # on several processes each samples its own stream (a group may span two); process 0 keeps the single-process one
+    assert rollout_seed(rl, 3, 0) == seeds[3] and len({rollout_seed(rl, 3, p) for p in range(4)}) == 4
 
 
 def test_grpo_refuses_a_config_that_differs_from_the_model_record(init_dir, tmp_path):

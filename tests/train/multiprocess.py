@@ -23,10 +23,15 @@ def env(devices: int) -> dict:
                 PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def launch(args: list[str], processes: int, devices: int, log_dir: str, timeout: float = 600) -> list[str]:
-    """Run `python -m ibis_jax.cli ARGS` as `processes` processes on one coordinator port; returns
-    their logs. Raises with the logs when one fails or the timeout passes (all children killed)."""
-    return finish(*start(args, processes, devices, log_dir), timeout=timeout)
+CLI = ("-m", "ibis_jax.cli")
+
+
+def launch(args: list[str], processes: int, devices: int, log_dir: str, timeout: float = 600,
+           program: tuple[str, ...] = CLI) -> list[str]:
+    """Run `python -m ibis_jax.cli ARGS` (or `python PROGRAM ARGS`) as `processes` processes on
+    one coordinator port; returns their logs. Raises with the logs when one fails or the timeout
+    passes (all children killed)."""
+    return finish(*start(args, processes, devices, log_dir, program), timeout=timeout)
 
 
 def metrics(workdir: str) -> list[dict]:
@@ -34,7 +39,8 @@ def metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def start(args: list[str], processes: int, devices: int, log_dir: str) -> tuple[list, list[str]]:
+def start(args: list[str], processes: int, devices: int, log_dir: str,
+          program: tuple[str, ...] = CLI) -> tuple[list, list[str]]:
     """Like `launch` but returns the running (Popen, log file) pairs; `finish` waits for them."""
     os.makedirs(log_dir, exist_ok=True)
     port = free_port()
@@ -44,7 +50,7 @@ def start(args: list[str], processes: int, devices: int, log_dir: str) -> tuple[
                                            "--process-id", str(i)]
         logs.append(os.path.join(log_dir, f"process_{i}.log"))
         f = open(logs[-1], "w")
-        procs.append((subprocess.Popen([sys.executable, "-m", "ibis_jax.cli", *args, *extra], env=env(devices),
+        procs.append((subprocess.Popen([sys.executable, *program, *args, *extra], env=env(devices),
                                        stdout=f, stderr=subprocess.STDOUT, cwd=ROOT), f))
     return procs, logs
 

@@ -2,7 +2,9 @@
 a (2 data, 2 fsdp, 2 tensor) mesh through `ibis-jax sft --coordinator ...`: the same data order,
 losses and exported HF weights as one process with 8 devices."""
 
+import glob
 import os
+import re
 import signal
 import time
 
@@ -85,3 +87,42 @@ def test_two_processes_sigterm_resume_is_bit_exact(tmp_path):
     fa = {r["step"]: r["data_fingerprint"] for r in metrics(full)}
     fb = {r["step"]: r["data_fingerprint"] for r in metrics(resumed)}
     assert fa == fb and sorted(fa) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow  # two multi-process launches: minutes on 2 cores
+def test_two_processes_sigkill_during_a_checkpoint_resume_from_the_last_complete_one(tmp_path):
+    """Both processes SIGKILLed while the checkpoint of step >= 2 is being written (Orbax's
+    temporary folder is there): the rerun resumes from the last complete step and finishes."""
+    data = write_dataset(str(tmp_path / "data"), records=4)
+    run = str(tmp_path / "run")
+    args = [*SFT, "--data", data, "--workdir", run, *OVERRIDES, "checkpoint_every=1"]
+    procs, logs = start(args, 2, 4, str(tmp_path / "logs_a"))
+    ckpts = os.path.join(run, "checkpoints")
+    writing = complete = None
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and all(p.poll() is None for p, _ in procs):
+            tmp = [int(m.group(1)) for d in glob.glob(os.path.join(ckpts, "*.orbax-checkpoint-tmp*"))
+                   if (m := re.match(r"(\d+)\.orbax", os.path.basename(d)))]
+            if tmp and max(tmp) >= 2:
+                for p, _ in procs:
+                    p.send_signal(signal.SIGKILL)
+                writing = max(tmp)
+                break
+            time.sleep(0.02)
+    finally:
+        for p, f in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=60)
+            f.close()
+    assert writing is not None, "no checkpoint was being written before the run ended:\n" + open(logs[0]).read()[-3000:]
+    complete = max(int(d) for d in os.listdir(ckpts) if d.isdigit())  # finalised steps only have plain names
+    assert complete < writing, (complete, writing)
+    print(f"killed while writing step {writing}; last complete step {complete}")
+    logs_b = launch(args, 2, 4, str(tmp_path / "logs_b"))
+    assert f"resumed from step {complete}" in logs_b[0], logs_b[0][-3000:]
+    assert "step 4/4" in logs_b[0]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]  # one row per step across the kill
+    assert os.path.exists(os.path.join(run, "hf", "model.safetensors"))
+    assert max(int(d) for d in os.listdir(ckpts) if d.isdigit()) == 4

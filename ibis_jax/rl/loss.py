@@ -66,9 +66,10 @@ def make_token_logprobs(model_def, temperature: float = 1.0, suppressed: Sequenc
     mesh's shardings; ``ibis-jax plan`` compiles the same function."""
 
     def token_logprobs(params, frozen, batch):
-        policy = model_def.build(params, frozen)
-
         def one(mb):
+            # Built inside the mapped body: a module made outside it lives at the outer trace level,
+            # and nnx.remat (remat=True) may not touch its parameters from inside lax.map.
+            policy = model_def.build(params, frozen)
             hidden = policy.hidden_states(mb["input_ids"], mb["attention_mask"], mb["pixel_values"],
                                           mb["image_grid_thw"], vision_layout=mb["vision_layout"])
             return chunked_token_logprobs(sampling_logits(policy, temperature, suppressed), hidden, mb["targets"],

@@ -83,3 +83,22 @@ def test_lora_trains_adapters_only_and_merges_on_export(tmp_path, tok_dir):
     np.testing.assert_allclose(loaded.language_model.layers[1].self_attn.v_proj.kernel[...], got, atol=0)
     untouched = loaded.language_model.layers[1].self_attn.k_proj.kernel[...]
     np.testing.assert_array_equal(untouched, base * 0 + new.frozen["language_model"]["layers"][1]["self_attn"]["k_proj"]["kernel"])
+
+
+def test_grpo_logprob_pass_runs_with_remat_and_equals_without(tmp_path, tok_dir):
+    """The old/reference log-prob pass maps over micro-batches; with remat=True its model must be
+    built inside the mapped body (nnx.remat on a module of the outer trace raised TraceContextError:
+    every remat config's GRPO and `ibis-jax plan --stage grpo` failed)."""
+    from ibis_jax.rl.loss import make_token_logprobs
+
+    data = write_dataset(str(tmp_path / "data"), records=2)
+    results = []
+    for remat in (False, True):
+        cfg = make_config(batch_size=2, grad_accum=2, seq_buckets=(1024,), remat=remat)
+        mcfg, model_def, _, state = _setup(cfg, tok_dir)
+        batch = with_vision_layout(next(make_pipeline(data, tok_dir, cfg).iterator()), mcfg.vision, {})
+        fn = jax.jit(make_token_logprobs(model_def, 1.0, mcfg.multimodal_token_ids))
+        with jax.set_mesh(make_mesh((1, 1, 1), jax.devices()[:1])):
+            results.append(np.asarray(fn(state.params, state.frozen, batch)))
+    assert results[0].shape == (2, 1, 1024) and np.isfinite(results[0]).all()  # grad_accum 2 x 1 row
+    np.testing.assert_allclose(results[1], results[0], atol=1e-5)

@@ -156,7 +156,10 @@ def run_agent(
     own turns, so greedy episodes do not depend on the schedule. overlap: split the rows into two
     cohorts that alternate, the tool answering one cohort's clicks while the policy writes the
     other's turns. tool_workers: threads for the tool calls of a round (0 or 1: one after the
-    other, on this thread or the cohort's); several let a bridge server batch them.
+    other, on this thread or the cohort's); several let a bridge server batch them, and open the
+    admitted episodes in the background: a tool that encodes the image on ``open`` (the bridge's
+    feature cache) then encodes while the policy writes the episode's first turn, and the
+    episode's first step waits for its open.
     stats: an :class:`AgentStats` to fill in.
 
     The tool is opened on each episode when its row takes it (all at the start for the static
@@ -185,6 +188,7 @@ def run_agent(
     pool = concurrent.futures.ThreadPoolExecutor(tool_workers, thread_name_prefix="agent-tool") if tool_workers > 1 else None
     stages = concurrent.futures.ThreadPoolExecutor(cohorts, thread_name_prefix="agent-cohort") if cohorts > 1 else None
     opened: list[Episode] = []
+    opening: dict[int, concurrent.futures.Future] = {}  # episode -> its open in flight (tool_workers > 1)
     interval_lock = threading.Lock()
 
     def timed(fn, *args) -> None:
@@ -198,13 +202,13 @@ def run_agent(
     def admit(free: list[int]) -> None:
         """Opens the next waiting episodes on the tool (together when there are workers) into `free` rows."""
         new = [waiting.pop() for _ in free[:len(waiting)]]
-        if pool is not None and len(new) > 1:
-            futures = [pool.submit(timed, episodes[i].open_tool, tool) for i in new]
-            for i, f in zip(new, futures):
-                try:
-                    f.result()
-                finally:
-                    opened.append(episodes[i])  # closed in the end even if another open failed
+        if pool is not None:
+            # In the background: the policy's next call runs while the tool encodes. The pool runs
+            # its tasks in order, so an open starts before any step submitted after it (a step
+            # waiting on its open never holds a thread the open needs).
+            for i in new:
+                opening[i] = pool.submit(timed, episodes[i].open_tool, tool)
+                opened.append(episodes[i])  # closed in the end (also when its open failed)
         else:
             for i in new:
                 timed(episodes[i].open_tool, tool)
@@ -212,12 +216,18 @@ def run_agent(
         for slot, i in zip(free, new):
             slots[slot] = i
 
+    def wait_open(i: int) -> None:
+        f = opening.pop(i, None)
+        if f is not None:
+            f.result()
+
     def step(i: int, turn: PolicyTurn) -> None:
         episodes[i].step_text(turn.text, tool, loss_weight=turn.loss_weight)
         if episodes[i].done:
             tool.close(episodes[i].episode_id)
 
     def apply(i: int, turn: PolicyTurn) -> None:
+        wait_open(i)  # not inside the step's tool interval
         timed(step, i, turn)
 
     def tool_stage(items: list[tuple[int, PolicyTurn]]) -> None:
@@ -274,7 +284,7 @@ def run_agent(
                 tool_stage(items)
             cohort = (cohort + 1) % cohorts
     finally:
-        for f in pending.values():
+        for f in list(pending.values()) + list(opening.values()):
             try:
                 f.result()
             except Exception:  # the first error is already propagating (or is raised below)

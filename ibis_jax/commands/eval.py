@@ -42,6 +42,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=20, help="actions per episode (default 20)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     parser.add_argument("--batch-size", type=int, default=8, help="episodes per batched policy call")
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="sampler rows per batch (continuous batching: a finished episode's row takes the "
+                             "batch's next one; use a --batch-size above it); default: one row per episode")
     parser.add_argument("--query-style", default="direct", choices=QUERY_STYLES, help="first-turn query style")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad source items")
@@ -84,8 +87,9 @@ def run_command(args: argparse.Namespace) -> int:
             return 0
         source = build_source(args)
         config = EvalConfig(
-            history=args.history, max_steps=args.max_steps, batch_size=args.batch_size, limit=args.limit,
-            query_style=args.query_style, seed=args.seed, curve_clicks=args.curve_clicks, on_error=args.on_error,
+            history=args.history, max_steps=args.max_steps, batch_size=args.batch_size, max_rows=args.max_rows,
+            limit=args.limit, query_style=args.query_style, seed=args.seed, curve_clicks=args.curve_clicks,
+            on_error=args.on_error,
             num_examples=args.examples, policy_name=policy_name, tool_name=args.tool, source_name=args.source,
             nsd_tolerance_mm=args.nsd_tolerance, slice_rule=args.slice_rule,
         )

@@ -62,6 +62,9 @@ class EvalConfig:
         None: what the policy was trained with, its ``settings.history``).
       max_steps: actions per episode (the episode's ``max_actions``; SPEC: 20).
       batch_size: episodes per batched ``run_agent`` call (one policy call per round).
+      max_rows: sampler rows of each ``run_agent`` call (continuous batching: a finished episode's
+        row takes the call's next episode; set ``batch_size`` above it); None: one row per episode.
+        Greedy episodes do not depend on it.
       limit: evaluate only the first N samples.
       query_style: first-turn query style (``direct``: "Segment the liver in this CT scan.").
       curve_clicks: clicks of the interactive curves (NoC budget); ks: the mIoU@k points.
@@ -74,6 +77,7 @@ class EvalConfig:
     history: HistoryMode | None = None
     max_steps: int = 20
     batch_size: int = 8
+    max_rows: int | None = None
     limit: int | None = None
     query_style: str = "direct"
     seed: int = 0
@@ -236,7 +240,7 @@ def evaluate(
                         for i, s in enumerate(batch)]
             for sample, episode in zip(batch, episodes):
                 assign_episode(tool, episode.episode_id, sample.modality, sample.target)
-            traces = run_agent(policy, tool, episodes, history=config.history)
+            traces = run_agent(policy, tool, episodes, history=config.history, max_rows=config.max_rows)
             clickable = [s for s in batch if s.mask.any()]
             if fixed and not reuse and clickable:
                 curves = iter(fixed_click_curves(policy, tool, clickable, config.curve_clicks, config))

@@ -15,7 +15,7 @@ conversation); the row's next text position is then max(chunk positions) + 1 (tr
 `rope_deltas`). Generated tokens take `next_pos`, `next_pos + 1`, ... on all three axes.
 
 Compilation. Prefill/extend are jitted per (batch bucket, chunk bucket, cache bucket, visual-token
-bucket); the vision tower per image-size set; decode per (batch bucket, cache bucket, sampling
+bucket); the vision tower per image-size set, in groups of power-of-two image counts; decode per (batch bucket, cache bucket, sampling
 options). The cache is donated to every call, so it is updated in place.
 
 The decode loop feeds every sampled token back (also the last one), so after `generate` the cache
@@ -101,6 +101,11 @@ class SamplerConfig:
 def bucket(n: int, buckets: Sequence[int]) -> int:
     """Smallest bucket >= n; past the last one, the next multiple of the last bucket."""
     return fit_bucket(n, buckets, overflow="round_up")
+
+
+def power_of_two_groups(n: int) -> list[int]:
+    """n as a sum of distinct powers of two, largest first (7 -> [4, 2, 1])."""
+    return [1 << k for k in reversed(range(n.bit_length())) if n >> k & 1]
 
 
 @jax.tree_util.register_dataclass
@@ -398,11 +403,21 @@ class Sampler:
         )
 
     def _features(self, graphdef, params, pixel_values, image_grid_thw) -> jax.Array | None:
+        """Visual features of the images, encoded in groups of power-of-two image counts (5
+        images: 4 + 1), each image's features independent of the others': a batch of n images
+        of one size compiles the tower for at most log2(n) + 1 shapes (not one per count), and
+        no padding image is encoded."""
         if pixel_values is None:
             return None
-        grid = np.asarray(image_grid_thw)
-        layout = vision_layout(grid, self.model.config.vision)
-        feats = _encode_images(graphdef, params, jnp.asarray(pixel_values), layout)
+        grid = np.asarray(image_grid_thw).reshape(-1, 3)
+        patches = grid.prod(-1)
+        parts, first, offset = [], 0, 0
+        for size in power_of_two_groups(len(grid)):
+            n = int(patches[first:first + size].sum())
+            layout = vision_layout(grid[first:first + size], self.model.config.vision)
+            parts.append(_encode_images(graphdef, params, jnp.asarray(pixel_values[offset:offset + n]), layout))
+            first, offset = first + size, offset + n
+        feats = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
         n = bucket(feats.shape[0], self.config.visual_buckets)
         return jnp.pad(feats, ((0, n - feats.shape[0]), (0, 0)))
 

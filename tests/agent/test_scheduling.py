@@ -4,6 +4,8 @@ static batch."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -121,3 +123,39 @@ def test_tiny_model_greedy_tokens_do_not_depend_on_the_schedule(tok_dir, tiny_cf
     assert all(len(t) == c + 1 and all(len(x) >= 1 for x in t) for t, c in zip(tokens, CLICKS))
     assert len({x for t in tokens for x in t}) > 1  # the turns differ: the prompts reached the model
     assert results[1] == results[0] and results[2] == results[0]
+
+
+class SlowOpenTool(ClassicalTool):
+    """Opens take a while; segment checks its episode is open."""
+
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+
+    def open(self, episode_id, image):
+        time.sleep(0.2)
+        super().open(episode_id, image)
+        self.events.append(("opened", episode_id))
+
+    def segment(self, episode_id, *args, **kwargs):
+        assert episode_id in self._images, f"segment before open of {episode_id}"
+        return super().segment(episode_id, *args, **kwargs)
+
+
+def test_tool_workers_open_episodes_while_the_policy_writes():
+    """With tool workers, the admitted episodes' opens run in the background: the policy's first
+    call does not wait for them, each episode's first step does; the episodes are unchanged."""
+    events: list = []
+
+    class Policy(ScriptedPolicy):
+        def generate(self, requests):
+            events.append(("generate", len(self.batches)))
+            return super().generate(requests)
+
+    static_eps = make_episodes()
+    static = run_agent(ScriptedPolicy(), ClassicalTool(), static_eps)
+    eps, tool = make_episodes(), SlowOpenTool(events)
+    traces = run_agent(Policy(), tool, eps, max_rows=3, tool_workers=3)
+    assert summary(eps, traces) == summary(static_eps, static)
+    assert events[0] == ("generate", 0)  # before any open finished
+    assert tool._images == {}

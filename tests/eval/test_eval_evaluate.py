@@ -163,3 +163,22 @@ def test_absent_target_counts_in_iou_but_not_in_curves():
     assert absent["end_reasons"]["terminate"] == 1
     with pytest.raises(ValueError, match="no samples"):
         evaluate(OraclePolicy(), ClassicalTool(), SOURCE, config=EvalConfig(limit=0))
+
+
+def test_max_rows_continuous_batching_gives_the_same_metrics(tmp_path):
+    """eval with fewer sampler rows than episodes per batch (continuous batching) gives the static
+    batch's metrics; the command passes --max-rows through."""
+    base = dict(max_steps=4, curve_clicks=3, batch_size=3, num_examples=0)
+    static = evaluate(load_policy("oracle", stop_iou=0.9, max_clicks=3), ClassicalTool(), SOURCE,
+                      config=EvalConfig(**base))
+    rows = evaluate(load_policy("oracle", stop_iou=0.9, max_clicks=3), ClassicalTool(), SOURCE,
+                    config=EvalConfig(**base, max_rows=2))
+    drop = ("seconds", "wall", "time")
+    clean = lambda m: {k: v for k, v in m.items() if not any(d in k for d in drop)}  # noqa: E731
+    assert clean(rows["overall"]) == clean(static["overall"])
+    assert rows["interactive"] == static["interactive"]
+    out = tmp_path / "run"
+    assert main(["eval", "--policy", "oracle", "--tool", "classical", "--source", "demo", "--demo-parts", "shapes",
+                 "--num-shapes", "3", "--max-steps", "3", "--curve-clicks", "2", "--examples", "0",
+                 "--batch-size", "3", "--max-rows", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["samples"] == 3

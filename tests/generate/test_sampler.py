@@ -204,3 +204,25 @@ def test_model_policy_never_samples_multimodal_placeholders(flax_model, processo
     policy = ModelPolicy.for_rollouts(flax_model, processor, temperature=1.0, max_new_tokens=4)
     assert policy.sampler.config.suppress_token_ids == flax_model.config.multimodal_token_ids
     assert processor.image_token_id in flax_model.config.multimodal_token_ids
+
+
+def test_images_are_encoded_in_power_of_two_groups_with_the_features_of_one_call(flax_model, processor):
+    """Three images: groups of 2 + 1 (a batch of n images compiles at most log2(n) + 1 tower
+    shapes), the same features as the tower on all three at once."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ibis_jax.generate.sampler import _encode_images, power_of_two_groups
+    from ibis_jax.models.qwen2_5_vl import vision_layout
+
+    assert [power_of_two_groups(n) for n in (1, 5, 7, 8)] == [[1], [4, 1], [4, 2, 1], [8]]
+    rng = np.random.default_rng(3)
+    grid = np.array([[1, 8, 8], [1, 4, 8], [1, 8, 4]])
+    pv = rng.standard_normal((int(grid.prod(-1).sum()), flax_model.config.vision.patch_dim)).astype(np.float32)
+    sampler = Sampler(flax_model, processor.tokenizer, PLAIN)
+    graphdef, params = nnx.split(flax_model)
+    grouped = np.asarray(sampler._features(graphdef, params, pv, grid))
+    whole = np.asarray(_encode_images(graphdef, params, jnp.asarray(pv), vision_layout(grid, flax_model.config.vision)))
+    assert grouped.shape[0] >= whole.shape[0]  # padded to a visual bucket
+    np.testing.assert_allclose(grouped[:whole.shape[0]], whole, rtol=1e-5, atol=1e-5)
+    assert not grouped[whole.shape[0]:].any()

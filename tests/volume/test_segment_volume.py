@@ -189,3 +189,23 @@ def test_unknown_volume_tool_is_a_named_error(tmp_path, capsys):
                  "--query", "q", "--out", str(tmp_path / "o")])
     assert code == 1 and "classical-tissue" in capsys.readouterr().err
     assert not (tmp_path / "o" / "mask.nii.gz").exists()
+
+
+def test_a_model_directory_segments_a_volume(tmp_path, hf_dir_and_model, capsys):
+    """`segment --volume` with a model directory (a random tiny Qwen2.5-VL saved by transformers):
+    whatever it writes, the run ends with a NIfTI mask in the input's grid and a report."""
+    values, target = _scene()
+    affine = AFFINES["lps_aniso"]
+    volume = _write(tmp_path / "ct.nii.gz", values, affine)
+    gt = _write(tmp_path / "gt.nii.gz", target, affine)
+    out = tmp_path / "out"
+    code = main(["segment", "--volume", str(volume), "--gt", str(gt), "--model", hf_dir_and_model[0], "--tool",
+                 "classical", "--query", "Segment the blob.", "--out", str(out), "--max-steps", "2",
+                 "--window", "minmax"])
+    assert code == 0, capsys.readouterr().err
+    mask = nib.load(str(out / "mask.nii.gz"))
+    assert mask.shape == SHAPE and np.allclose(mask.affine, affine)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == hf_dir_and_model[0] and 1 <= summary["turns"] <= 2
+    assert summary["end_reason"] in ("parse_error", "max_actions", "terminate", "repeated_action")
+    assert 0.0 <= summary["dice"] <= 1.0 and (out / "report.html").is_file()

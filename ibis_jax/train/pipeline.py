@@ -114,6 +114,10 @@ class Collate:
             # Dropped samples become empty (weight 0) so the batch shape and data order stay fixed.
             kept = [s if len(s.input_ids) <= buckets[-1] else _empty(s, self.pad_id) for s in samples]
             n = sum(a is not b for a, b in zip(kept, samples))
+            if n == len(samples):  # a step that would train on nothing (loss 0): say so instead
+                raise ValueError(
+                    f"every sample of a batch is longer than the largest of seq_buckets {buckets} (the longest "
+                    f"has {longest} tokens): add a bucket of at least {longest} (config seq_buckets)")
             log.warning("dropped %d sample(s) longer than %d tokens", n, buckets[-1])
             seq = buckets[-1]
         micro = len(kept) // c.grad_accum

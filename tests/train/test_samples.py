@@ -95,3 +95,22 @@ def test_short_system_prompt_reaches_the_pipeline_and_bad_names_are_refused(tmp_
     assert lengths["full"] - lengths["short"] > 200  # the point of the short prompt: a far shorter sample
     with pytest.raises(ValueError, match="system_prompt"):
         make_config(system_prompt="terse")
+
+
+def test_a_batch_with_every_sample_too_long_is_an_error_not_a_silent_zero_loss():
+    import numpy as np
+    import pytest
+
+    from helpers import make_config
+    from ibis_jax.train.pipeline import Collate
+    from ibis_jax.train.samples import SFTSample
+
+    def sample(n):
+        return SFTSample(np.arange(n, dtype=np.int32), np.ones(n, np.float32), np.zeros(n, bool),
+                         [np.zeros((56, 56, 3), np.uint8)])
+
+    collate = Collate(make_config(batch_size=2, seq_buckets=(64,), drop_too_long=True, image_size=56), pad_id=0)
+    batch = collate([sample(40), sample(90)])  # one too long: dropped (weight 0), the other kept
+    assert batch["weights"].sum() == 39  # the kept one: 40 tokens, 39 predicted
+    with pytest.raises(ValueError, match=r"longest has 90 tokens\): add a bucket of at least 90"):
+        collate([sample(70), sample(90)])

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 
-from ibis_jax.commands.synth import add_source_arguments, build_source
+from ibis_jax.commands.synth import SOURCE_NAMES, add_source_arguments, build_source
 
 # Older flat spellings, still accepted: rl.reward_mode (rl.group_size, rl.t_opt... resolve as the
 # only field of that name).
@@ -39,7 +39,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-every", type=int, default=0,
                         help="also export the policy every N steps to WORKDIR/exports/step_N (the final one: WORKDIR/hf)")
     parser.add_argument("overrides", nargs="*", help="key=value (TrainConfig) and rl.key=value")
-    parser.add_argument("--source", default="demo", choices=("folder", "nifti", "dicom", "demo"),
+    parser.add_argument("--source", default="demo", choices=SOURCE_NAMES,
                         help="prompt images and masks (default demo)")
     parser.add_argument("--seed", type=int, default=0, help="source seed (nifti/demo)")
     add_source_arguments(parser)
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     source = build_source(args)
     items = source.items()[: args.limit] if args.limit else source.items()
     samples = [s for item in items for s in source.load(item) if s.mask.any()]
-    out = train_grpo(config, rl, samples, make_tool(args.tool), args.workdir, init_dir=args.init)
+    out = train_grpo(config, rl, samples, make_tool(args.tool, volumes=args.source == "volumes", slice_rule=args.slice_rule),
+                     args.workdir, init_dir=args.init)
     m = out["metrics"]
     import jax
 

@@ -43,7 +43,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from ibis_jax.agent.episode import Episode, Step
-from ibis_jax.agent.grammar import Click, Terminate, is_well_formed
+from ibis_jax.agent.grammar import Terminate, is_well_formed
 from ibis_jax.plugins import load_object
 
 PAPER_REWARDS = ("format", "answer", "click", "pseg", "length")
@@ -121,13 +121,13 @@ def click_reward(episode: Episode, context: RewardContext) -> np.ndarray:
         if not context.has_action(s):
             values.append(context.config.unparsed_click)
             continue
-        if not isinstance(s.action, Click):
+        if not s.is_click:
             values.append(0.0)  # terminate
             continue
-        col, row = s.action.pixel(episode.width, episode.height)
+        where = episode.position(s.action)  # (row, col), or (slice, row, col) on a volume
         # M_{t-1}: the mask of the previous clicks, in both modes (the released step mode
         # rebuilds it from them).
-        in_target, covered = bool(gt[row, col]), bool(s.prev_mask[row, col])
+        in_target, covered = bool(gt[where]), bool(s.prev_mask[where])
         # Positive must land on missed target (FN), negative on wrongly covered pixels (FP).
         right = (in_target and not covered) if s.action.positive else (covered and not in_target)
         values.append(1.0 if right else -1.0)

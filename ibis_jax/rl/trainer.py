@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ibis_jax.agent.settings import AGENT_FILE, AgentSettings, load_agent_settings
-from ibis_jax.agent.episode import Episode, EpisodeConfig
+from ibis_jax.agent.episode import Episode
+from ibis_jax.agent.volume import episode_for_sample
 from ibis_jax.agent.loop import Policy, episode_messages, run_agent
 from ibis_jax.data.queries import sample_query
 from ibis_jax.data.sources.base import Sample
@@ -273,7 +274,6 @@ def train_grpo(
     # process count, splits over the data x fsdp devices.
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     pad_to = row_multiple(ways // math.gcd(ways, processes), -(-8 // processes))
-    episode_config = EpisodeConfig(max_actions=rl.max_turns)
     summary: dict[str, Any] = {}
     rollouts: list[dict[str, Any]] = []  # per step run: every episode's score and advantage, kept or not
     try:
@@ -284,9 +284,9 @@ def train_grpo(
                 t0 = time.perf_counter()
                 picked = [samples[(step * rl.prompts_per_step + i) % len(samples)] for i in range(rl.prompts_per_step)]
                 mine = [(i, g) for i in range(rl.prompts_per_step) for g in range(rl.grpo.group_size)][share]
-                episodes = [
-                    Episode(picked[i].image, sample_query(picked[i], rl.query_style, rl.seed), picked[i].mask,
-                            config=episode_config, episode_id=f"grpo-{step}-{i}-{g}")
+                episodes = [  # a 2D or a volume episode, as the prompt sample is
+                    episode_for_sample(picked[i], sample_query(picked[i], rl.query_style, rl.seed),
+                                       episode_id=f"grpo-{step}-{i}-{g}", max_actions=rl.max_turns)
                     for i, g in mine
                 ]
                 for (i, _), episode in zip(mine, episodes):

@@ -188,3 +188,22 @@ def test_docs_example_reward_loads_by_path_and_pays_the_first_click_on_target():
     miss = Episode(np.zeros((H, W, 3), np.uint8), "q", GT)
     miss.apply_click(Click(0.5, 0.9, True), SegmentResult(_mask(9, slice(None)), None, 1.0))  # row 9: off target
     assert score_episode(miss, {"b": fn}).components["b"].tolist() == [0]
+
+
+def test_click_reward_reads_the_clicked_voxel_of_a_volume():
+    from ibis_jax.agent.grammar import SliceClick
+    from ibis_jax.agent.volume import VolumeEpisode
+    from ibis_jax.rl.rewards import click_reward
+    from ibis_jax.tools.volume import VolumeSegmentResult
+
+    class Empty:  # the mask never grows: every positive click on the target stays right
+        def segment(self, episode_id, points, labels, prev_logits):
+            return VolumeSegmentResult(np.zeros((8, 10, 12), bool), None, 1.0)
+
+    gt = np.zeros((8, 10, 12), bool)
+    gt[5, 2:6, 3:9] = True  # on slice 5 only
+    ep = VolumeEpisode(np.zeros((8, 10, 12), np.uint8), (1.0, 1.0, 1.0), "q", gt, start_slice=5)
+    ep.step(SliceClick.from_voxel(5, 3, 4, 8, 10, 12, True), Empty())  # in the target, on its slice: right
+    ep.step(SliceClick.from_voxel(2, 3, 4, 8, 10, 12, True), Empty())  # same row/col, another slice: wrong
+    ep.step(Click(0.375, 0.35, True), Empty())  # a 2D click means the slice on view (5): right
+    np.testing.assert_array_equal(click_reward(ep, RewardContext()), [1.0, -1.0, 1.0])

@@ -172,3 +172,38 @@ def test_several_updates_per_batch_move_the_ratio_and_the_kl(init_dir, tmp_path)
     assert m["updates"] == 4.0 and m["kept_group_fraction"] == 1.0
     assert m["ratio_abs_dev_last"] > 1e-4  # the last update sees a policy three updates away from pi_old
     assert m["kl_last"] > 0.0 and np.isfinite(m["clip_fraction"])
+
+
+def test_one_grpo_step_on_volume_prompts(init_dir, tmp_path):
+    """Volume prompts go through the same trainer: volume episodes (a 2D click means the slice on
+    view), the classical 3D tool, the click reward in voxels, one update."""
+    from ibis_jax.agent.volume import VolumeEpisode
+    from ibis_jax.data.sources.volumes import EllipsoidVolumeSource
+    from ibis_jax.rl import trainer as trainer_lib
+    from ibis_jax.tools.volume import ClassicalVolumeTool
+
+    source = EllipsoidVolumeSource(num=2, side=16)
+    samples = [s for item in source.items() for s in source.load(item)]
+    config = TrainConfig(image_size=56, lr=1e-3, warmup_frac=0.0, checkpoint_every=10, mesh_shape=(1, 1, 1))
+    # the volume note and the slice line make a turn longer than the 2D test's 1024 tokens
+    rl = RLConfig(steps=1, prompts_per_step=2, max_turns=2, grpo=GRPOConfig(group_size=2), seq_buckets=(1536,))
+    made = []
+    real = trainer_lib.episode_for_sample
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    trainer_lib.episode_for_sample = spy
+    try:
+        seen = []
+        train_grpo(config, rl, samples, ClassicalVolumeTool(), str(tmp_path), init_dir=init_dir,
+                   policy_factory=lambda model, processor, rl_cfg, seed, settings: RandomClickPolicy(processor, seed=seed),
+                   hooks=[lambda step, m: seen.append(m)])
+    finally:
+        trainer_lib.episode_for_sample = real
+    assert len(made) == 4 and all(isinstance(e, VolumeEpisode) and e.done for e in made)
+    assert any(s.is_click for e in made for s in e.steps)
+    m = seen[0]
+    assert m["policy_tokens"] > 0 and np.isfinite(m["loss"]) and np.isfinite(m["reward/click"])
+    assert 0.0 <= m["iou"] <= 1.0

@@ -319,6 +319,23 @@ def _image_digest(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def _answered_step(episode_id: str, episode, index: int, prompt: str):
+    """Step ``index`` of an episode (image or volume) under the idempotent-step rules: the stored
+    record when it was already answered for these clicks, None when it is the next one; a step
+    answered for other clicks, or one past the next, is the status that says why."""
+    if index < len(episode.steps):
+        record = episode.steps[index]
+        if record.prompt_digest != prompt:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"step {index} of episode {episode_id!r} was already answered for other clicks")
+        return record
+    if index > len(episode.steps):
+        raise _Abort(grpc.StatusCode.OUT_OF_RANGE,
+                     f"episode {episode_id!r} holds {len(episode.steps)} steps, got step_index {index}; "
+                     "re-open it and replay the missing steps")
+    return None
+
+
 def _prompt_digest(points: np.ndarray, labels: np.ndarray) -> str:
     return hashlib.sha256(points.tobytes() + b"|" + labels.tobytes()).hexdigest()
 
@@ -590,20 +607,9 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
         prompt = _prompt_digest(points, labels)
         index = request.step_index
         async with episode.lock:  # steps of one episode are sequential by nature
-            if index < len(episode.steps):
-                record = episode.steps[index]
-                if record.prompt_digest != prompt:
-                    raise _Abort(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"step {index} of episode {episode_id!r} was already answered for other clicks",
-                    )
+            record = _answered_step(episode_id, episode, index, prompt)
+            if record is not None:
                 return record.reply
-            if index > len(episode.steps):
-                raise _Abort(
-                    grpc.StatusCode.OUT_OF_RANGE,
-                    f"episode {episode_id!r} holds {len(episode.steps)} steps, got step_index {index}; "
-                    "re-open it and replay the missing steps",
-                )
             prev = episode.last_logits if index > 0 else None
             result = await self._model(self.batcher.decode, DecodeRequest(episode.encoded, points, labels, prev))
             reply = pb.StepReply(mask=_rle_message(result.mask), score=result.score, step_index=index)
@@ -825,11 +831,8 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
         prompt = _prompt_digest(points, labels)
         index = request.step_index
         async with episode.lock:
-            if index < len(episode.steps):
-                record = episode.steps[index]
-                if record.prompt_digest != prompt:
-                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"step {index} of episode {episode_id!r} was already answered for other clicks")
+            record = _answered_step(episode_id, episode, index, prompt)
+            if record is not None:
                 if kind != pb.PROBABILITY_NONE and index != len(episode.steps) - 1:
                     raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"only the latest step's probability is kept (step {len(episode.steps) - 1}), "
@@ -840,12 +843,6 @@ class ToolBridgeServicer(pb_grpc.ToolBridgeServicer):
                 if probability is not None:
                     reply.probability.CopyFrom(probability)
                 return reply
-            if index > len(episode.steps):
-                raise _Abort(
-                    grpc.StatusCode.OUT_OF_RANGE,
-                    f"episode {episode_id!r} holds {len(episode.steps)} steps, got step_index {index}; "
-                    "re-open it and replay the missing steps",
-                )
             prev = episode.last_logits if index > 0 else None
             handle = episode.encoded.payload
             result = await self._volume_call(backend.segment, handle, points, labels, prev)

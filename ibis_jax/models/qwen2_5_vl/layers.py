@@ -118,9 +118,9 @@ def cached_attention(
         probs = jax.nn.softmax(logits + row_bias, axis=-1).astype(v.dtype)
         return unflatten(jnp.einsum("bkqt,bktd->bkqd", probs, v))
 
-    # Slot-major inside a block: the cache block is the left operand of both matmuls, [T, D] @
-    # [D, q] and [T, D]^T-contracted with p [T, q], which XLA:CPU streams ~4x faster than the
-    # q-major `q @ K^T` for the few query rows of a decode step (bench/generate_vs_transformers.py).
+    # Slot-major inside a block: the cache block is the left operand of both matmuls (K [T, D]
+    # @ q^T, then p [T, q] contracted with V [T, D]); for the few query rows of a decode step
+    # XLA:CPU streams that ~4x faster than the q-major `q @ K^T` (docs/benchmarks.md).
     block_bias = row_bias.swapaxes(-1, -2)  # [b, 1, t, q]
 
     def block(j, carry):

@@ -27,6 +27,7 @@ not the transport.
 
     python bench/agent_case.py                 # 16 cases, up to 5 clicks, 8 rows
     python bench/agent_case.py --quick         # smoke run (seconds)
+    python bench/agent_case.py --breakdown     # + our side's vision / prefill / decode split
 """
 
 from __future__ import annotations
@@ -126,6 +127,47 @@ class StatelessTool:
         self.images.pop(episode_id, None)
 
 
+class PieceTimer:
+    """Seconds in the sampler's pieces (vision tower, prompt prefill with it, decode), each call
+    waited on so that its time is its own; installed on the `Sampler` class for one pass."""
+
+    PIECES = {"_features": "vision", "prefill_shared": "prefill", "prefill": "prefill", "decode": "decode"}
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(("vision", "prefill", "decode"), 0.0)
+        self._saved = {}
+
+    def __enter__(self):
+        import jax
+
+        from ibis_jax.generate.sampler import Sampler
+
+        for name, piece in self.PIECES.items():
+            fn = self._saved[name] = getattr(Sampler, name)
+
+            def timed(*args, _fn=fn, _piece=piece, **kwargs):
+                t = time.perf_counter()
+                out = _fn(*args, **kwargs)
+                jax.block_until_ready(out)
+                self.seconds[_piece] += time.perf_counter() - t
+                return out
+
+            setattr(Sampler, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        from ibis_jax.generate.sampler import Sampler
+
+        for name, fn in self._saved.items():
+            setattr(Sampler, name, fn)
+
+    def summary(self, cases: int) -> dict:
+        """Per case; prefill without the vision tower inside it."""
+        s = self.seconds
+        return dict(vision_s_per_case=s["vision"] / cases, prefill_s_per_case=(s["prefill"] - s["vision"]) / cases,
+                    decode_s_per_case=s["decode"] / cases)
+
+
 class TimedTool:
     def __init__(self, tool):
         self.tool, self.seconds, self.calls = tool, 0.0, 0
@@ -203,6 +245,8 @@ def main() -> int:
     ap.add_argument("--static", action="store_true", help="also time the static batch (one row per case)")
     ap.add_argument("--device", default="cpu", help="torch device of transformers and the tool (cuda on a GPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time our side once more with its vision / prefill / decode split (calls waited on)")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 cases, 2 clicks, 8 tokens, 112 px")
     args = ap.parse_args()
@@ -277,6 +321,14 @@ def main() -> int:
                                   tool_s_per_case=ours_tool / n, rows_busy=stats.rows_busy,
                                   rows_available=stats.rows_available, sampler_idle=stats.sampler_idle,
                                   tool_idle=stats.tool_idle)
+            if args.breakdown:
+                with PieceTimer() as pieces:
+                    b_wall, _, _, _ = run_ours(policy, client, cases, args.rows, False, "e")
+                split = pieces.summary(n)
+                print(f"ibis-jax split (one more pass, each piece waited on): {b_wall / n:7.3f} s/case   vision "
+                      f"{split['vision_s_per_case']:6.3f}   prefill {split['prefill_s_per_case']:6.3f}   decode "
+                      f"{split['decode_s_per_case']:6.3f} s/case")
+                result["ours_split"] = dict(s_per_case=b_wall / n, **split)
             if args.overlap:
                 ov_wall, ov, _, _ = run_ours(policy, client, cases, args.rows, True, "c")
                 print(f"ibis-jax (+ overlap, 2 cohorts of {-(-args.rows // 2)}): {ov_wall / n:7.3f} s/case   "

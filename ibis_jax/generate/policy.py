@@ -50,13 +50,23 @@ class ModelPolicy:
 
     @classmethod
     def from_pretrained_dir(cls, directory: str, *, sampler_config: SamplerConfig | None = None,
+                            dtype: str = "float32", mesh_shape: tuple[int, int, int] | None = None,
                             **kwargs: Any) -> "ModelPolicy":
         """Load an HF Qwen2.5-VL directory (weights + tokenizer) as a greedy evaluation policy, with
-        the agent settings the directory records (`agent.settings.AGENT_FILE`; none: HF defaults)."""
-        from ibis_jax.models.qwen2_5_vl import load_hf
+        the agent settings the directory records (`agent.settings.AGENT_FILE`; none: HF defaults).
 
+        dtype: parameters and compute ("bfloat16" halves the memory); mesh_shape: (data, fsdp,
+        tensor) over this process's devices (e.g. (1, 1, 4): tensor-parallel), each tensor loaded
+        into its shard; None: one device. Built by the trainers' own builder (`train.state`)."""
+        from ibis_jax.train.config import TrainConfig
+        from ibis_jax.train.mesh import make_mesh
+        from ibis_jax.train.state import load_model
+
+        mesh = make_mesh(mesh_shape, jax.local_devices()) if mesh_shape else None
+        config = TrainConfig(param_dtype=dtype, compute_dtype=dtype, freeze_vision=False)
         kwargs.setdefault("settings", load_agent_settings(directory))
-        return cls(load_hf(directory), Qwen25VLProcessor(directory), sampler_config or SamplerConfig(), **kwargs)
+        return cls(load_model(config, directory, mesh), Qwen25VLProcessor(directory), sampler_config or SamplerConfig(),
+                   mesh=mesh, **kwargs)
 
     @classmethod
     def for_rollouts(cls, model, processor: Qwen25VLProcessor, *, temperature: float = 1.0,

@@ -47,7 +47,7 @@ from ibis_jax.buckets import fit_bucket
 from ibis_jax.generate.stop import StopAutomaton
 from ibis_jax.models.logits import suppress
 from ibis_jax.models.qwen2_5_vl import Qwen25VL, get_rope_index, vision_layout
-from ibis_jax.models.qwen2_5_vl.layers import MASK_VALUE
+from ibis_jax.models.qwen2_5_vl.layers import MASK_VALUE, layer_view, run_layers
 from ibis_jax.models.qwen2_5_vl.packed import PackedText, pack_text, packed_matmul
 from ibis_jax.models.qwen2_5_vl.processor import eos_token_ids
 from ibis_jax.models.qwen2_5_vl.text import mrope_cos_sin
@@ -113,8 +113,11 @@ def power_of_two_groups(n: int) -> list[int]:
 class DecodeState:
     """A batch of cached conversations (see the module docstring). B and T are bucketed."""
 
-    k: tuple[jax.Array, ...]  # per layer [B, kv_heads, T, head_dim]
-    v: tuple[jax.Array, ...]
+    # Per layer [B, kv_heads, T, head_dim] (a tuple: the unrolled / packed-weight path) or all
+    # layers stacked [L, B, kv_heads, T, head_dim] (the scanned path). Either way the slot axis is
+    # -2 and the row axis -4, so cache edits are written once for both (`jax.tree.map`).
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     slot_valid: jax.Array  # bool [B, T]
     end: jax.Array  # int32 []: first free slot
     next_pos: jax.Array  # int32 [B]: mRoPE position of each row's next text token
@@ -160,8 +163,9 @@ def _forward_chunk(
     [B, S]; packed: the decoder's packed weights or None. Returns (state with k/v/slot_valid/end
     updated, final-normed hidden [B, S, D]).
 
-    Mirrors `TextModel.__call__` with a cache, but keeps one cache array per layer so the
-    donated buffers are updated in place (no per-step stack of all layers)."""
+    Mirrors `TextModel.__call__` with a cache. A stacked cache runs the layers as one scan that
+    carries the whole cache and updates each layer's slots in place; a per-layer cache (the
+    packed-weight CPU path) runs them one by one, each layer's donated buffer updated in place."""
     lm = model.language_model
     x = embeds.astype(lm.dtype)
     s = x.shape[1]
@@ -173,15 +177,27 @@ def _forward_chunk(
     bias = jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
     act_spec = lm.act_spec
     x = _constrain(x, act_spec)
-    ks, vs = [], []
-    for i, layer in enumerate(lm.layers):
-        x, (k, v) = layer(x, cos, sin, bias, (state.k[i], state.v[i]), state.end,
-                          None if packed is None else packed.layers[i])
-        ks.append(_constrain(k, cache_spec))
-        vs.append(_constrain(v, cache_spec))
-        x = _constrain(x, act_spec)
+    if isinstance(state.k, tuple):
+        ks, vs = [], []
+        for i in range(len(state.k)):
+            layer = layer_view(lm.layers, i)
+            x, (k, v) = layer(x, cos, sin, bias, (state.k[i], state.v[i]), state.end,
+                              None if packed is None else packed.layers[i])
+            ks.append(_constrain(k, cache_spec))
+            vs.append(_constrain(v, cache_spec))
+            x = _constrain(x, act_spec)
+        k, v = tuple(ks), tuple(vs)
+    else:
+        layer_spec = None if cache_spec is None else P(None, *cache_spec)
+
+        def step(layer, carry, index):
+            h, k, v = carry
+            h, (k, v) = layer(h, cos, sin, bias, (k, v), state.end, layer_index=index)
+            return (_constrain(h, act_spec), _constrain(k, layer_spec), _constrain(v, layer_spec)), None
+
+        (x, k, v), _ = run_layers(lm.layers, step, (x, state.k, state.v), jnp.arange(state.k.shape[0]))
     x = lm.norm(x)
-    new = dataclasses.replace(state, k=tuple(ks), v=tuple(vs), slot_valid=slot_valid, end=state.end + s)
+    new = dataclasses.replace(state, k=k, v=v, slot_valid=slot_valid, end=state.end + s)
     return new, x
 
 
@@ -298,21 +314,45 @@ def _decode(graphdef, params, packed, state: DecodeState, key, row_live, stop_ta
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def _seed_prefix(state: DecodeState, prefix_k, prefix_v, prefix_valid, prefix_next):
-    """Copy a cached prefix (per layer k/v [1, KV, P, D], valid [P], its next position) into
-    slots [0, P) of every row of an empty `state`; `end` becomes P."""
+    """Copy a cached prefix (k/v [..., 1, KV, P, D] as the state's, valid [P], its next position)
+    into slots [0, P) of every row of an empty `state`; `end` becomes P."""
     p = prefix_valid.shape[0]
 
     def put(x, y):
-        return x.at[:, :, :p].set(jnp.broadcast_to(y, (x.shape[0],) + y.shape[1:]).astype(x.dtype))
+        rows = y.shape[:-4] + (x.shape[-4],) + y.shape[-3:]
+        return x.at[..., :p, :].set(jnp.broadcast_to(y, rows).astype(x.dtype))
 
     return dataclasses.replace(
-        state, k=tuple(put(x, y) for x, y in zip(state.k, prefix_k)),
-        v=tuple(put(x, y) for x, y in zip(state.v, prefix_v)),
+        state, k=jax.tree.map(put, state.k, prefix_k), v=jax.tree.map(put, state.v, prefix_v),
         slot_valid=state.slot_valid.at[:, :p].set(prefix_valid[None]),
         end=jnp.asarray(p, jnp.int32), next_pos=jnp.full_like(state.next_pos, prefix_next))
 
 
 # ---------------------------------------------------------------------------- host side
+def empty_decode_state(cfg, dtype, batch: int, max_len: int, *, stacked: bool, mesh=None, spec: P | None = None,
+                       abstract: bool = False) -> DecodeState:
+    """An empty `DecodeState` (the sampler's, and what `ibis-jax plan` compiles against): k/v of
+    `cfg.num_hidden_layers` layers, stacked or per layer, sharded by `spec` [B, KV, T, head_dim]
+    on `mesh`; abstract: `ShapeDtypeStruct`s with those shardings (nothing allocated)."""
+    layers, shape = cfg.num_hidden_layers, (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    full = ((layers,) + shape) if stacked else shape
+    layer_spec = None if spec is None else (P(None, *spec) if stacked else spec)
+    rep = None if mesh is None else NamedSharding(mesh, P())
+
+    def make(shape_, dtype_, spec_=None):
+        sharding = None if mesh is None else (NamedSharding(mesh, spec_) if spec_ is not None else rep)
+        if abstract:
+            return jax.ShapeDtypeStruct(shape_, jnp.dtype(dtype_), sharding=sharding)
+        z = jnp.zeros(shape_, dtype_)
+        return z if sharding is None or spec_ is None else jax.device_put(z, sharding)
+
+    cache = (lambda: make(full, dtype, layer_spec)) if stacked else (
+        lambda: tuple(make(full, dtype, layer_spec) for _ in range(layers)))
+    return DecodeState(k=cache(), v=cache(), slot_valid=make((batch, max_len), jnp.bool_),
+                       end=make((), jnp.int32), next_pos=make((batch,), jnp.int32),
+                       logits=make((batch, cfg.vocab_size), jnp.float32))
+
+
 def cache_spec(mesh: jax.sharding.Mesh | None, kv_heads: int, batch: int) -> P | None:
     """The k/v cache's PartitionSpec [B, kv_heads, T, head_dim]: kv heads over "tensor" and rows
     over ("data", "fsdp") where those divide; None without a mesh."""
@@ -382,25 +422,15 @@ class Sampler:
     def _cache_spec(self, batch: int) -> P | None:
         return cache_spec(self.mesh, self.model.config.text.num_key_value_heads, batch)
 
+    def stacked_cache(self) -> bool:
+        """Whether the cache is stacked over layers (the scanned decode) or one array per layer
+        (packed weights, or a model built with scan_layers=False)."""
+        return not self._use_packed() and self.model.language_model.scan_layers
+
     def init_state(self, batch: int, max_len: int) -> DecodeState:
         """An empty cache for `batch` rows and `max_len` slots (both already bucketed)."""
-        t = self.model.config.text
-        dtype = self.model.language_model.dtype
-        shape = (batch, t.num_key_value_heads, max_len, t.head_dim)
-        spec = self._cache_spec(batch)
-
-        def zeros():
-            z = jnp.zeros(shape, dtype)
-            return z if spec is None else jax.device_put(z, NamedSharding(self.mesh, spec))
-
-        return DecodeState(
-            k=tuple(zeros() for _ in range(t.num_hidden_layers)),
-            v=tuple(zeros() for _ in range(t.num_hidden_layers)),
-            slot_valid=jnp.zeros((batch, max_len), bool),
-            end=jnp.zeros((), jnp.int32),
-            next_pos=jnp.zeros(batch, jnp.int32),
-            logits=jnp.zeros((batch, t.vocab_size), jnp.float32),
-        )
+        return empty_decode_state(self.model.config.text, self.model.language_model.dtype, batch, max_len,
+                                  stacked=self.stacked_cache(), mesh=self.mesh, spec=self._cache_spec(batch))
 
     def _features(self, graphdef, params, pixel_values, image_grid_thw) -> jax.Array | None:
         """Visual features of the images, encoded in groups of power-of-two image counts (5
@@ -480,7 +510,8 @@ class Sampler:
             chunk = self._chunk([prefix], 1, np.zeros(1, np.int32), None, size=-(-len(prefix) // 16) * 16)
             end = chunk.input_ids.shape[1]
             st = self._append(self.init_state(1, end), chunk, None, None)
-            self._prefixes[key] = (leaves, tuple(k[:1, :, :end] for k in st.k), tuple(v[:1, :, :end] for v in st.v),
+            first = lambda c: c[..., :1, :, :end, :]  # row 0, slots [0, end)
+            self._prefixes[key] = (leaves, jax.tree.map(first, st.k), jax.tree.map(first, st.v),
                                    st.slot_valid[0, :end], int(st.next_pos[0]))
         _, pk, pv, pvalid, pnext = self._prefixes[key]
         b = bucket(len(suffixes), self.config.batch_buckets)
@@ -510,14 +541,16 @@ class Sampler:
         extra = max_len - state.max_len
         spec = self._cache_spec(state.batch)
 
-        def pad_slots(x, axis):  # the slot axis: 1 of slot_valid [B, T], 2 of k/v [B, KV, T, D]
+        def pad_slots(x, axis):  # the slot axis: 1 of slot_valid [B, T], -2 of k/v [..., B, KV, T, D]
             widths = [(0, 0)] * x.ndim
             widths[axis] = (0, extra)
             y = jnp.pad(x, widths)
-            return y if spec is None or x.ndim != 4 else jax.device_put(y, NamedSharding(self.mesh, spec))
+            if spec is None or x.ndim < 4:
+                return y
+            return jax.device_put(y, NamedSharding(self.mesh, P(*(None,) * (x.ndim - 4), *spec)))
 
-        return dataclasses.replace(state, k=tuple(pad_slots(k, 2) for k in state.k),
-                                   v=tuple(pad_slots(v, 2) for v in state.v),
+        cache = lambda c: pad_slots(c, -2)
+        return dataclasses.replace(state, k=jax.tree.map(cache, state.k), v=jax.tree.map(cache, state.v),
                                    slot_valid=pad_slots(state.slot_valid, 1))
 
     def _append(self, state, chunk: Chunk, pixel_values, image_grid_thw) -> DecodeState:

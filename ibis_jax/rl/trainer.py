@@ -46,7 +46,6 @@ from ibis_jax.agent.volume import episode_for_sample
 from ibis_jax.agent.loop import Policy, episode_messages, run_agent
 from ibis_jax.data.queries import sample_query
 from ibis_jax.data.sources.base import Sample
-from ibis_jax.models.qwen2_5_vl import load_hf
 from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor, eos_token_ids
 from ibis_jax.rl.batch import TurnExample, build_grpo_batch, row_bucket, row_multiple, trajectory_tokens
 from ibis_jax.rl.grpo import GRPOConfig, compute_advantages, minibatch_indices, nonzero_variance_groups
@@ -55,15 +54,13 @@ from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, scor
 from ibis_jax.tools.auto import assign_episode
 from ibis_jax.tools.protocol import SegmentationTool
 from ibis_jax.train import core
-from ibis_jax.train import lora as lora_lib
 from ibis_jax.train import mesh as mesh_lib
-from ibis_jax.train.checkpoint import Checkpointer, abstract_with_shardings, export_hf
+from ibis_jax.train.checkpoint import Checkpointer, export_hf
 from ibis_jax.train.config import TrainConfig, to_dict
 from ibis_jax.train.metrics import MetricsWriter
 from ibis_jax.train.optim import make_optimizer
 from ibis_jax.train.sft import to_global, with_vision_layout
-from ibis_jax.train.state import ModelDef, TrainState, split_model, state_specs
-from ibis_jax.train.step import jit_train_step, make_train_step
+from ibis_jax.train.program import build_program
 
 log = logging.getLogger(__name__)
 
@@ -211,37 +208,28 @@ def train_grpo(
     grpo = resolve_grpo(rl)
     tx, schedule = make_optimizer(config, rl.steps * grpo.updates_per_batch,
                                   grpo_schedule(config, rl, rl.steps * grpo.updates_per_batch))
-    model = load_hf(init_dir, mesh=mesh, freeze_vision=config.freeze_vision)  # each tensor placed sharded
+    from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig
+
+    # The program `ibis-jax plan` compiles: the config's dtypes, remat policy, scanned layers, LoRA.
+    program = build_program(config, Qwen25VLConfig.from_hf_config(init_dir), mesh, tx, schedule)
+    model_def, shardings, abstract = program.model_def, program.shardings, program.abstract
     processor = Qwen25VLProcessor(config.tokenizer_dir or init_dir)
-    graphdef, trainable, frozen, param_specs = split_model(model, config)
-    model_def = ModelDef(graphdef, model.config, config.lora_rank, config.lora_alpha)
-    del model
     key = jax.random.key(config.seed)
-
-    def from_loaded(trainable, frozen, key):
-        if config.lora_rank:
-            trainable = lora_lib.init_lora(frozen, config.lora_targets, config.lora_rank, jax.random.fold_in(key, 1))
-        return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
-
-    abstract = jax.eval_shape(from_loaded, trainable, frozen, key)
-    shardings = mesh_lib.named(mesh, state_specs(abstract, param_specs, tx, config))
-    state = jax.jit(from_loaded, out_shardings=shardings)(trainable, frozen, key)  # optimizer state born sharded
-    del trainable, frozen
+    state = program.from_hf(init_dir, key)  # each tensor read into its shard; optimizer state born sharded
     # The frozen initial policy for the KL penalty: a copy (the update donates the state's buffers),
     # taken before any restore, so a resumed run keeps the same reference.
     ref_params = jax.tree.map(jnp.copy, state.params) if grpo.beta > 0 else None
     # ---------------------------------------------------------------- restore
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     start = 0
-    restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))  # logs "resumed from step N"
+    restored = ckpt.restore_latest(abstract)  # logs "resumed from step N"
     if restored is not None:
         state, _, _, start = restored
     # ---------------------------------------------------------------- the update step
     # The default policy never samples the multimodal placeholders (ModelPolicy); the loss scores
     # rollouts under the same distribution.
     suppressed = model_def.config.multimodal_token_ids
-    train_step = make_train_step(model_def, make_grpo_loss(grpo, temperature=rl.temperature, suppressed=suppressed),
-                                 tx, schedule)
+    grpo_loss_fn = make_grpo_loss(grpo, temperature=rl.temperature, suppressed=suppressed)
     step_fns: dict = {}
     layout_cache: dict = {}
 
@@ -350,7 +338,7 @@ def train_grpo(
                             if ref_params is not None:
                                 extra["ref_logprobs"] = batch_shardings["targets"]
                             step_shardings = {**batch_shardings, **extra}
-                            step_fns[shape_key] = (jit_train_step(train_step, shardings, step_shardings, mesh), lp_fn,
+                            step_fns[shape_key] = (program.train_step(grpo_loss_fn, step_shardings), lp_fn,
                                                    batch_shardings)
                         step_fn, lp_fn, batch_shardings = step_fns[shape_key]
                         global_batch = to_global(arrays, batch_shardings)

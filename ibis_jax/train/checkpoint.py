@@ -136,14 +136,18 @@ def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir
     from ibis_jax.models.qwen2_5_vl.params import save_hf_params
     from ibis_jax.train import lora as lora_lib
 
+    from ibis_jax.models.qwen2_5_vl.params import host_tensor
+
     transform = None
     if model_def.lora_rank:
         params, adapters = state.frozen, state.params
         scale = model_def.lora_alpha / model_def.lora_rank
 
-        def transform(path, w):
-            ab = adapters.get(lora_lib.key_of(path))
-            return w if ab is None else lora_lib.merge_one(w, ab["a"], ab["b"], scale)
+        def transform(entry, w):  # on the host, in numpy: the same bytes on every mesh
+            ab = adapters.get(lora_lib.key_of(entry.path))
+            if ab is None:
+                return w
+            return lora_lib.merge_host(w, host_tensor(entry, ab["a"]), host_tensor(entry, ab["b"]), scale)
     else:
         params = model_def.all_params(state.params, state.frozen)  # a dict merge: no array is copied
     save_hf_params(params, model_def.config, directory, source_dir=source_dir, max_shard_size=max_shard_size,

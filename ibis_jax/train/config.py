@@ -28,7 +28,9 @@ class TrainConfig:
     tokenizer_dir: str | None = None  # default hf_dir; tiny without either: built under the workdir
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # bfloat16 for the GPU / TPU configs
-    remat: bool = False
+    remat: bool = False  # rematerialise each layer in the backward pass, under `remat_policy`
+    remat_policy: str = "full"  # with remat: full | dots_saveable | dots_with_no_batch_dims_saveable
+    scan_layers: bool = True  # decoder layers and vision blocks as lax.scans (False: unrolled, debugging)
     freeze_vision: bool = True  # SPEC section 5: vision tower frozen, merger trains
     lora_rank: int = 0  # 0 = full fine-tuning of the trainable params
     lora_alpha: float = 16.0
@@ -74,10 +76,21 @@ class TrainConfig:
         if self.history not in ("none", "full"):
             raise ValueError(f"config history must be 'none' or 'full', got {self.history!r}")
         system_prompt(self.system_prompt)  # a name agent.prompts knows, else a ValueError naming the field
+        if self.remat_policy not in ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"):
+            raise ValueError(f"config remat_policy {self.remat_policy!r}: use full, dots_saveable, "
+                             "dots_with_no_batch_dims_saveable or none")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"config {name} {getattr(self, name)!r}: use float32, bfloat16 or float16")
 
     @property
     def micro_batch(self) -> int:
         return self.batch_size // self.grad_accum
+
+    @property
+    def remat_name(self) -> str:
+        """The remat policy the model runs with ("none" unless `remat`)."""
+        return self.remat_policy if self.remat else "none"
 
 
 def _parse(value: str, typ: Any) -> Any:

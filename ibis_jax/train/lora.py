@@ -1,11 +1,16 @@
 """LoRA as the released IBISAgent SFT config used it (rank 8 on the decoder projections).
 
-The adapters live outside the model: for a target kernel W [d_in, d_out] we train
-A [d_in, r] (normal init) and B [r, d_out] (zeros, so step 0 equals the base model), and the
-step builds W + (alpha / r) A @ B before the forward. That keeps the Qwen module untouched,
-makes "merge into the weights for save_hf" the same function as training uses, and gives
-LoRA's optimizer-state saving (the point of LoRA at 7B); the backward still forms dL/dW
-(as full fine-tuning does) before contracting it into dA, dB.
+The adapters live outside the model: for a target kernel W [..., d_in, d_out] (the decoder's
+kernels are stacked over layers, [L, d_in, d_out]) we train A [..., d_in, r] (normal init) and
+B [..., r, d_out] (zeros, so step 0 equals the base model), and the step builds
+W + (alpha / r) A @ B before the forward. That keeps the Qwen module untouched and gives LoRA's
+optimizer-state saving (the point of LoRA at 7B); the backward still forms dL/dW (as full
+fine-tuning does) before contracting it into dA, dB.
+
+The adapters (and so their optimizer moments) are float32 whatever the base's dtype: in bf16 an
+update of lr 1e-5 rounds away for most entries of A. The HF export merges on the host in numpy
+(`merge_host`), one layer's kernel at a time, so the exported bytes do not depend on the mesh the
+adapters were trained on.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 Path = tuple  # nnx path: ("language_model", "layers", 0, "self_attn", "q_proj", "kernel")
@@ -45,32 +51,41 @@ def lora_targets(params: dict, targets: Sequence[str]) -> list[Path]:
 
 
 def init_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
-    """{path key: {"a": [d_in, r], "b": [r, d_out]}} for every target kernel (b = 0)."""
+    """{path key: {"a": [..., d_in, r], "b": [..., r, d_out]}} (float32) for every target kernel
+    [..., d_in, d_out] (b = 0)."""
     flat = _flat(params)
     out = {}
     for i, path in enumerate(lora_targets(params, targets)):
         w = flat[path]
-        d_in, d_out = w.shape
-        a = jax.random.normal(jax.random.fold_in(key, i), (d_in, rank), jnp.float32) / jnp.sqrt(d_in)
-        out[key_of(path)] = {"a": a.astype(w.dtype), "b": jnp.zeros((rank, d_out), w.dtype)}
+        *lead, d_in, d_out = w.shape
+        a = jax.random.normal(jax.random.fold_in(key, i), (*lead, d_in, rank), jnp.float32) / jnp.sqrt(d_in)
+        out[key_of(path)] = {"a": a, "b": jnp.zeros((*lead, rank, d_out), jnp.float32)}
     return out
 
 
 def lora_specs(param_specs: dict, lora: dict) -> dict:
-    """A inherits the kernel's input-dim sharding, B its output-dim sharding."""
+    """A inherits the kernel's input-dim sharding, B its output-dim sharding (and both its
+    leading layer axis's)."""
     flat = {key_of(p): s for p, s in _flat(param_specs).items()}
     out = {}
-    for k in lora:
-        spec = tuple(flat[k]) + (None, None)
-        out[k] = {"a": P(spec[0], None), "b": P(None, spec[1])}
+    for k, ab in lora.items():
+        ndim = len(ab["a"].shape)
+        spec = (tuple(flat[k]) + (None,) * ndim)[:ndim]
+        out[k] = {"a": P(*spec[:-1], None), "b": P(*spec[:-2], None, spec[-1])}
     return out
 
 
-@jax.jit
 def merge_one(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """W + scale * A @ B in W's dtype (fp32 accumulation): one adapted kernel."""
-    delta = jnp.einsum("ir,ro->io", a, b, preferred_element_type=jnp.float32)
+    """W + scale * A @ B in W's dtype (fp32 accumulation): one adapted (stacked) kernel."""
+    delta = jnp.einsum("...ir,...ro->...io", a, b, preferred_element_type=jnp.float32)
     return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
+def merge_host(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """`merge_one` in host memory (numpy, float32): the export's merge, the same bytes whatever
+    mesh the arrays came from."""
+    delta = np.asarray(a, np.float32) @ np.asarray(b, np.float32)
+    return (np.asarray(w, np.float32) + np.float32(scale) * delta).astype(w.dtype)
 
 
 def merge_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:

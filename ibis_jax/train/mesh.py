@@ -40,6 +40,18 @@ def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mes
     """A (data, fsdp, tensor) mesh over `devices` (default all), ICI-aware via jax.make_mesh."""
     devices = list(devices if devices is not None else jax.devices())
     dims = resolve_mesh_shape(shape, len(devices))
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if len(slices) > 1:
+        # Several TPU slices talk over the data-centre network: only the data axis crosses them
+        # (gradients once per step), fsdp and tensor stay inside a slice (JAX's hybrid mesh).
+        n = len(slices)
+        if dims[0] % n:
+            raise ValueError(f"mesh_shape {tuple(dims)} over {n} slices: the data axis must be a multiple of the "
+                             f"slice count (e.g. mesh_shape={n},-1,1), so fsdp and tensor stay inside a slice")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh((dims[0] // n, dims[1], dims[2]), (n, 1, 1), devices)
+        return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     if devices == list(jax.devices()):
         return jax.make_mesh(dims, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     return Mesh(np.asarray(devices).reshape(dims), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)

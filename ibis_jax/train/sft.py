@@ -15,22 +15,19 @@ import zlib
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ibis_jax.agent.settings import AgentSettings
-from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, load_hf, vision_layout
+from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, vision_layout
 from ibis_jax.train import core
-from ibis_jax.train import lora as lora_lib
 from ibis_jax.train import mesh as mesh_lib
-from ibis_jax.train.checkpoint import Checkpointer, abstract_with_shardings, export_hf
+from ibis_jax.train.checkpoint import Checkpointer, export_hf
 from ibis_jax.train.config import TrainConfig, to_dict
 from ibis_jax.train.loss import LOSSES
 from ibis_jax.train.metrics import MetricsWriter, last_metrics, peak_flops_per_device, step_flops
 from ibis_jax.train.optim import make_optimizer
 from ibis_jax.train.pipeline import make_pipeline
-from ibis_jax.train.state import TrainState, abstract_train_state, init_fn_for, split_model, _dtype
-from ibis_jax.train.step import jit_train_step, make_train_step
+from ibis_jax.train.program import build_program
 
 log = logging.getLogger(__name__)
 StepHook = Callable[[int, dict[str, float]], None]
@@ -176,42 +173,28 @@ def train(
     # ---------------------------------------------------------------- model and optimizer
     tx, schedule = make_optimizer(config, total_steps)
     key = jax.random.key(config.seed)
-    init_fn = init_fn_for(config, model_config, tx)
-    model_def, abstract, specs = abstract_train_state(config, model_config, tx, key)
-    shardings = mesh_lib.named(mesh, specs)
+    program = build_program(config, model_config, mesh, tx, schedule)  # what `ibis-jax plan` compiles
+    model_def = program.model_def
 
     # ---------------------------------------------------------------- init or restore
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
-    restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))  # logs "resumed from step N"
+    restored = ckpt.restore_latest(program.abstract)  # logs "resumed from step N"
     if restored is not None:
         state, data_state, _, start = restored
         data_iter.set_state(data_state)
     elif config.hf_dir:
-        model = load_hf(config.hf_dir, _dtype(config.param_dtype), mesh, compute_dtype=_dtype(config.compute_dtype),
-                        remat=config.remat, freeze_vision=config.freeze_vision)
-        _, trainable, frozen, _ = split_model(model, config)
-        del model
-
-        def from_loaded(trainable, frozen, key):
-            if config.lora_rank:
-                trainable = lora_lib.init_lora(frozen, config.lora_targets, config.lora_rank, jax.random.fold_in(key, 1))
-            return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
-
-        state = jax.jit(from_loaded, out_shardings=shardings)(trainable, frozen, key)
-        start = 0
+        state, start = program.from_hf(config.hf_dir, key), 0
     else:
-        state = jax.jit(init_fn, out_shardings=shardings)(key)
-        start = 0
+        state, start = program.init(key), 0
 
     # ---------------------------------------------------------------- the update step
-    train_step = make_train_step(model_def, LOSSES["sft"], tx, schedule)
     layout_cache: dict = {}
     pad_id = pipeline.collate.pad_id
     next_batch = lambda: with_vision_layout(agree_across_processes(next(data_iter), pad_id), model_config.vision,
                                             layout_cache)
     first = next_batch()
-    batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(first, mesh, processes=jax.process_count()))
-    step_fn = jit_train_step(train_step, shardings, batch_shardings, mesh)
+    batch_shardings = program.batch_shardings(first, processes=jax.process_count())
+    step_fn = program.train_step(LOSSES["sft"], batch_shardings)
     peak = peak_flops_per_device(config.compute_dtype, config.peak_flops) * mesh.size
 
     # ---------------------------------------------------------------- the loop

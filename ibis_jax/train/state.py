@@ -63,12 +63,24 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
+def model_options(config: TrainConfig) -> dict[str, Any]:
+    """The one place a config becomes the model's build options (dtypes, remat policy, scanned
+    layers, frozen vision, sharding names): random init, `load_hf` and `plan` all take these."""
+    return dict(dtype=_dtype(config.compute_dtype), param_dtype=_dtype(config.param_dtype),
+                sharding=ShardingConfig.fsdp_tensor(), remat=config.remat_name, scan_layers=config.scan_layers,
+                freeze_vision=config.freeze_vision)
+
+
 def make_model(config: TrainConfig, model_config: Qwen25VLConfig, key: jax.Array) -> Qwen25VL:
-    return Qwen25VL(
-        model_config, dtype=_dtype(config.compute_dtype), param_dtype=_dtype(config.param_dtype),
-        sharding=ShardingConfig.fsdp_tensor(), remat=config.remat, freeze_vision=config.freeze_vision,
-        rngs=nnx.Rngs(key),
-    )
+    return Qwen25VL(model_config, **model_options(config), rngs=nnx.Rngs(key))
+
+
+def load_model(config: TrainConfig, directory: str, mesh: jax.sharding.Mesh | None) -> Qwen25VL:
+    """An HF directory loaded with the config's build options (each tensor placed sharded on `mesh`)."""
+    from ibis_jax.models.qwen2_5_vl import load_hf
+
+    opts = model_options(config)
+    return load_hf(directory, opts.pop("param_dtype"), mesh, compute_dtype=opts.pop("dtype"), **opts)
 
 
 def split_model(model: Qwen25VL, config: TrainConfig) -> tuple[Any, dict, dict, dict]:
@@ -115,6 +127,15 @@ def state_specs(state: TrainState, param_specs: dict, tx: optax.GradientTransfor
     return TrainState(step=P(), params=p_specs, frozen=f_specs, opt_state=opt_specs)
 
 
+def new_state(config: TrainConfig, tx: optax.GradientTransformation, trainable: dict, frozen: dict,
+              key: jax.Array) -> TrainState:
+    """The step-0 TrainState around a model's parameters: with LoRA, fresh float32 adapters over
+    the frozen base; the optimizer state of what trains."""
+    if config.lora_rank:
+        trainable = lora_lib.init_lora(frozen, config.lora_targets, config.lora_rank, jax.random.fold_in(key, 1))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
+
+
 def init_fn_for(
     config: TrainConfig, model_config: Qwen25VLConfig, tx: optax.GradientTransformation
 ) -> Callable[[jax.Array], TrainState]:
@@ -123,9 +144,7 @@ def init_fn_for(
     def init(key: jax.Array) -> TrainState:
         model = make_model(config, model_config, key)
         _, trainable, frozen, _ = split_model(model, config)
-        if config.lora_rank:
-            trainable = lora_lib.init_lora(frozen, config.lora_targets, config.lora_rank, jax.random.fold_in(key, 1))
-        return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
+        return new_state(config, tx, trainable, frozen, key)
 
     return init
 
@@ -141,11 +160,3 @@ def abstract_train_state(
     model_def = ModelDef(graphdef, model_config, config.lora_rank, config.lora_alpha)
     abstract = jax.eval_shape(init_fn_for(config, model_config, tx), key)
     return model_def, abstract, state_specs(abstract, param_specs, tx, config)
-
-
-def state_from_model(model: Qwen25VL, config: TrainConfig, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    """TrainState around an already loaded (e.g. `load_hf`, sharded) model."""
-    _, trainable, frozen, _ = split_model(model, config)
-    if config.lora_rank:
-        trainable = lora_lib.init_lora(frozen, config.lora_targets, config.lora_rank, jax.random.fold_in(key, 1))
-    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+from ibis_jax.models.qwen2_5_vl.layers import layer_view
 import pytest
 
 from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig
@@ -92,9 +94,11 @@ def test_load_onto_a_mesh(hf_dir_and_model, flax_model):
 
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     model = load_hf(hf_dir_and_model[0], mesh=mesh)
-    k = model.language_model.layers[0].mlp.gate_proj.kernel[...]
-    assert isinstance(k.sharding, NamedSharding) and k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    ref = flax_model.language_model.layers[0].mlp.gate_proj.kernel[...]
+    stacked = model.language_model.layers.mlp.gate_proj.kernel[...]  # [layers, d, f]
+    assert isinstance(stacked.sharding, NamedSharding)
+    assert stacked.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    k = layer_view(model.language_model.layers, 0).mlp.gate_proj.kernel[...]
+    ref = layer_view(flax_model.language_model.layers, 0).mlp.gate_proj.kernel[...]
     np.testing.assert_array_equal(np.asarray(k), np.asarray(ref))
     # The forward runs under the mesh with activation sharding constraints.
     from flax import nnx

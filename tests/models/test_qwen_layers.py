@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+
+from ibis_jax.models.qwen2_5_vl.layers import layer_view
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -72,9 +74,9 @@ def test_vision_block(torch_model, flax_model, block):
     full = block in flax_model.config.vision.fullatt_block_indexes
     cu = get_vision_cu_seqlens(g) if full else get_vision_window_index(g, 2, 56, 14)[1]
     with torch.no_grad():
-        ref = torch_model.model.visual.blocks[block](x, cu_seqlens=cu, position_embeddings=(cos, sin)).numpy()
+        ref = layer_view(torch_model.model.visual.blocks, block)(x, cu_seqlens=cu, position_embeddings=(cos, sin)).numpy()
     gather = lay.image_gather if full else lay.window_gather
-    out = flax_model.visual.blocks[block](jnp.asarray(x.numpy()), cos.numpy(), sin.numpy(), gather)
+    out = layer_view(flax_model.visual.blocks, block)(jnp.asarray(x.numpy()), cos.numpy(), sin.numpy(), gather)
     assert np.abs(np.asarray(out) - ref).max() < 1e-5
 
 
@@ -127,7 +129,7 @@ def test_decoder_layer(torch_model, flax_model, tiny_cfg):
         ref = lm.layers[1](torch.tensor(x), attention_mask=mask4, position_embeddings=(cos, sin)).numpy()
     c, sn = mrope_cos_sin(pos, tiny_cfg.text, jnp.float32)
     bias = jnp.broadcast_to(jnp.where(causal, 0.0, MASK_VALUE), (b, s, s))
-    out, _ = flax_model.language_model.layers[1](jnp.asarray(x), c, sn, bias)
+    out, _ = layer_view(flax_model.language_model.layers, 1)(jnp.asarray(x), c, sn, bias)
     assert np.abs(np.asarray(out) - ref).max() < 1e-5
 
 

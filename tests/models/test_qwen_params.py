@@ -7,6 +7,8 @@ import os
 import shutil
 
 import numpy as np
+
+from ibis_jax.models.qwen2_5_vl.layers import layer_view
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -31,7 +33,7 @@ def _read_all(directory):
 
 def test_rules_cover_every_hf_parameter(torch_model, tiny_cfg):
     hf_keys = {canonical_hf_key(k) for k in torch_model.state_dict()}
-    ours = {k for k, _, _ in expand_rules(tiny_cfg)}
+    ours = {e.hf for e in expand_rules(tiny_cfg)}
     assert ours == hf_keys
 
 
@@ -91,9 +93,9 @@ def test_current_key_layout_and_bf16(flax_model, hf_dir_and_model, tmp_path):
     keys = set(_read_all(tmp_path / "new"))
     assert "model.language_model.norm.weight" in keys and "model.visual.merger.ln_q.weight" in keys
     m16 = load_hf(tmp_path / "new", dtype=jnp.bfloat16)
-    w = m16.language_model.layers[0].self_attn.q_proj.kernel[...]
+    w = layer_view(m16.language_model.layers, 0).self_attn.q_proj.kernel[...]
     assert w.dtype == jnp.bfloat16
-    ref = np.asarray(flax_model.language_model.layers[0].self_attn.q_proj.kernel[...])
+    ref = np.asarray(layer_view(flax_model.language_model.layers, 0).self_attn.q_proj.kernel[...])
     assert np.array_equal(np.asarray(w), ref.astype(jnp.bfloat16))
     ids = np.arange(12)[None]
     lo = flax_logits(m16, ids)

@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ibis_jax.models.qwen2_5_vl.layers import layer_view
 from flax import nnx
 
 from helpers import make_config, write_dataset
@@ -59,8 +61,10 @@ def test_lora_trains_adapters_only_and_merges_on_export(tmp_path, tok_dir):
     data = write_dataset(str(tmp_path / "data"), records=2)
     cfg = make_config(batch_size=2, lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj", "v_proj"), lr=1e-2)
     mcfg, model_def, step, state = _setup(cfg, tok_dir)
-    assert set(state.params) == {f"language_model/layers/{i}/self_attn/{m}/kernel" for i in (0, 1) for m in ("q_proj", "v_proj")}
-    assert state.params["language_model/layers/0/self_attn/q_proj/kernel"]["a"].shape == (128, 4)
+    assert set(state.params) == {f"language_model/layers/self_attn/{m}/kernel" for m in ("q_proj", "v_proj")}
+    a = state.params["language_model/layers/self_attn/q_proj/kernel"]["a"]
+    assert a.shape == (2, 128, 4)  # [layers, d_in, rank], over the stacked kernel
+    assert a.dtype == jnp.float32
     # b = 0 at init: the merged model is the base model
     merged0 = model_def.all_params(state.params, state.frozen)
     for x, y in zip(jax.tree.leaves(merged0), jax.tree.leaves(state.frozen)):
@@ -70,19 +74,19 @@ def test_lora_trains_adapters_only_and_merges_on_export(tmp_path, tok_dir):
     new, m = step(state, batch)
     for x, y in zip(jax.tree.leaves(new.frozen), jax.tree.leaves(frozen_before)):
         np.testing.assert_array_equal(x, y)  # the base weights never move
-    ab = new.params["language_model/layers/1/self_attn/v_proj/kernel"]
+    ab = jax.tree.map(lambda x: x[1], new.params["language_model/layers/self_attn/v_proj/kernel"])  # layer 1
     assert float(jnp.abs(ab["b"]).max()) > 0
     merged = model_def.all_params(new.params, new.frozen)
-    base = new.frozen["language_model"]["layers"][1]["self_attn"]["v_proj"]["kernel"]
+    base = new.frozen["language_model"]["layers"]["self_attn"]["v_proj"]["kernel"][1]
     want = base + (8.0 / 4) * ab["a"] @ ab["b"]
-    got = merged["language_model"]["layers"][1]["self_attn"]["v_proj"]["kernel"]
+    got = merged["language_model"]["layers"]["self_attn"]["v_proj"]["kernel"][1]
     np.testing.assert_allclose(got, want, atol=1e-6)
     # export: save_hf of the merged model, load back
     save_hf(model_def.build(new.params, new.frozen), str(tmp_path / "hf"))
     loaded = load_hf(str(tmp_path / "hf"))
-    np.testing.assert_allclose(loaded.language_model.layers[1].self_attn.v_proj.kernel[...], got, atol=0)
-    untouched = loaded.language_model.layers[1].self_attn.k_proj.kernel[...]
-    np.testing.assert_array_equal(untouched, base * 0 + new.frozen["language_model"]["layers"][1]["self_attn"]["k_proj"]["kernel"])
+    np.testing.assert_allclose(layer_view(loaded.language_model.layers, 1).self_attn.v_proj.kernel[...], got, atol=0)
+    untouched = layer_view(loaded.language_model.layers, 1).self_attn.k_proj.kernel[...]
+    np.testing.assert_array_equal(untouched, new.frozen["language_model"]["layers"]["self_attn"]["k_proj"]["kernel"][1])
 
 
 def test_grpo_logprob_pass_runs_with_remat_and_equals_without(tmp_path, tok_dir):

@@ -142,3 +142,79 @@ def cached_attention(
     n_blocks = jnp.clip((limit + CACHE_BLOCK - 1) // CACHE_BLOCK, 1, t // CACHE_BLOCK)
     _, l, acc = jax.lax.fori_loop(0, n_blocks, block, init)
     return unflatten((acc / l[..., None]).astype(v.dtype))
+
+
+# ---------------------------------------------------------------------------- stacked layers
+# Rematerialisation policies of a layer's backward, by name (MaxText's names): what the forward
+# keeps for the backward. "full" keeps only the layer's input (the scan carry) and recomputes the
+# rest; "dots_saveable" keeps matmul outputs and recomputes the element-wise work.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat_policy(name: str) -> str:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {name!r}: use one of {', '.join(REMAT_POLICIES)}")
+    return name
+
+
+def with_remat(fn, policy: str):
+    """``fn`` rematerialised in the backward pass under the named policy ("none": as it is)."""
+    check_remat_policy(policy)
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
+def stacked(make, n: int, rngs: nnx.Rngs):
+    """``n`` modules ``make(rngs)`` as one module whose parameters carry a leading layer axis
+    ``[n, ...]`` (sharding metadata gains a leading ``None``), each layer with its own init key."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def create(r):
+        return make(r)
+
+    return create(rngs)
+
+
+def layer_count(stack: nnx.Module) -> int:
+    return jax.tree.leaves(nnx.state(stack))[0].shape[0]
+
+
+def layer_view(stack: nnx.Module, index: int | slice) -> nnx.Module:
+    """Layer ``index`` of a stacked module as a module of its own (a slice, not a copy of the
+    graph): for the unrolled path, tests and the per-layer parity checks."""
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+
+
+def run_layers(stack: nnx.Module, body, carry, xs=None, *, scan: bool = True, remat: str = "none"):
+    """Run ``body(layer, carry, x) -> (carry, y)`` over the layers of a stacked module.
+
+    scan: one ``lax.scan`` over the layer axis, so XLA compiles one layer whatever the depth;
+    False: a Python loop over layer views (every layer compiled; for debugging). Both read the
+    same stacked parameters and give the same numbers. xs / ys: per-layer inputs and outputs
+    with a leading layer axis (or None). remat: a name in ``REMAT_POLICIES``, applied per layer.
+    """
+    graphdef, state = nnx.split(stack)
+
+    def step(c, inputs):
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), c, x)
+
+    step = with_remat(step, remat)
+    if scan:
+        return jax.lax.scan(step, carry, (state, xs))
+    n = jax.tree.leaves(state)[0].shape[0]
+    ys = []
+    for i in range(n):
+        carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        ys.append(y)
+    if all(y is None for y in ys):
+        return carry, None
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)

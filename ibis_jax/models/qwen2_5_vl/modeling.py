@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from .config import Qwen25VLConfig, ShardingConfig
-from .layers import DType, partitioned
+from .layers import DType, check_remat_policy, partitioned
 from .text import KVCache, TextModel
 from .vision import VisionLayout, VisionTransformer, vision_layout
 
@@ -87,7 +87,10 @@ class Qwen25VL(nnx.Module):
     """Qwen2.5-VL: vision tower + Qwen2 decoder + LM head (untied unless the config ties them).
 
     dtype: compute dtype (activations); param_dtype: storage dtype of parameters.
-    remat: rematerialise each vision block and decoder layer in the backward pass.
+    remat: rematerialise each vision block and decoder layer in the backward pass: a policy name
+        of `layers.REMAT_POLICIES` ("none", "full", "dots_saveable", ...); True means "full".
+    scan_layers: run the stacked decoder layers and vision blocks as `lax.scan`s (one layer
+        compiled whatever the depth); False runs them one by one (same parameters, debugging).
     freeze_vision: stop gradients at the ViT output (the merger/projector still trains); pair with
         `trainable_filter(freeze_vision=True)` for the optimizer.
     """
@@ -99,18 +102,17 @@ class Qwen25VL(nnx.Module):
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         sharding: ShardingConfig = ShardingConfig(),
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = True,
         freeze_vision: bool = False,
         rngs: nnx.Rngs,
     ):
         self.config = config
         self.sharding = sharding
-        self.visual = VisionTransformer(
-            config.vision, sharding, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
-        )
-        self.language_model = TextModel(
-            config.text, sharding, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
-        )
+        policy = check_remat_policy({True: "full", False: "none"}.get(remat, remat))
+        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=policy, scan_layers=scan_layers, rngs=rngs)
+        self.visual = VisionTransformer(config.vision, sharding, **kw)
+        self.language_model = TextModel(config.text, sharding, **kw)
         if not config.tie_word_embeddings:
             t = config.text
             self.lm_head = nnx.Param(

@@ -59,25 +59,24 @@ def packed_matmul(x: jax.Array, w_out_in: jax.Array, out_dtype=None) -> jax.Arra
 
 
 def pack_text(model) -> PackedText:
-    """The packed copy of a `Qwen25VL`'s decoder weights (call under `jax.jit`)."""
+    """The packed copy of a `Qwen25VL`'s decoder weights (call under `jax.jit`): one
+    `PackedLayer` per layer, cut from the stacked kernels once, so a decode step reads each
+    layer's packed weights as arrays of their own."""
     lm = model.language_model
     dtype = lm.dtype
+    attn, mlp = lm.layers.self_attn, lm.layers.mlp
 
-    def t(linear) -> jax.Array:
-        return linear.kernel[...].astype(dtype).T
+    def t(linear) -> jax.Array:  # stacked [L, in, out] -> [L, out, in]
+        return linear.kernel[...].astype(dtype).swapaxes(-1, -2)
 
-    layers = []
-    for layer in lm.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        layers.append(PackedLayer(
-            qkv=jnp.concatenate([t(attn.q_proj), t(attn.k_proj), t(attn.v_proj)], axis=0),
-            qkv_bias=jnp.concatenate([p.bias[...] for p in (attn.q_proj, attn.k_proj, attn.v_proj)]).astype(dtype),
-            o=t(attn.o_proj),
-            gate_up=jnp.concatenate([t(mlp.gate_proj), t(mlp.up_proj)], axis=0),
-            down=t(mlp.down_proj),
-        ))
+    qkv = jnp.concatenate([t(attn.q_proj), t(attn.k_proj), t(attn.v_proj)], axis=1)
+    qkv_bias = jnp.concatenate([p.bias[...] for p in (attn.q_proj, attn.k_proj, attn.v_proj)], axis=-1).astype(dtype)
+    o, down = t(attn.o_proj), t(mlp.down_proj)
+    gate_up = jnp.concatenate([t(mlp.gate_proj), t(mlp.up_proj)], axis=1)
+    layers = tuple(PackedLayer(qkv=qkv[i], qkv_bias=qkv_bias[i], o=o[i], gate_up=gate_up[i], down=down[i])
+                   for i in range(lm.cfg.num_hidden_layers))
     if model.config.tie_word_embeddings:
         head = lm.embed_tokens.embedding[...].astype(dtype)
     else:
         head = model.lm_head[...].astype(dtype).T
-    return PackedText(tuple(layers), head)
+    return PackedText(layers, head)

@@ -1,13 +1,17 @@
 """Hugging Face checkpoint <-> Flax NNX parameters for Qwen2.5-VL.
 
-`RULES` is the single table HF key <-> NNX path (with `{i}` for layer numbers) and the tensor
-transform; `load_hf` and `save_hf` both walk it, so a name can only be wrong in one place.
+`RULES` is the single table HF key <-> NNX path (with `{i}` for layer numbers in the HF key) and
+the tensor transform; `load_hf` and `save_hf` both walk it, so a name can only be wrong in one
+place. The decoder layers and vision blocks are stacked in the model (one parameter
+`[layers, ...]` per kind, `layers.stacked`); on disk every layer keeps its own HF tensor, so
+import slices layer `i` into row `i` of the stacked parameter and export takes row `i` back out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -31,7 +35,7 @@ from .modeling import Qwen25VL
 @dataclasses.dataclass(frozen=True)
 class Rule:
     hf: str  # HF key, `{i}` = layer / block number
-    nnx: str  # NNX path, dot-separated, `{i}` likewise
+    nnx: str  # NNX path, dot-separated; per-layer rules name the stacked parameter
     transform: str  # "id" | "T" (Linear [out,in] <-> kernel [in,out]) | "patch" (Conv3d <-> matmul)
     per: str = ""  # "" once, "vision" per vision block, "text" per decoder layer
 
@@ -41,7 +45,7 @@ _T = "model.language_model."
 RULES: tuple[Rule, ...] = (
     Rule(_V + "patch_embed.proj.weight", "visual.patch_embed", "patch"),
     *[
-        Rule(_V + f"blocks.{{i}}.{hf}", f"visual.blocks.{{i}}.{nx}", tr, "vision")
+        Rule(_V + f"blocks.{{i}}.{hf}", f"visual.blocks.{nx}", tr, "vision")
         for hf, nx, tr in [
             ("norm1.weight", "norm1.weight", "id"),
             ("norm2.weight", "norm2.weight", "id"),
@@ -63,7 +67,7 @@ RULES: tuple[Rule, ...] = (
     Rule(_V + "merger.mlp.2.bias", "visual.merger.mlp_2.bias", "id"),
     Rule(_T + "embed_tokens.weight", "language_model.embed_tokens.embedding", "id"),
     *[
-        Rule(_T + f"layers.{{i}}.{hf}", f"language_model.layers.{{i}}.{nx}", tr, "text")
+        Rule(_T + f"layers.{{i}}.{hf}", f"language_model.layers.{nx}", tr, "text")
         for hf, nx, tr in [
             ("input_layernorm.weight", "input_layernorm.weight", "id"),
             ("post_attention_layernorm.weight", "post_attention_layernorm.weight", "id"),
@@ -77,17 +81,29 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def expand_rules(config: Qwen25VLConfig) -> list[tuple[str, tuple[str | int, ...], str]]:
-    """Concrete (hf_key, nnx_path, transform) for every parameter of `config`."""
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One HF tensor: its key, the NNX path of the parameter holding it, the transform, and the
+    row of that (stacked) parameter it fills (None: the whole parameter)."""
+
+    hf: str
+    path: tuple[str, ...]
+    transform: str
+    layer: int | None = None
+
+
+def expand_rules(config: Qwen25VLConfig) -> list[Entry]:
+    """Every HF tensor of `config`, in table order (a stacked parameter's layers in a row)."""
     out = []
     for r in RULES:
         if r.hf == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        n = {"": 1, "vision": config.vision.depth, "text": config.text.num_hidden_layers}[r.per]
-        for i in range(n):
-            hf = r.hf.format(i=i)
-            path = tuple(int(p) if p.isdigit() else p for p in r.nnx.format(i=i).split("."))
-            out.append((hf, path, r.transform))
+        path = tuple(r.nnx.split("."))
+        if not r.per:
+            out.append(Entry(r.hf, path, r.transform))
+            continue
+        n = {"vision": config.vision.depth, "text": config.text.num_hidden_layers}[r.per]
+        out.extend(Entry(r.hf.format(i=i), path, r.transform, i) for i in range(n))
     return out
 
 
@@ -110,6 +126,15 @@ def nnx_to_hf(x: np.ndarray, transform: str, config: Qwen25VLConfig) -> np.ndarr
         v = config.vision
         return x.T.reshape(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     raise ValueError(f"unknown transform {transform!r}")
+
+
+def hf_index(transform: str, index: tuple) -> tuple:
+    """The HF-layout index of the region `index` of a tensor in NNX layout ("id" / "T" only)."""
+    if transform == "id":
+        return index
+    if transform == "T":
+        return tuple(reversed(index))
+    raise ValueError(f"transform {transform!r} reads whole tensors")
 
 
 def canonical_hf_key(key: str) -> str:
@@ -158,13 +183,30 @@ class _Checkpoint:
         self._open: dict[str, Any] = {}
 
     def get(self, key: str) -> np.ndarray:
+        f, raw_key = self._file(key)
+        return f.get_tensor(raw_key)
+
+    def _file(self, key: str):
         fname, raw_key = self.files[key]
         if fname not in self._open:
             path = os.path.join(self.dir, fname)
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path}: listed in the index for {raw_key} but missing")
             self._open[fname] = safe_open(path, framework="np")
-        return self._open[fname].get_tensor(raw_key)
+        return self._open[fname], raw_key
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        f, raw_key = self._file(key)
+        return tuple(f.get_slice(raw_key).get_shape())
+
+    def read(self, key: str, transform: str, index: tuple | None = None) -> np.ndarray:
+        """The tensor in NNX layout, or only its region `index` (slices in NNX layout; read
+        through safetensors' slicing, so a device's shard never needs the whole tensor)."""
+        if index is None or transform == "patch" or not index:
+            x = hf_to_nnx(self.get(key), transform)
+            return x if index is None else x[index]
+        f, raw_key = self._file(key)
+        return hf_to_nnx(f.get_slice(raw_key)[hf_index(transform, tuple(index))], transform)
 
     def where(self, key: str) -> str:
         return os.path.join(self.dir, self.files[key][0])
@@ -177,15 +219,17 @@ def load_hf(
     *,
     compute_dtype: DType | None = None,
     sharding: ShardingConfig | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
+    scan_layers: bool = True,
     freeze_vision: bool = False,
 ) -> Qwen25VL:
     """Load a Hugging Face Qwen2.5-VL directory (config.json + safetensors) into `Qwen25VL`.
 
     dtype: parameter dtype (compute_dtype defaults to it). mesh: when given, every parameter is
-    placed with `NamedSharding(mesh, spec)` from `sharding` (default `ShardingConfig.fsdp_tensor()`).
-    The model is never materialised at random: its shapes come from `nnx.eval_shape` and each
-    tensor is read, transformed and placed one at a time.
+    placed with `NamedSharding(mesh, spec)` from `sharding` (default `ShardingConfig.fsdp_tensor()`),
+    each device reading only its shard from the files (a stacked parameter's shard: that region
+    of every layer's tensor). The model is never materialised at random: its shapes come from
+    `nnx.eval_shape`. remat / scan_layers: as `Qwen25VL` (they change the program, not the weights).
     """
     directory = os.fspath(directory)
     config = Qwen25VLConfig.from_hf_config(directory)
@@ -199,6 +243,7 @@ def load_hf(
             param_dtype=dtype,
             sharding=sharding,
             remat=remat,
+            scan_layers=scan_layers,
             freeze_vision=freeze_vision,
             rngs=nnx.Rngs(0),
         )
@@ -207,9 +252,54 @@ def load_hf(
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state)) if mesh is not None else None
     pure = nnx.to_pure_dict(state)
     ckpt = _Checkpoint(directory)
-    rules = expand_rules(config)
-    missing = [hf for hf, _, _ in rules if hf not in ckpt.files]
-    used = {hf for hf, _, _ in rules}
+    entries = expand_rules(config)
+    _check_keys(directory, ckpt, entries, config)
+    groups: dict[tuple, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault(e.path, []).append(e)
+    for path, group in groups.items():
+        leaf = _get(pure, path)
+        want = tuple(leaf.shape[1:]) if group[0].layer is not None else tuple(leaf.shape)
+        for e in group:
+            have = _nnx_shape(ckpt.shape(e.hf), e.transform, config)
+            if have != want:
+                raise ValueError(
+                    f"{ckpt.where(e.hf)}: {e.hf} has shape {have} after transform {e.transform!r}, "
+                    f"model path {'.'.join(path)} expects {want}: config.json and weights disagree"
+                )
+        dtype_ = leaf.dtype
+
+        def read(index, group=group, dtype_=dtype_):
+            """The region `index` of the parameter (None: all of it) from the files."""
+            if group[0].layer is None:
+                return np.asarray(ckpt.read(group[0].hf, group[0].transform, index)).astype(dtype_)
+            rows = range(len(group)) if index is None else range(len(group))[index[0]]
+            rest = None if index is None else tuple(index[1:])
+            return np.stack([np.asarray(ckpt.read(group[i].hf, group[i].transform, rest)).astype(dtype_)
+                             for i in rows])
+
+        if mesh is not None:
+            # Each device (of every host) reads only its slice of the files.
+            sharding_ = jax.sharding.NamedSharding(mesh, _get(specs, path))
+            value = jax.make_array_from_callback(tuple(leaf.shape), sharding_, read)
+        else:
+            value = jnp.asarray(read(None))
+        _set(pure, path, value)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _nnx_shape(hf_shape: tuple[int, ...], transform: str, config: Qwen25VLConfig) -> tuple[int, ...]:
+    if transform == "T":
+        return tuple(reversed(hf_shape))
+    if transform == "patch":
+        return (int(np.prod(hf_shape[1:])), hf_shape[0])
+    return tuple(hf_shape)
+
+
+def _check_keys(directory: str, ckpt: "_Checkpoint", entries: list[Entry], config: Qwen25VLConfig) -> None:
+    missing = [e.hf for e in entries if e.hf not in ckpt.files]
+    used = {e.hf for e in entries}
     unexpected = [
         k
         for k in ckpt.files
@@ -222,24 +312,6 @@ def load_hf(
             f"  unexpected keys ({len(unexpected)}): "
             + ", ".join(f"{k} (in {os.path.basename(ckpt.where(k))})" for k in unexpected[:20])
         )
-    for hf, path, transform in rules:
-        leaf = _get(pure, path)
-        x = hf_to_nnx(ckpt.get(hf), transform)
-        if tuple(x.shape) != tuple(leaf.shape):
-            raise ValueError(
-                f"{ckpt.where(hf)}: {hf} has shape {x.shape} after transform {transform!r}, "
-                f"model path {'.'.join(map(str, path))} expects {leaf.shape}: config.json and weights disagree"
-            )
-        x = np.asarray(x).astype(leaf.dtype)
-        if mesh is not None:
-            # Each device (of every host) takes only its slice of the host tensor.
-            sharding_ = jax.sharding.NamedSharding(mesh, _get(specs, path))
-            value = jax.make_array_from_callback(x.shape, sharding_, lambda idx, x=x: x[idx])
-        else:
-            value = jnp.asarray(x)
-        _set(pure, path, value)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
 
 
 def _get(tree: dict, path: tuple) -> Any:
@@ -286,9 +358,29 @@ def to_host(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _hf_leaves(params: dict, config: Qwen25VLConfig, legacy_keys: bool) -> list[tuple[str, tuple, str, Any]]:
-    return [(legacy_hf_key(hf) if legacy_keys else hf, path, transform, _get(params, path))
-            for hf, path, transform in expand_rules(config)]
+@functools.partial(jax.jit, static_argnames=("index",))
+def _row(x: jax.Array, index: int) -> jax.Array:
+    return x[index]
+
+
+def _hf_leaves(params: dict, config: Qwen25VLConfig, legacy_keys: bool) -> list[tuple[str, Entry, Any]]:
+    return [(legacy_hf_key(e.hf) if legacy_keys else e.hf, e, _get(params, e.path)) for e in expand_rules(config)]
+
+
+def leaf_shape(entry: Entry, leaf: Any) -> tuple[int, ...]:
+    """The NNX-layout shape of one HF tensor (a row of a stacked parameter)."""
+    return tuple(leaf.shape[1:]) if entry.layer is not None else tuple(leaf.shape)
+
+
+def host_tensor(entry: Entry, leaf: Any) -> np.ndarray:
+    """One HF tensor's value in NNX layout in host memory (a collective for arrays spanning
+    hosts): a stacked parameter's row is cut on the devices first, so a host never holds more
+    than one layer's tensor."""
+    if entry.layer is None:
+        return to_host(leaf)
+    if isinstance(leaf, jax.Array):
+        return to_host(_row(leaf, entry.layer))
+    return np.asarray(leaf[entry.layer])
 
 
 def hf_tensors(model: Qwen25VL, legacy_keys: bool = True) -> Iterator[tuple[str, np.ndarray]]:
@@ -298,8 +390,8 @@ def hf_tensors(model: Qwen25VL, legacy_keys: bool = True) -> Iterator[tuple[str,
     False gives the in-memory names of transformers >= 4.52 (`model.language_model.*`, ...).
     """
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    for key, _, transform, leaf in _hf_leaves(pure, model.config, legacy_keys):
-        yield key, np.ascontiguousarray(nnx_to_hf(to_host(leaf), transform, model.config))
+    for key, entry, leaf in _hf_leaves(pure, model.config, legacy_keys):
+        yield key, np.ascontiguousarray(nnx_to_hf(host_tensor(entry, leaf), entry.transform, model.config))
 
 
 PROCESSOR_FILES = (
@@ -347,7 +439,7 @@ def save_hf_params(
     max_shard_size: int | str = "5GB",
     dtype: DType | None = None,
     legacy_keys: bool = True,
-    transform: Callable[[tuple, Any], Any] | None = None,
+    transform: Callable[[Entry, np.ndarray], np.ndarray] | None = None,
     extra_files: dict[str, str] | None = None,
 ) -> None:
     """`save_hf` from the nested parameter dict of a (possibly multi-host sharded) model.
@@ -355,8 +447,9 @@ def save_hf_params(
     Streams: the shard plan comes from shapes and dtypes alone, then each safetensors shard is
     gathered tensor by tensor (`to_host`), written and dropped, so a host holds about one shard.
     Every process must call this (the gathers are collectives); only process 0 writes.
-    transform(nnx path, array) -> array of the same shape and dtype, applied to each tensor on
-    the way out (e.g. a LoRA merge, one kernel at a time). extra_files: name -> text written into
+    transform(entry, host array) -> array of the same shape and dtype, applied in host memory to
+    each tensor on the way out (e.g. a LoRA merge, one kernel at a time, computed in numpy, so the
+    export is the same bytes whatever the mesh the parameters were sharded over). extra_files: name -> text written into
     the export with the weights (e.g. the agent settings), inside the same atomic rename.
     """
     directory = os.fspath(directory)
@@ -366,8 +459,8 @@ def save_hf_params(
     stored = [np.dtype(dtype) if dtype is not None else np.dtype(leaf.dtype) for *_, leaf in leaves]
     shards: list[list[int]] = [[]]  # indices into leaves
     size = total = 0
-    for i, (_, _, _, leaf) in enumerate(leaves):
-        nbytes = int(np.prod(leaf.shape)) * stored[i].itemsize
+    for i, (_, entry, leaf) in enumerate(leaves):
+        nbytes = int(np.prod(leaf_shape(entry, leaf))) * stored[i].itemsize
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -384,11 +477,13 @@ def save_hf_params(
         for name, shard in zip(names, shards):
             tensors = {}
             for i in shard:
-                key, path, how, leaf = leaves[i]
-                x = to_host(transform(path, leaf) if transform is not None else leaf)
+                key, entry, leaf = leaves[i]
+                x = host_tensor(entry, leaf)
+                if transform is not None:
+                    x = transform(entry, x)
                 if dtype is not None:
                     x = x.astype(dtype)
-                tensors[key] = np.ascontiguousarray(nnx_to_hf(x, how, config))
+                tensors[key] = np.ascontiguousarray(nnx_to_hf(x, entry.transform, config))
                 weight_map[key] = name
             if writer:
                 save_file(tensors, os.path.join(out, name), metadata={"format": "pt"})

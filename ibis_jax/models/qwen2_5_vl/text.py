@@ -11,14 +11,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from .config import ShardingConfig, TextConfig
-from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, cached_attention, dot_attention, linear, partitioned
+from .layers import (MASK_VALUE, DType, RMSNorm, apply_rope, cached_attention, dot_attention, linear, partitioned,
+                     run_layers, stacked)
 from .packed import PackedLayer, packed_matmul
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys/values of every decoder layer for `max_len` slots.
+    """Keys/values of every decoder layer for `max_len` slots, stacked like the layers.
 
     k, v [layers, batch, kv_heads, max_len, head_dim] (head-major: a decode step reads each head's
     slots contiguously, no per-step transpose of the cache); `end` (int32 scalar) is the first free
@@ -79,9 +80,12 @@ class Attention(nnx.Module):
         kv: tuple[jax.Array, jax.Array] | None = None,
         kv_end: jax.Array | None = None,
         packed: PackedLayer | None = None,
+        layer_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, S, D]; cos/sin [B, S, head_dim]; bias [B, S, T] additive (T = S, or the cache
-        length); kv: this layer's cache (k, v) [B, KV, T, head_dim] written at slot kv_end;
+        length); kv: this layer's cache (k, v) [B, KV, T, head_dim] written at slot kv_end, or,
+        with `layer_index`, every layer's stacked cache [L, B, KV, T, head_dim] updated in place at
+        that layer (a scan over layers carries the whole cache, so no per-layer copy is made);
         packed: this layer's decode-packed weights, used instead of the module's kernels.
         Returns ([B, S, D], updated (k, v) or None)."""
         b, s, _ = x.shape
@@ -94,12 +98,19 @@ class Attention(nnx.Module):
             out = dot_attention(q, k, v, bias[:, None, None], self.head_dim**-0.5)
         else:
             zero = jnp.zeros((), jnp.int32)
-            start = (zero, zero, jnp.asarray(kv_end, jnp.int32), zero)
-            k = jax.lax.dynamic_update_slice(kv[0], k.swapaxes(1, 2).astype(kv[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv[1], v.swapaxes(1, 2).astype(kv[1].dtype), start)
-            kv = (k, v)
+            end = jnp.asarray(kv_end, jnp.int32)
+            if layer_index is None:
+                start = (zero, zero, end, zero)
+                k = jax.lax.dynamic_update_slice(kv[0], k.swapaxes(1, 2).astype(kv[0].dtype), start)
+                v = jax.lax.dynamic_update_slice(kv[1], v.swapaxes(1, 2).astype(kv[1].dtype), start)
+                kv = (k, v)
+            else:
+                start = (jnp.asarray(layer_index, jnp.int32), zero, zero, end, zero)
+                kv = tuple(jax.lax.dynamic_update_slice(c, new.swapaxes(1, 2)[None].astype(c.dtype), start)
+                           for c, new in zip(kv, (k, v)))
+                k, v = (jax.lax.dynamic_index_in_dim(c, start[0], 0, keepdims=False) for c in kv)
             out = cached_attention(q, k.astype(x.dtype), v.astype(x.dtype), bias, self.head_dim**-0.5,
-                                   limit=start[2] + s)
+                                   limit=end + s)
         out = out.reshape(b, s, -1)
         return (self.o_proj(out) if packed is None else packed_matmul(out, packed.o)), kv
 
@@ -145,15 +156,21 @@ class DecoderLayer(nnx.Module):
         kv: tuple[jax.Array, jax.Array] | None = None,
         kv_end: jax.Array | None = None,
         packed: PackedLayer | None = None,
+        layer_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Pre-norm residual block; same arguments as `Attention.__call__`."""
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, kv, kv_end, packed)
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, kv, kv_end, packed, layer_index)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x), packed), kv
 
 
 class TextModel(nnx.Module):
-    """Embedding, decoder layers and final norm (HF `model.language_model`)."""
+    """Embedding, decoder layers and final norm (HF `model.language_model`).
+
+    The decoder layers are one stacked module (`layers`: every parameter [num_layers, ...]) run
+    by a `lax.scan`, so XLA compiles one layer whatever the depth; `scan_layers=False` runs the
+    same parameters layer by layer (debugging). remat: a policy name of `layers.REMAT_POLICIES`.
+    """
 
     def __init__(
         self,
@@ -162,7 +179,8 @@ class TextModel(nnx.Module):
         *,
         dtype: DType,
         param_dtype: DType,
-        remat: bool,
+        remat: str = "none",
+        scan_layers: bool = True,
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
@@ -174,11 +192,12 @@ class TextModel(nnx.Module):
             embedding_init=partitioned(nnx.initializers.normal(cfg.initializer_range), sh.emb_vd),
             rngs=rngs,
         )
-        self.layers = nnx.List([DecoderLayer(cfg, sh, dtype, param_dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = stacked(lambda r: DecoderLayer(cfg, sh, dtype, param_dtype, r), cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, spec=sh.norm_d, param_dtype=param_dtype)
         self.act_spec = sh.act_btd
         self.dtype = dtype
         self.remat = remat
+        self.scan_layers = scan_layers
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         # Activation sharding [batch, seq, d]; a no-op unless the spec names mesh axes, in which
@@ -206,18 +225,19 @@ class TextModel(nnx.Module):
         allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # [B, S, T]
         bias = jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
         x = self._constrain(x)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            if self.remat:
-                x, kv = nnx.remat(lambda l, *a: l(*a))(layer, x, cos, sin, bias, kv, offset)
-            else:
-                x, kv = layer(x, cos, sin, bias, kv, offset)
-            x = self._constrain(x)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        x = self.norm(x)
-        if cache is not None:
-            cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.end + s)
-        return x, cache
+        if cache is None:
+            def layer_step(layer, h, _):
+                h, _ = layer(h, cos, sin, bias)
+                return self._constrain(h), None
+
+            x, _ = run_layers(self.layers, layer_step, x, scan=self.scan_layers, remat=self.remat)
+        else:
+            def cached_step(layer, carry, index):
+                h, k, v = carry
+                h, (k, v) = layer(h, cos, sin, bias, (k, v), offset, layer_index=index)
+                return (self._constrain(h), k, v), None
+
+            (x, k, v), _ = run_layers(self.layers, cached_step, (x, cache.k, cache.v),
+                                      jnp.arange(self.cfg.num_hidden_layers), scan=self.scan_layers)
+            cache = KVCache(k, v, cache.end + s)
+        return self.norm(x), cache

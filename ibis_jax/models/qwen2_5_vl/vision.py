@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ShardingConfig, VisionConfig
-from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, dot_attention, linear, partitioned
+from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, dot_attention, linear, partitioned, stacked, with_remat
 
 
 @jax.tree_util.register_dataclass
@@ -179,7 +179,36 @@ class PatchMerger(nnx.Module):
         return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
+def attention_period(depth: int, fullatt: tuple[int, ...]) -> int | None:
+    """p when the full-attention blocks are every p-th one, last in each group of p (Qwen2.5-VL:
+    7, 15, 23, 31 of 32 -> 8); None otherwise."""
+    for p in range(2, depth + 1):
+        if depth % p == 0 and tuple(fullatt) == tuple(range(p - 1, depth, p)):
+            return p
+    return None
+
+
+def attention_runs(depth: int, fullatt: tuple[int, ...]) -> list[tuple[int, int, bool]]:
+    """The blocks as runs of one attention kind: (start, stop, full attention)."""
+    runs: list[tuple[int, int, bool]] = []
+    for i in range(depth):
+        full = i in fullatt
+        if runs and runs[-1][2] == full:
+            runs[-1] = (runs[-1][0], i + 1, full)
+        else:
+            runs.append((i, i + 1, full))
+    return runs
+
+
 class VisionTransformer(nnx.Module):
+    """Patch embedding, the stacked blocks (`blocks`: every parameter [depth, ...]) and the merger.
+
+    With `scan_layers` the blocks run as scans: when the full-attention blocks are periodic
+    (Qwen2.5-VL: one every 8) as an outer scan over groups of `p` blocks, each an inner scan over
+    its windowed blocks plus its full-attention block, so XLA compiles two blocks whatever the
+    depth; otherwise one scan per run of blocks of one kind. remat: a policy name per block.
+    """
+
     def __init__(
         self,
         cfg: VisionConfig,
@@ -187,7 +216,8 @@ class VisionTransformer(nnx.Module):
         *,
         dtype: DType,
         param_dtype: DType,
-        remat: bool,
+        remat: str = "none",
+        scan_layers: bool = True,
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
@@ -196,10 +226,11 @@ class VisionTransformer(nnx.Module):
                 rngs.params(), (cfg.patch_dim, cfg.hidden_size), param_dtype
             )
         )
-        self.blocks = nnx.List([VisionBlock(cfg, sh, dtype, param_dtype, rngs) for _ in range(cfg.depth)])
+        self.blocks = stacked(lambda r: VisionBlock(cfg, sh, dtype, param_dtype, r), cfg.depth, rngs)
         self.merger = PatchMerger(cfg, sh, dtype, param_dtype, rngs)
         self.dtype = dtype
         self.remat = remat
+        self.scan_layers = scan_layers
 
     def rope(self, rope_hw: jax.Array) -> tuple[jax.Array, jax.Array]:
         """rope_hw [L, 2] -> cos, sin [L, head_dim] in fp32: (h freqs, w freqs) repeated twice."""
@@ -219,12 +250,33 @@ class VisionTransformer(nnx.Module):
         cos, sin = self.rope(layout.rope_hw)
         # Block-diagonal attention: within windows for most blocks, within whole frames for
         # `fullatt_block_indexes` (HF's cu_window_seqlens / cu_seqlens).
-        for i, blk in enumerate(self.blocks):
-            gather = layout.image_gather if i in self.cfg.fullatt_block_indexes else layout.window_gather
-            if self.remat:
-                x = nnx.remat(lambda b, *a: b(*a))(blk, x, cos, sin, gather)
-            else:
-                x = blk(x, cos, sin, gather)
+        graphdef, state = nnx.split(self.blocks)
+
+        def block(gather):
+            def step(h, block_state):
+                return nnx.merge(graphdef, block_state)(h, cos, sin, gather), None
+
+            return with_remat(step, self.remat)
+
+        window, full = block(layout.window_gather), block(layout.image_gather)
+        depth, fullatt = self.cfg.depth, tuple(self.cfg.fullatt_block_indexes)
+        take = lambda tree, index: jax.tree.map(lambda a: a[index], tree)
+        if not self.scan_layers:
+            for i in range(depth):
+                x, _ = (full if i in fullatt else window)(x, take(state, i))
+            return x
+        period = attention_period(depth, fullatt)
+        if period is not None:
+            groups = jax.tree.map(lambda a: a.reshape(depth // period, period, *a.shape[1:]), state)
+
+            def group(h, group_state):
+                h, _ = jax.lax.scan(window, h, take(group_state, slice(0, period - 1)))
+                return full(h, take(group_state, period - 1))
+
+            x, _ = jax.lax.scan(group, x, groups)
+            return x
+        for start, stop, is_full in attention_runs(depth, fullatt):
+            x, _ = jax.lax.scan(full if is_full else window, x, take(state, slice(start, stop)))
         return x
 
     def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:

@@ -31,6 +31,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Commands that jit with the persistent compilation cache on (`ibis_jax.compilation`). Not `plan`:
+# it measures compile times; not `tool`: the sidecar never imports JAX.
+CACHED_COMMANDS = ("quickstart", "demo", "synth", "grpo", "sft", "eval", "segment")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors on one line (``PROG: error: MESSAGE (see PROG --help)``), exit code 2."""
 
@@ -41,6 +46,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = _Parser(prog="ibis-jax", description="Agentic interactive biomedical segmentation in JAX.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                        help="JAX's persistent compilation cache (default $IBIS_COMPILATION_CACHE or "
+                             "~/.cache/ibis-jax/xla; 'off' disables it)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
@@ -60,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ibis_jax.errors import debug_enabled, expected_errors, one_line
 
+    if args.command in CACHED_COMMANDS:
+        from ibis_jax.compilation import enable_compilation_cache
+
+        enable_compilation_cache(args.compilation_cache)
     try:
         return int(args.run(args) or 0)
     except Exception as e:  # expected failures become one line; anything else keeps its traceback

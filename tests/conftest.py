@@ -3,7 +3,14 @@ random HF Qwen2.5-VL saved by transformers, its Flax load and the processor (bui
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# The commands' persistent compilation cache (ibis_jax.compilation): one folder per test session,
+# never the user's ~/.cache; subprocesses of the tests inherit it.
+os.environ.setdefault("IBIS_COMPILATION_CACHE", tempfile.mkdtemp(prefix="ibis-xla-cache-"))
 
 
 @pytest.fixture(scope="session")

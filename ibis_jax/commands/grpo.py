@@ -104,4 +104,7 @@ def run(args: argparse.Namespace) -> int:
               f"metrics in {args.workdir}/metrics.jsonl")
     if jax.process_index() == 0 and out.get("export_dir"):
         print(f"HF export (loads with transformers and ModelPolicy.from_pretrained_dir): {out['export_dir']}")
+    if jax.process_index() == 0:
+        p = out["programs"]
+        print(f"programs: {p['compiled']} compiled, {p['from_cache']} from the compilation cache")
     return 0

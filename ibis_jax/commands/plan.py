@@ -63,6 +63,15 @@ def rl_source(config_path: str, explicit: str | None) -> str | None:
     return sibling if os.path.exists(sibling) else None
 
 
+def stages_for(config_path: str, stage: str) -> tuple[str, ...]:
+    """The stages to compile: `--stage all` means the stages the config runs: a GRPO config (one
+    that defines `get_rl_config()`) runs the GRPO update and its rollouts, an SFT config all three
+    (its sibling `_grpo` config, or the defaults, give the GRPO settings)."""
+    if stage != "all":
+        return (stage,)
+    return ("grpo", "rollout") if hasattr(_module(config_path), "get_rl_config") else STAGES
+
+
 def load_rl(path: str | None, overrides: list[str]):
     """The RLConfig of ``path``'s ``get_rl_config()`` with ``rl.*`` dotted overrides, exactly as
     ``ibis-jax grpo`` builds it."""
@@ -113,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
     plain = [o for o in args.overrides if not o.startswith("rl.")]
     rl_items = [o for o in args.overrides if o.startswith("rl.")]
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = stages_for(args.config, args.stage)
     try:
         config = load_config(args.config, plain)
         rl_path = rl_source(args.config, args.rl_config) if set(stages) & {"grpo", "rollout"} else None
@@ -173,14 +182,16 @@ def run(args: argparse.Namespace) -> int:
         if not r.fits:  # the rest would not run either: stop here
             break
     print(report.table(target.name, results, args.mfu))
-    if "sft" in stages and config.model != "tiny":
+    if results and results[0].name in ("sft", "grpo"):
         s = results[0]
-        count = programs.analytic_param_count(model_config)
-        shards = s.mesh.get("fsdp", 1) * s.mesh.get("tensor", 1)
-        expect = count * _itemsize(config.param_dtype) / shards
-        print(f"params check: analytic {count / 1e9:.3f} B params x {_itemsize(config.param_dtype)} B / {shards} "
-              f"shards = {report.gib(expect)} GiB per device; compiled state {report.gib(s.bytes['params'])} GiB "
-              f"({(s.bytes['params'] - expect) / expect:+.2%}; LoRA adapters and replicated norms/biases included)")
+        cfg, mcfg = (config, model_config) if s.name == "sft" else (rl_train, rl_model_config)
+        if cfg.model != "tiny":
+            count = programs.analytic_param_count(mcfg)
+            shards = s.mesh.get("fsdp", 1) * s.mesh.get("tensor", 1)
+            expect = count * _itemsize(cfg.param_dtype) / shards
+            print(f"params check ({s.name}): analytic {count / 1e9:.3f} B params x {_itemsize(cfg.param_dtype)} B / "
+                  f"{shards} shards = {report.gib(expect)} GiB per device; compiled state {report.gib(s.bytes['params'])} "
+                  f"GiB ({(s.bytes['params'] - expect) / expect:+.2%}; LoRA adapters and replicated norms/biases included)")
     if args.json:
         report.write_json(args.json, args.config, target.name, results, {})
     bad = next((r for r in results if not r.fits), None)

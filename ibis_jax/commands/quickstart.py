@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
                       lr_schedule="cosine")
         grpo_config = dataclasses.replace(config, lr=args.grpo_lr, warmup_frac=0.0, checkpoint_every=1_000_000)
         grpo = train_grpo(grpo_config, rl, samples, ClassicalTool(), str(out / "grpo"), init_dir=str(sft_dir))
+        for stage, result in (("SFT", sft), ("GRPO", grpo)):
+            p = result["programs"]
+            print(f"{stage}: {p['compiled']} programs compiled, {p['from_cache']} from the compilation cache")
     runs = {}
     with _stage("4. evaluate", times):
         cfg = EvalConfig(max_steps=args.max_turns, batch_size=16, curve_clicks=6, ks=(1, 3, 5), num_examples=2)

@@ -70,4 +70,6 @@ def run(args: argparse.Namespace) -> int:
         f"action acc {m.get('action_accuracy', float('nan')):.3f}"
         + (f"; HF export in {args.workdir}/hf" if out["finished"] and config.export_hf else "; not finished (resume by rerunning)")
     )
+    p = out["programs"]
+    print(f"programs: {p['compiled']} compiled, {p['from_cache']} from the compilation cache")
     return 0

@@ -1,11 +1,14 @@
 """The project's own programs (SFT step, GRPO update + old log-prob pass, sampler prefill +
 decode), compiled for a target's compile-only devices from abstract state.
 
-Nothing is allocated: the train state is `train.state.abstract_train_state` (what init would
-build), batches are `ShapeDtypeStruct`s of the shapes the pipeline / GRPO batch builder / sampler
-would produce at the config's largest buckets, each with the sharding the trainers give it. The
-step functions are the trainers' (`make_train_step` + `jit_train_step`, `make_grpo_loss`,
-`make_token_logprobs`, the sampler's `_encode_images` / `_extend` / `_decode`), never copies.
+Nothing is allocated: the program is `train.program.build_program`'s, the trainers' own (the
+model with the config's dtypes, remat policy, scanned layers and LoRA; the abstract train state
+with its shardings; the jitted steps), batches are `ShapeDtypeStruct`s of the shapes the pipeline
+/ GRPO batch builder / sampler would produce at the config's largest buckets, each with the
+sharding the trainers give it. The step functions are the trainers' (`Program.train_step`,
+`make_grpo_loss`, `Program.jit_logprobs` over `make_token_logprobs`, the sampler's
+`_encode_images` / `_extend` / `_decode` on the decode state `empty_decode_state` builds),
+never copies.
 
 Per-device bytes: parameters, optimizer state and KV cache from the shard shapes of their
 shardings; temporaries from XLA's `memory_analysis()`; total = arguments + outputs not aliased
@@ -33,7 +36,7 @@ from ibis_jax.train import mesh as mesh_lib
 from ibis_jax.train.config import TrainConfig
 from ibis_jax.train.metrics import step_flops
 from ibis_jax.train.optim import make_optimizer
-from ibis_jax.train.state import abstract_train_state, make_model
+from ibis_jax.train.program import Program, build_program
 
 PLAN_TOTAL_STEPS = 1000  # the schedule's length does not change any shape
 
@@ -171,15 +174,16 @@ def _struct(shape, dtype):
 # ---------------------------------------------------------------------------- train state
 @dataclasses.dataclass
 class TrainSetup:
-    model_def: Any
-    tx: Any
-    schedule: Any
-    state: Any  # sharded ShapeDtypeStructs
-    shardings: Any
+    program: Program
+
+    @property
+    def state(self):
+        return self.program.abstract
 
     def bytes(self) -> tuple[int, int, int]:
         """(trainable params, frozen params, optimizer state) per device."""
-        return shard_bytes(self.state.params), shard_bytes(self.state.frozen), shard_bytes(self.state.opt_state)
+        st = self.state
+        return shard_bytes(st.params), shard_bytes(st.frozen), shard_bytes(st.opt_state)
 
     def check_resident(self, stage: str, hbm: int) -> None:
         """Before compiling: the state plus the step's fp32 gradient sum alone must fit (raises
@@ -194,9 +198,7 @@ class TrainSetup:
 
 def train_setup(config: TrainConfig, model_config: Qwen25VLConfig, mesh) -> TrainSetup:
     tx, schedule = make_optimizer(config, PLAN_TOTAL_STEPS)
-    model_def, abstract, specs = abstract_train_state(config, model_config, tx, jax.random.key(config.seed))
-    shardings = mesh_lib.named(mesh, specs)
-    return TrainSetup(model_def, tx, schedule, with_shardings(abstract, shardings), shardings)
+    return TrainSetup(build_program(config, model_config, mesh, tx, schedule))
 
 
 def _sharded_batch(batch: dict, mesh) -> tuple[dict, Any]:
@@ -209,12 +211,9 @@ def _step_seconds(flops: float, devices: int, peak: float, mfu: float) -> float:
 
 
 # ---------------------------------------------------------------------------- SFT
-def sft_stage(config: TrainConfig, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
-    from ibis_jax.train.loss import LOSSES
-    from ibis_jax.train.step import jit_train_step, make_train_step
-
-    setup = train_setup(config, model_config, mesh)
-    setup.check_resident("sft", hbm)
+def sft_batch(config: TrainConfig, model_config: Qwen25VLConfig, mesh) -> tuple[dict, Any, int, int]:
+    """(the SFT batch at the largest bucket as sharded ShapeDtypeStructs, its shardings, patches,
+    images per micro-batch): what the pipeline feeds the trainer's step."""
     a, b, s = config.grad_accum, config.micro_batch, max(config.seq_buckets)
     images = b * config.max_images_per_sample
     layout, patches = _images_layout(model_config, images, config.image_size, a)
@@ -226,8 +225,17 @@ def sft_stage(config: TrainConfig, model_config: Qwen25VLConfig, mesh, hbm: int,
         "image_grid_thw": _struct((a, images, 3), jnp.int32), "vision_layout": layout,
     }
     batch, batch_shardings = _sharded_batch(batch, mesh)
-    step = jit_train_step(make_train_step(setup.model_def, LOSSES["sft"], setup.tx, setup.schedule),
-                          setup.shardings, batch_shardings, mesh)
+    return batch, batch_shardings, patches, images
+
+
+def sft_stage(config: TrainConfig, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
+    from ibis_jax.train.loss import LOSSES
+
+    setup = train_setup(config, model_config, mesh)
+    setup.check_resident("sft", hbm)
+    a, b, s = config.grad_accum, config.micro_batch, max(config.seq_buckets)
+    batch, batch_shardings, patches, images = sft_batch(config, model_config, mesh)
+    step = setup.program.train_step(LOSSES["sft"], batch_shardings)
     compiled, seconds = compile_program("sft", step.jitted, (setup.state, batch), mesh)
     mem = memory(compiled)
     trainable, frozen, opt = setup.bytes()
@@ -249,12 +257,9 @@ def grpo_rows(rl) -> int:
     return row_bucket(rl.prompts_per_step * rl.grpo.group_size * rl.max_turns)
 
 
-def grpo_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
-    from ibis_jax.rl.loss import make_grpo_loss, make_token_logprobs
-    from ibis_jax.train.step import jit_train_step, make_train_step
-
-    setup = train_setup(config, model_config, mesh)
-    setup.check_resident("grpo", hbm)
+def grpo_batch(config: TrainConfig, rl, model_config: Qwen25VLConfig) -> tuple[dict, int, int]:
+    """(the GRPO update batch at its worst as ShapeDtypeStructs, patches, images): every
+    episode runs max_turns policy turns, one micro-batch, the largest sequence bucket."""
     r, s = grpo_rows(rl), max(rl.seq_buckets)
     images = r * (1 if rl.history == "none" else rl.max_turns)
     layout, patches = _images_layout(model_config, images, config.image_size, 1)
@@ -265,17 +270,27 @@ def grpo_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm:
         "pixel_values": _struct((1, patches, model_config.vision.patch_dim), jnp.float32),
         "image_grid_thw": _struct((1, images, 3), jnp.int32), "vision_layout": layout,
     }
+    return batch, patches, images
+
+
+def grpo_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
+    from ibis_jax.rl.loss import make_grpo_loss, make_token_logprobs
+
+    setup = train_setup(config, model_config, mesh)
+    setup.check_resident("grpo", hbm)
+    r, s = grpo_rows(rl), max(rl.seq_buckets)
+    batch, patches, images = grpo_batch(config, rl, model_config)
     suppressed = model_config.multimodal_token_ids
     # 1. the old (and reference) log-prob pass over the rollout batch
     old_batch, old_shardings = _sharded_batch(batch, mesh)
-    old_fn = jax.jit(make_token_logprobs(setup.model_def, rl.temperature, suppressed))
+    old_fn = setup.program.jit_logprobs(make_token_logprobs(setup.program.model_def, rl.temperature, suppressed),
+                                        old_shardings)
     old_compiled, old_seconds = compile_program("grpo (old log-probs)", old_fn,
                                                 (setup.state.params, setup.state.frozen, old_batch), mesh)
     # 2. the update: the shared train step with the grpo loss
     full, full_shardings = _sharded_batch({**batch, "old_logprobs": _struct((1, r, s), jnp.float32)}, mesh)
     loss = make_grpo_loss(rl.grpo, temperature=rl.temperature, suppressed=suppressed)
-    step = jit_train_step(make_train_step(setup.model_def, loss, setup.tx, setup.schedule), setup.shardings,
-                          full_shardings, mesh)
+    step = setup.program.train_step(loss, full_shardings)
     compiled, seconds = compile_program("grpo", step.jitted, (setup.state, full), mesh)
     mem, old_mem = memory(compiled), memory(old_compiled)
     trainable, frozen, opt = setup.bytes()
@@ -315,24 +330,20 @@ def rollout_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, h
     from ibis_jax.generate import sampler as sampler_lib
 
     setup = train_setup(config, model_config, mesh)  # resident during rollouts
+    program = setup.program
     key = jax.random.key(config.seed)
-    abstract_model = nnx.eval_shape(lambda: make_model(config, model_config, key))
-    graphdef, state = nnx.split(abstract_model)
-    pure = nnx.to_pure_dict(state)
-    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-    params = nnx.State(with_shardings(pure, mesh_lib.named(mesh, specs)))
+    # The policy the trainer samples with: the model def's graph over the merged parameters.
+    graphdef = program.model_def.graphdef
+    params = nnx.State(program.model_def.abstract_params(setup.state.params, setup.state.frozen))
     t = model_config.text
     b, chunk, slots = rollout_shapes(rl)
     spec = sampler_lib.cache_spec(mesh, t.num_key_value_heads, b)
-    cache_sharding = NamedSharding(mesh, spec)
     rep = NamedSharding(mesh, P())
-    compute = abstract_model.language_model.dtype
-    kv = jax.ShapeDtypeStruct((b, t.num_key_value_heads, slots, t.head_dim), compute, sharding=cache_sharding)
-    decode_state = sampler_lib.DecodeState(
-        k=tuple(kv for _ in range(t.num_hidden_layers)), v=tuple(kv for _ in range(t.num_hidden_layers)),
-        slot_valid=jax.ShapeDtypeStruct((b, slots), jnp.bool_, sharding=rep),
-        end=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), next_pos=jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rep),
-        logits=jax.ShapeDtypeStruct((b, t.vocab_size), jnp.float32, sharding=rep))
+    compute = jnp.dtype(config.compute_dtype)
+    # On a TPU / GPU the sampler decodes with the model's own (stacked) kernels and a cache
+    # stacked like them; the packed-weight path is the CPU's (`Sampler.stacked_cache`).
+    decode_state = sampler_lib.empty_decode_state(t, compute, b, slots, stacked=config.scan_layers, mesh=mesh,
+                                                  spec=spec, abstract=True)
     rs = lambda shape, dt: jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=rep)
     # 1. the vision tower on every episode's observation
     layout, patches = _images_layout(model_config, b, config.image_size, None)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ibis_jax.agent.settings import AGENT_FILE, AgentSettings, load_agent_settings
+from ibis_jax.compilation import CompileCounter
 from ibis_jax.agent.episode import Episode
 from ibis_jax.agent.volume import episode_for_sample
 from ibis_jax.agent.loop import Policy, episode_messages, run_agent
@@ -183,6 +184,7 @@ def train_grpo(
 
     local_workdir(workdir)
     core.init_distributed()  # no-op when the command did it or alone
+    compiles = CompileCounter()
     processes = jax.process_count()
     episodes_per_step = rl.prompts_per_step * rl.grpo.group_size
     if processes > 1 and rl.history != "none":
@@ -331,9 +333,7 @@ def train_grpo(
                         shape_key = tuple((k, np.shape(v)) for k, v in arrays.items() if hasattr(v, "shape"))
                         if shape_key not in step_fns:
                             batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(arrays, mesh, processes))
-                            lp_fn = jax.jit(token_logprobs,
-                                            in_shardings=(shardings.params, shardings.frozen, batch_shardings),
-                                            out_shardings=batch_shardings["targets"])
+                            lp_fn = program.jit_logprobs(token_logprobs, batch_shardings)
                             extra = {"old_logprobs": batch_shardings["targets"]}
                             if ref_params is not None:
                                 extra["ref_logprobs"] = batch_shardings["targets"]
@@ -389,7 +389,9 @@ def train_grpo(
         preemption.close()
         writer.close()
         ckpt.close()
-    return {"state": state, "model_def": model_def, "metrics": summary, "processor": processor,
+    programs = compiles.log("grpo")
+    return {"state": state, "model_def": model_def, "metrics": summary, "processor": processor, "programs": programs,
+            "program": program,
             "step": max(start, rl.steps), "already_finished": start >= rl.steps, "export_dir": export_dir,
             "rollouts": rollouts}
 

@@ -37,29 +37,35 @@ def chunked_token_logprobs(
 ):
     """Per-token log-probabilities of ``targets`` and entropy, without materialising [B, S, V].
 
-    hidden [B, S, D]; targets [B, S] int; logits_fn maps [B, C, D] -> [B, C, V] (the LM head, or
-    the sampling distribution of ``rl.loss.sampling_logits``). The sequence runs ``chunk_size``
-    tokens at a time under ``lax.map``, so the peak holds [B, chunk, V] logits (152k vocab x 4k
-    tokens would be 2.4 GB per sequence otherwise). Returns ``(logprobs, entropy)`` [B, S] float32,
+    hidden [B, S, D]; targets [B, S] int; logits_fn maps [..., D] -> [..., V] (the LM head, or
+    the sampling distribution of ``rl.loss.sampling_logits``). The B x S tokens are flattened and
+    run ``chunk_size`` at a time under ``lax.map``; each chunk is checkpointed, so under
+    ``value_and_grad`` the forward keeps only the chunk's inputs and the backward recomputes its
+    [chunk, V] logits (unchecked, the map would save every chunk's fp32 logits as residuals: the
+    whole [tokens, V] in fp32, 27 GiB per chip at the 7B GRPO shape). The entropy and argmax hits
+    are metrics, outside the differentiated path. Returns ``(logprobs, entropy)`` [B, S] float32,
     and with ``hits=True`` also the argmax hit [B, S] bool. SFT's cross-entropy and GRPO's ratio
     both read it.
     """
     b, s, d = hidden.shape
-    chunk = min(chunk_size, s)
-    pad = (-s) % chunk
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
-    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
+    n = b * s
+    chunk = min(chunk_size, n)
+    pad = (-n) % chunk
+    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    t = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
 
+    @jax.checkpoint
     def one(args):
         h_c, t_c = args
-        logits = logits_fn(h_c).astype(jnp.float32)
+        logits = logits_fn(h_c).astype(jnp.float32)  # [chunk, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
-        entropy = lse - (jax.nn.softmax(logits, axis=-1) * logits).sum(-1)
-        return picked - lse, entropy, jnp.argmax(logits, axis=-1) == t_c
+        picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+        fixed = jax.lax.stop_gradient(logits)
+        entropy = jax.lax.stop_gradient(lse) - (jax.nn.softmax(fixed, axis=-1) * fixed).sum(-1)
+        return picked - lse, entropy, jnp.argmax(fixed, axis=-1) == t_c
 
     logp, entropy, hit = jax.lax.map(one, (h, t))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, -1)[:, :s]
+    unchunk = lambda x: x.reshape(-1)[:n].reshape(b, s)
     out = (unchunk(logp), unchunk(entropy))
     return (*out, unchunk(hit)) if hits else out
 

@@ -54,6 +54,12 @@ class Program:
         step = make_train_step(self.model_def, loss_fn, self.tx, self.schedule)
         return jit_train_step(step, self.shardings, batch_shardings, self.mesh)
 
+    def jit_logprobs(self, fn: Callable, batch_shardings: Any):
+        """`fn(params, frozen, batch) -> [A, b, S]` (the old / reference log-prob pass) jitted
+        with the state's and the batch's shardings."""
+        return jax.jit(fn, in_shardings=(self.shardings.params, self.shardings.frozen, batch_shardings),
+                       out_shardings=batch_shardings["targets"])
+
     def batch_shardings(self, batch: Any, processes: int = 1) -> Any:
         return mesh_lib.named(self.mesh, mesh_lib.batch_specs(batch, self.mesh, processes=processes))
 

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from ibis_jax.agent.settings import AgentSettings
+from ibis_jax.compilation import CompileCounter
 from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, vision_layout
 from ibis_jax.train import core
 from ibis_jax.train import mesh as mesh_lib
@@ -153,6 +154,7 @@ def train(
     os.makedirs(local_workdir(workdir), exist_ok=True)
     # ---------------------------------------------------------------- distributed + mesh
     core.init_distributed()  # no-op when the command did it (--coordinator ...) or alone
+    compiles = CompileCounter()
     os.makedirs(workdir, exist_ok=True)
     if jax.process_count() > 1 and config.history != "none":
         raise ValueError("history=full on several processes is not supported yet (padding images of one process "
@@ -261,7 +263,9 @@ def train(
     if finished and config.export_hf and not (already_finished and os.path.isdir(hf_out)):
         export_hf(model_def, state, hf_out, source_dir=tokenizer_dir, settings=AgentSettings.from_train_config(config))
     ckpt.close()
-    return {"step": step, "total_steps": total_steps, "finished": finished, "state": state,
+    programs = compiles.log("sft")
+    return {"step": step, "total_steps": total_steps, "finished": finished, "state": state, "programs": programs,
+            "program": program, "step_fn": step_fn,
             "model_def": model_def, "metrics": metrics_out, "tokenizer_dir": tokenizer_dir,
             "already_finished": already_finished}
 

@@ -48,6 +48,11 @@ class ModelDef:
             return lora_lib.merge_lora(frozen, params, self.lora_alpha, self.lora_rank)
         return _deep_merge(frozen, params)
 
+    def abstract_params(self, params: Any, frozen: Any) -> dict:
+        """`all_params` of abstract (ShapeDtypeStruct) trees: a merged kernel has its base's shape,
+        dtype and sharding, so with LoRA that is the frozen tree itself."""
+        return frozen if self.lora_rank else _deep_merge(frozen, params)
+
     def build(self, params: Any, frozen: Any) -> Qwen25VL:
         return nnx.merge(self.graphdef, nnx.State(self.all_params(params, frozen)))
 

@@ -58,6 +58,9 @@ class _QuietBucketType(logging.Filter):
 
 
 logging.getLogger("gcsfs").addFilter(_QuietBucketType())
+for _name in ("fsspec", "gcsfs"):  # per-read INFO lines (cache settings) under the commands' INFO logging
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 # -- user paths ----------------------------------------------------------------------------------
@@ -401,8 +404,11 @@ class Syncer:
         self.enabled = remote_of(local_dir) is not None
         self._last = time.monotonic()
 
+    def due(self) -> bool:
+        return self.enabled and time.monotonic() - self._last >= self.every_s
+
     def maybe(self) -> None:
-        if self.enabled and time.monotonic() - self._last >= self.every_s:
+        if self.due():
             self.now()
 
     def now(self) -> None:

@@ -20,6 +20,7 @@ label maps), 3D IoU / Dice / NoC and the surface Dice; no records or example pic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from ibis_jax.agent.conversation import HISTORY_MODES
@@ -64,6 +65,32 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """``--policy`` and ``--out`` local or ``gs://``: a remote policy is staged into the local cache
+    (committed exports only, verified); the outputs are written to a local staging folder and
+    uploaded and committed (the marker last) when the evaluation succeeded."""
+    from ibis_jax import storage
+
+    remote = storage.check_path(args.out, "--out")
+    policy = args.policy
+    if policy.strip().lower() != "oracle":
+        policy = storage.stage_input(policy, "--policy")
+    code = 1
+    with contextlib.suppress(_Failed):
+        with storage.output_dir(remote, "--out") as local:
+            code = _run(argparse.Namespace(**{**vars(args), "out": local, "policy": policy}), policy_name=args.policy,
+                        shown=remote)
+            if code:
+                raise _Failed()  # leaves the block by an exception: nothing is uploaded
+    if code == 0 and storage.is_remote(remote):
+        print(f"uploaded and committed {remote}")
+    return code
+
+
+class _Failed(Exception):
+    pass
+
+
+def _run(args: argparse.Namespace, policy_name: str, shown: str) -> int:
     from ibis_jax.data.sources import SourceError
     from ibis_jax.eval import EvalConfig, PolicyUnavailable, evaluate, load_policy
     from ibis_jax.eval.report import comparison_markdown, interactive_markdown
@@ -75,15 +102,17 @@ def run_command(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy, rule=args.rule, stop_iou=args.oracle_stop_iou or None,
                              max_clicks=args.max_steps, volume_clicker=args.volume_clicker or "3d")
         tool = make_tool(args.tool, volumes=args.source == "volumes", slice_rule=args.slice_rule)
-        policy_name = "oracle" if args.policy.strip().lower() == "oracle" else args.policy
+        policy_name = "oracle" if args.policy.strip().lower() == "oracle" else policy_name
         if args.vqa:
             from ibis_jax.eval.vqa import evaluate_vqa, load_vqa
 
-            items = load_vqa(args.vqa, args.image_root)[: args.limit]
+            from ibis_jax.storage import check_local
+
+            items = load_vqa(check_local(args.vqa, "--vqa"), check_local(args.image_root, "--image-root"))[: args.limit]
             metrics = evaluate_vqa(policy, tool, items, history=args.history, max_steps=args.max_steps,
                                    batch_size=args.batch_size, out_dir=args.out, policy_name=policy_name)
             print(f"closed-ended VQA: {metrics['questions']} questions, exact-match accuracy "
-                  f"{100 * metrics['accuracy']:.2f}% -> {args.out}/vqa_metrics.json")
+                  f"{100 * metrics['accuracy']:.2f}% -> {shown}/vqa_metrics.json")
             return 0
         source = build_source(args)
         config = EvalConfig(
@@ -109,5 +138,5 @@ def run_command(args: argparse.Namespace) -> int:
           f"per case: generation {overall['generate_seconds_per_case']:.3f} s, tool "
           f"{overall['tool_seconds_per_case']:.3f} s; {metrics['seconds']} s in all")
     records = f", {metrics['records']} and {len(metrics['examples'])} example files" if metrics["records"] else ""
-    print(f"wrote {args.out}/metrics.json, metrics.md, cases.jsonl{records}")
+    print(f"wrote {shown}/metrics.json, metrics.md, cases.jsonl{records}")
     return 0

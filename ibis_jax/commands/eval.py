@@ -20,7 +20,6 @@ label maps), 3D IoU / Dice / NoC and the surface Dice; no records or example pic
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 from ibis_jax.agent.conversation import HISTORY_MODES
@@ -68,26 +67,10 @@ def run_command(args: argparse.Namespace) -> int:
     """``--policy`` and ``--out`` local or ``gs://``: a remote policy is staged into the local cache
     (committed exports only, verified); the outputs are written to a local staging folder and
     uploaded and committed (the marker last) when the evaluation succeeded."""
-    from ibis_jax import storage
+    from ibis_jax.commands.remote import run_with_storage
 
-    remote = storage.check_path(args.out, "--out")
-    policy = args.policy
-    if policy.strip().lower() != "oracle":
-        policy = storage.stage_input(policy, "--policy")
-    code = 1
-    with contextlib.suppress(_Failed):
-        with storage.output_dir(remote, "--out") as local:
-            code = _run(argparse.Namespace(**{**vars(args), "out": local, "policy": policy}), policy_name=args.policy,
-                        shown=remote)
-            if code:
-                raise _Failed()  # leaves the block by an exception: nothing is uploaded
-    if code == 0 and storage.is_remote(remote):
-        print(f"uploaded and committed {remote}")
-    return code
-
-
-class _Failed(Exception):
-    pass
+    return run_with_storage(args, lambda local: _run(local, policy_name=args.policy, shown=args.out),
+                            models=("policy",), local_inputs=("vqa", "image_root"))
 
 
 def _run(args: argparse.Namespace, policy_name: str, shown: str) -> int:
@@ -106,9 +89,7 @@ def _run(args: argparse.Namespace, policy_name: str, shown: str) -> int:
         if args.vqa:
             from ibis_jax.eval.vqa import evaluate_vqa, load_vqa
 
-            from ibis_jax.storage import check_local
-
-            items = load_vqa(check_local(args.vqa, "--vqa"), check_local(args.image_root, "--image-root"))[: args.limit]
+            items = load_vqa(args.vqa, args.image_root)[: args.limit]
             metrics = evaluate_vqa(policy, tool, items, history=args.history, max_steps=args.max_steps,
                                    batch_size=args.batch_size, out_dir=args.out, policy_name=policy_name)
             print(f"closed-ended VQA: {metrics['questions']} questions, exact-match accuracy "
@@ -137,6 +118,6 @@ def _run(args: argparse.Namespace, policy_name: str, shown: str) -> int:
     print(f"\nend reasons {overall['end_reasons']}, parse failures {100 * overall['parse_failure_rate']:.1f}%, "
           f"per case: generation {overall['generate_seconds_per_case']:.3f} s, tool "
           f"{overall['tool_seconds_per_case']:.3f} s; {metrics['seconds']} s in all")
-    records = f", {metrics['records']} and {len(metrics['examples'])} example files" if metrics["records"] else ""
+    records = f", {metrics['records'].replace(args.out, shown)} and {len(metrics['examples'])} example files" if metrics["records"] else ""
     print(f"wrote {shown}/metrics.json, metrics.md, cases.jsonl{records}")
     return 0

@@ -144,27 +144,12 @@ def run_command(args: argparse.Namespace) -> int:
     """``--out`` local, or ``gs://``: synthesized in a local staging folder (holding what the bucket
     already has, so a rerun resumes) and uploaded, shard manifest entries after their shards and
     the commit marker last (``ibis_jax.storage``)."""
-    from ibis_jax import storage
+    from ibis_jax.commands.remote import run_with_storage
 
-    remote = storage.check_path(args.out, "--out")
-    try:
-        with storage.output_dir(remote, "--out") as local:
-            code = _run(argparse.Namespace(**{**vars(args), "out": local}), shown=remote)
-            if code:
-                raise _Failed(code)  # leaves the block by an exception: nothing is uploaded
-    except _Failed as failed:
-        return failed.code
-    if storage.is_remote(remote):
-        print(f"uploaded and committed {remote} (staged in {local})")
-    return 0
+    return run_with_storage(args, _run)
 
 
-class _Failed(Exception):
-    def __init__(self, code: int):
-        self.code = code
-
-
-def _run(args: argparse.Namespace, shown: str) -> int:
+def _run(args: argparse.Namespace) -> int:
     from ibis_jax.data.sources import SourceError
     from ibis_jax.report.synth_stats import format_table
     from ibis_jax.synth import ConfigMismatch, SynthConfig, run_synthesis
@@ -204,7 +189,7 @@ def _run(args: argparse.Namespace, shown: str) -> int:
     redone = stats.get("shards_resynthesized", [])
     for entry in redone:
         print(f"re-synthesized {entry['shard']}: {entry['reason']}")
-    print(f"{stats['all']['samples']} trajectories, {stats['all']['sft_samples']} SFT samples in {shown} "
+    print(f"{stats['all']['samples']} trajectories, {stats['all']['sft_samples']} SFT samples in {args.remote_out} "
           f"({stats['shards']} shards, {done} already done, {len(redone)} corrupt or incomplete ones redone; "
           f"{time.perf_counter() - start:.1f} s)")
     for path in stats.get("examples", []):

@@ -292,13 +292,12 @@ def stage_input(path: str | os.PathLike | None, what: str) -> str | None:
 
 @contextlib.contextmanager
 def output_dir(path: str | os.PathLike, what: str = "--out") -> Iterator[str]:
-    """A folder to write a command's output into. Local: ``path`` itself (created). ``gs://``: a
+    """A folder to write a command's output into. Local: ``path`` itself. ``gs://``: a
     local staging folder holding the remote folder's committed files (a rerun resumes), uploaded
     and committed when the block ends without an exception; an exception uploads nothing."""
     text = check_path(path, what)
     if not is_remote(text):
-        os.makedirs(text, exist_ok=True)
-        yield text
+        yield text  # the command creates it, as it always did
         return
     staging = _cache_dir("out", text)
     if is_committed(text):

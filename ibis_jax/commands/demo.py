@@ -34,7 +34,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-clicks", type=int, default=10)
     parser.add_argument("--rule", choices=CLICK_RULES, default="ritm")
     parser.add_argument("--pictures", type=int, default=6, help="episode pictures to write")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``--out`` local or ``gs://`` (built in a local staging folder, uploaded and committed at the end)."""
+    from ibis_jax.commands.remote import run_with_storage
+
+    return run_with_storage(args, run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -64,6 +64,16 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """``--policy`` and ``--out`` local or ``gs://``: a remote policy is staged into the local cache
+    (committed exports only, verified); the outputs are written to a local staging folder and
+    uploaded and committed (the marker last) when the evaluation succeeded."""
+    from ibis_jax.commands.remote import run_with_storage
+
+    return run_with_storage(args, lambda local: _run(local, policy_name=args.policy, shown=args.out),
+                            models=("policy",), local_inputs=("vqa", "image_root"))
+
+
+def _run(args: argparse.Namespace, policy_name: str, shown: str) -> int:
     from ibis_jax.data.sources import SourceError
     from ibis_jax.eval import EvalConfig, PolicyUnavailable, evaluate, load_policy
     from ibis_jax.eval.report import comparison_markdown, interactive_markdown
@@ -75,7 +85,7 @@ def run_command(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy, rule=args.rule, stop_iou=args.oracle_stop_iou or None,
                              max_clicks=args.max_steps, volume_clicker=args.volume_clicker or "3d")
         tool = make_tool(args.tool, volumes=args.source == "volumes", slice_rule=args.slice_rule)
-        policy_name = "oracle" if args.policy.strip().lower() == "oracle" else args.policy
+        policy_name = "oracle" if args.policy.strip().lower() == "oracle" else policy_name
         if args.vqa:
             from ibis_jax.eval.vqa import evaluate_vqa, load_vqa
 
@@ -83,7 +93,7 @@ def run_command(args: argparse.Namespace) -> int:
             metrics = evaluate_vqa(policy, tool, items, history=args.history, max_steps=args.max_steps,
                                    batch_size=args.batch_size, out_dir=args.out, policy_name=policy_name)
             print(f"closed-ended VQA: {metrics['questions']} questions, exact-match accuracy "
-                  f"{100 * metrics['accuracy']:.2f}% -> {args.out}/vqa_metrics.json")
+                  f"{100 * metrics['accuracy']:.2f}% -> {shown}/vqa_metrics.json")
             return 0
         source = build_source(args)
         config = EvalConfig(
@@ -108,6 +118,6 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"\nend reasons {overall['end_reasons']}, parse failures {100 * overall['parse_failure_rate']:.1f}%, "
           f"per case: generation {overall['generate_seconds_per_case']:.3f} s, tool "
           f"{overall['tool_seconds_per_case']:.3f} s; {metrics['seconds']} s in all")
-    records = f", {metrics['records']} and {len(metrics['examples'])} example files" if metrics["records"] else ""
-    print(f"wrote {args.out}/metrics.json, metrics.md, cases.jsonl{records}")
+    records = f", {metrics['records'].replace(args.out, shown)} and {len(metrics['examples'])} example files" if metrics["records"] else ""
+    print(f"wrote {shown}/metrics.json, metrics.md, cases.jsonl{records}")
     return 0

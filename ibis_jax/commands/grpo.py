@@ -74,15 +74,22 @@ def run(args: argparse.Namespace) -> int:
 
     from ibis_jax.train import core
 
+    from ibis_jax import storage
+    from ibis_jax.commands.sft import stage_model_dirs
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger().setLevel(logging.INFO)  # also when an import configured logging first
-    if not os.path.isfile(os.path.join(args.init, "config.json")):
+    # gs:// --init: staged into the local cache (committed exports only, verified); a gs:// workdir
+    # is trained in its local spool (checkpoints to the bucket, metrics and exports uploaded).
+    init = storage.stage_input(args.init, "--init")
+    workdir = storage.spool(args.workdir)
+    if not os.path.isfile(os.path.join(init, "config.json")):
         raise FileNotFoundError(f"--init {args.init}: no model directory (config.json) there; give the SFT "
                                 "export, e.g. SFT_WORKDIR/hf")
     core.init_distributed(args.coordinator, args.num_processes, args.process_id)  # before any computation
     core.quiet_other_processes()
     rl_items = [o for o in args.overrides if o.startswith("rl.")]
-    config = load_config(args.config, [o for o in args.overrides if not o.startswith("rl.")])
+    config = stage_model_dirs(load_config(args.config, [o for o in args.overrides if not o.startswith("rl.")]))
     rl = rl_config_from(rl_items, args.config)
     if args.export_every:
         rl = dataclasses.replace(rl, export_every=args.export_every)
@@ -92,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     items = source.items()[: args.limit] if args.limit else source.items()
     samples = [s for item in items for s in source.load(item) if s.mask.any()]
     out = train_grpo(config, rl, samples, make_tool(args.tool, volumes=args.source == "volumes", slice_rule=args.slice_rule),
-                     args.workdir, init_dir=args.init)
+                     workdir, init_dir=init)
     m = out["metrics"]
     import jax
 
@@ -103,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"GRPO done: reward {m['reward']:.3f}, IoU {m['iou']:.3f}, steps/episode {m['steps_per_episode']:.2f}; "
               f"metrics in {args.workdir}/metrics.jsonl")
     if jax.process_index() == 0 and out.get("export_dir"):
-        print(f"HF export (loads with transformers and ModelPolicy.from_pretrained_dir): {out['export_dir']}")
+        export_dir = storage.remote_of(out["export_dir"]) or out["export_dir"]
+        print(f"HF export (loads with transformers and ModelPolicy.from_pretrained_dir): {export_dir}")
     if jax.process_index() == 0:
         p = out["programs"]
         print(f"programs: {p['compiled']} compiled, {p['from_cache']} from the compilation cache")

@@ -101,6 +101,10 @@ def fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ibis_jax.plan import topologies
+    from ibis_jax.storage import check_path
+
+    if args.json:
+        check_path(args.json, "--json")  # local or gs:// (one object); another scheme: refused before compiling
 
     try:
         target = topologies.parse(args.topology)

@@ -50,7 +50,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                              "says where to click (the control experiment for a policy that cannot see where)")
     parser.add_argument("--eval-samples", type=int, default=64, help="held-out shapes evaluated")
     parser.add_argument("--config", default=str(CONFIG), help="TrainConfig file for SFT and GRPO")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run_command)
 
 
 def _min_max(text: str) -> tuple[int, int]:
@@ -77,6 +77,13 @@ def _stage(name: str, times: dict[str, float]):
     return Timer()
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """``--out`` local or ``gs://`` (built in a local staging folder, uploaded and committed at the end)."""
+    from ibis_jax.commands.remote import run_with_storage
+
+    return run_with_storage(args, run)
+
+
 def run(args: argparse.Namespace) -> int:
     import warnings
 
@@ -94,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from ibis_jax.train.config import load_config
     from ibis_jax.train.sft import train
 
-    out = Path(args.out)
+    out = Path(args.out)  # local: a gs:// --out is staged and uploaded by run_with_storage
     if args.clean and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

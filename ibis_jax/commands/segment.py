@@ -321,6 +321,14 @@ def write_outputs(out: Path, episode: Episode, trace: EpisodeTrace, loaded: Inpu
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """``--model`` and ``--out`` local or ``gs://`` (staged down / staged up and committed);
+    ``--image``, ``--gt``, ``--mask-init`` and ``--volume`` are read from local files."""
+    from ibis_jax.commands.remote import run_with_storage
+
+    return run_with_storage(args, _run, models=("model",), local_inputs=("image", "gt", "mask_init", "volume"))
+
+
+def _run(args: argparse.Namespace) -> int:
     from ibis_jax.data.images import ImageError
     from ibis_jax.data.sources import SourceError
     from ibis_jax.data.windowing import WindowError

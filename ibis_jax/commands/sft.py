@@ -8,7 +8,8 @@ Examples::
 
 On several hosts run the same command on each, adding ``--coordinator HOST0:PORT --num-processes N
 --process-id I`` (or nothing where JAX detects the cluster: Cloud TPU VMs, GKE, SLURM, Open MPI);
-data and workdir on storage every host sees.
+data and workdir on storage every host sees: a shared folder or ``gs://`` (``--data gs://B/sft
+--workdir gs://B/runs/x hf_dir=gs://B/models/base``; docs/storage.md).
 
 Trailing ``key=value`` arguments override fields of the config's ``TrainConfig``. Rerunning with
 the same workdir resumes from its latest checkpoint (SIGTERM saves one before exiting). Writes
@@ -36,13 +37,31 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
+def stage_model_dirs(config):
+    """The config with ``hf_dir`` / ``tokenizer_dir`` given as ``gs://`` staged into the local cache."""
+    import dataclasses
+
+    from ibis_jax import storage
+
+    return dataclasses.replace(config, **{name: storage.stage_input(getattr(config, name), name)
+                                          for name in ("hf_dir", "tokenizer_dir") if getattr(config, name)})
+
+
 def run(args: argparse.Namespace) -> int:
     from ibis_jax.data.records import check_dataset
     from ibis_jax.train.config import load_config
 
+    from ibis_jax import storage
+    from ibis_jax.data.records import stage_dataset
+
     # Bad config, overrides or data are reported before JAX is imported (a second, not twenty).
     config = load_config(args.config, args.overrides)
-    check_dataset(args.data)
+    # gs:// inputs are staged into the local cache (committed folders only, checked file by file);
+    # a gs:// workdir is trained in its local spool: checkpoints to the bucket, the rest uploaded.
+    config = stage_model_dirs(config)
+    data = stage_dataset(args.data)
+    check_dataset(data)
+    workdir = storage.spool(args.workdir)
     from ibis_jax.train.sft import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     core.init_distributed(args.coordinator, args.num_processes, args.process_id)  # before any computation
     core.quiet_other_processes()
-    out = train(config, args.data, args.workdir, progress=not args.no_progress)
+    out = train(config, data, workdir, progress=not args.no_progress)
     import jax
 
     if jax.process_index() != 0:

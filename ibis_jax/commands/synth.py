@@ -105,6 +105,12 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 def build_source(args: argparse.Namespace):
     """The source named by ``--source`` with its arguments."""
     from ibis_jax.data.sources import DemoSource, DicomSource, FolderSource, NiftiSource, parse_target_labels
+    from ibis_jax.storage import check_local
+
+    for name in ("root", "images", "masks", "labels", "index", "dicom"):
+        check_local(getattr(args, name, None), f"--{name}")  # sources read local files: a URL is refused
+    if args.source == "volumes" and args.volumes.endswith(".json"):
+        check_local(args.volumes, "--volumes")
 
     if args.source == "volumes":
         from ibis_jax.data.sources.volumes import volume_source
@@ -135,6 +141,15 @@ def build_source(args: argparse.Namespace):
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """``--out`` local, or ``gs://``: synthesized in a local staging folder (holding what the bucket
+    already has, so a rerun resumes) and uploaded, shard manifest entries after their shards and
+    the commit marker last (``ibis_jax.storage``)."""
+    from ibis_jax.commands.remote import run_with_storage
+
+    return run_with_storage(args, _run)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ibis_jax.data.sources import SourceError
     from ibis_jax.report.synth_stats import format_table
     from ibis_jax.synth import ConfigMismatch, SynthConfig, run_synthesis
@@ -174,7 +189,7 @@ def run_command(args: argparse.Namespace) -> int:
     redone = stats.get("shards_resynthesized", [])
     for entry in redone:
         print(f"re-synthesized {entry['shard']}: {entry['reason']}")
-    print(f"{stats['all']['samples']} trajectories, {stats['all']['sft_samples']} SFT samples in {args.out} "
+    print(f"{stats['all']['samples']} trajectories, {stats['all']['sft_samples']} SFT samples in {args.remote_out} "
           f"({stats['shards']} shards, {done} already done, {len(redone)} corrupt or incomplete ones redone; "
           f"{time.perf_counter() - start:.1f} s)")
     for path in stats.get("examples", []):

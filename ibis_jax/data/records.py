@@ -378,6 +378,11 @@ class TrajectoryDataSource:
     """
 
     def __init__(self, paths: str | Path | Sequence[str | Path], *, decode: bool = True):
+        from ibis_jax.storage import check_path, is_remote
+
+        if isinstance(paths, (str, Path)) and is_remote(check_path(paths, "dataset")):  # never read as a local path
+            raise DataError(f"{paths}: a remote dataset is read from a local copy: stage it with "
+                            "ibis_jax.data.records.stage_dataset first (the commands do)")
         if isinstance(paths, (str, Path)) and Path(paths).is_dir():
             files = shard_paths(paths)
             if not files:
@@ -445,6 +450,23 @@ def _array_record_source(paths: list[str]):
     from array_record.python.array_record_data_source import ArrayRecordDataSource
 
     return ArrayRecordDataSource(paths)
+
+
+def stage_dataset(path: str | os.PathLike) -> str:
+    """A dataset folder as a local path: a ``gs://`` one is staged down into the local cache
+    (committed datasets only: ``synth`` writes the commit marker after every shard and manifest
+    entry) and every shard is checked against its manifest entry's SHA-256; a local one is
+    returned as it is."""
+    from ibis_jax import storage
+
+    text = storage.check_path(path, "--data")
+    if not storage.is_remote(text):
+        return text
+    local = storage.stage_down(text, what="--data")
+    for shard in shard_paths(local):
+        if (problem := shard_problem(shard, checksum=True)) is not None:
+            raise _corrupt(f"{text}/{shard.name}", problem)
+    return local
 
 
 def check_dataset(path: str | Path) -> int:

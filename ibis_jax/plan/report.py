@@ -46,5 +46,12 @@ def not_fit_line(stage: str, needed: int | None, hbm: int, lower_bound: bool = F
 
 def write_json(path: str, config: str, topology: str, stages: Sequence[StageResult], extra: dict[str, Any]) -> None:
     data = {"config": config, "topology": topology, "stages": [s.to_json() for s in stages], **extra}
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+    from ibis_jax import storage
+
+    text = json.dumps(data, indent=1)
+    if storage.is_remote(storage.check_path(path, "--json")):
+        storage.write_bytes(path, text.encode("utf-8"))  # one object: visible whole or not at all
+    else:
+        from ibis_jax.fileio import atomic_write_text
+
+        atomic_write_text(path, text)

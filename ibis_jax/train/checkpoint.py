@@ -11,6 +11,10 @@ save leaves the previous steps intact. :meth:`Checkpointer.restore_latest` resto
 step that restores; a newer one that does not (corrupt files) is skipped with a warning naming it
 and moved to ``WORKDIR/checkpoints-unrestorable/`` so later saves do not collide with it. The HF
 export is built in a hidden sibling folder and renamed when complete (``fileio.atomic_dir``).
+
+A ``gs://`` workdir is trained in a local spool (``ibis_jax.storage.spool``): checkpoints go to
+the bucket (Orbax commits a step with its own marker), an export is uploaded and committed
+(``storage.publish``: the commit marker last, so a killed upload leaves nothing a reader takes).
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3):
-        from ibis_jax.fileio import as_path
+        from ibis_jax.storage import checkpoint_root
 
-        self.directory = as_path(workdir) / "checkpoints"  # etils.epath: local, or gs:// where installed
+        # etils.epath: local, or the gs:// workdir a local spool mirrors (Orbax writes it through TensorStore)
+        self.directory = checkpoint_root(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data", "config"),
@@ -152,3 +157,7 @@ def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir
         params = model_def.all_params(state.params, state.frozen)  # a dict merge: no array is copied
     save_hf_params(params, model_def.config, directory, source_dir=source_dir, max_shard_size=max_shard_size,
                    transform=transform, extra_files={AGENT_FILE: settings_json(settings or HF_DEFAULTS)})
+    if jax.process_index() == 0:
+        from ibis_jax.storage import publish
+
+        publish(directory)  # inside a gs:// workdir's spool: uploaded, then its commit marker (a no-op elsewhere)

@@ -84,16 +84,22 @@ def last_metrics(workdir: str, step: int | None = None) -> dict[str, Any]:
 
 class MetricsWriter:
     """Appends one JSON object per logged step to `metrics.jsonl` and writes TensorBoard scalars
-    (tensorboardX) under `tb/`. Only process 0 writes.
+    (tensorboardX) under `tb/`. Only process 0 writes. In the spool of a `gs://` workdir
+    (`ibis_jax.storage.spool`) both are uploaded every `upload_every_s` seconds and at `close`.
 
     start_step: the step training (re)starts from. Rows past it (logged after the checkpoint a
     resume restored, by the run that was interrupted) are dropped first, so the file keeps one row
     per step across resumes.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None):
+    def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None,
+                 upload_every_s: float = 60.0):
+        from ibis_jax.storage import Syncer
+
         self.enabled = enabled and jax.process_index() == 0
         self._f = self._tb = None
+        # in a gs:// workdir's spool: metrics.jsonl and tb/ are uploaded on this cadence and at close
+        self._sync = Syncer(workdir, every_s=upload_every_s) if self.enabled else None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             path = os.path.join(workdir, "metrics.jsonl")
@@ -120,9 +126,18 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step":
                     self._tb.add_scalar(k, v, step)
+        if self._sync.due():
+            self._flush()
+            self._sync.now()
+
+    def _flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._f:
             self._f.close()
         if self._tb is not None:
             self._tb.close()
+        if self._sync is not None:
+            self._sync.now()

@@ -53,7 +53,10 @@ def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None
             # A new folder is built aside and renamed when complete: a failure leaves none behind.
             with atomic_dir(tok) if not os.path.exists(tok) else _nullcontext(tok) as out:
                 make_tokenizer_dir(out, vocab_size=TINY_VOCAB, corpus=_dataset_texts(data_dir), grammar_tokens=True)
-        core.barrier("tokenizer")  # the other processes read what process 0 wrote
+        from ibis_jax.storage import share
+
+        # the other processes read what process 0 wrote (other hosts of a gs:// workdir: through the bucket)
+        share(tok, jax.process_index() == 0, lambda: core.barrier("tokenizer"))
         return tiny_config(tok), tok
     presets = {"qwen2_5_vl_3b": Qwen25VLConfig.qwen2_5_vl_3b, "qwen2_5_vl_7b": Qwen25VLConfig.qwen2_5_vl_7b}
     if config.model not in presets:

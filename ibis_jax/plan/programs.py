@@ -38,7 +38,7 @@ from ibis_jax.train.metrics import step_flops
 from ibis_jax.train.optim import make_optimizer
 from ibis_jax.train.program import Program, build_program
 
-PLAN_TOTAL_STEPS = 1000  # the schedule's length does not change any shape
+PLAN_TOTAL_STEPS = 1000  # the schedule's length when the config names none (it changes no shape)
 
 
 class DoesNotFit(Exception):
@@ -196,8 +196,16 @@ class TrainSetup:
             raise DoesNotFit(stage, need, hbm, "state + fp32 gradients exceed HBM", lower_bound=True)
 
 
-def train_setup(config: TrainConfig, model_config: Qwen25VLConfig, mesh) -> TrainSetup:
-    tx, schedule = make_optimizer(config, PLAN_TOTAL_STEPS)
+def train_setup(config: TrainConfig, model_config: Qwen25VLConfig, mesh, rl=None) -> TrainSetup:
+    """The trainer's program: SFT's optimizer, or with `rl` the GRPO trainer's (its schedule).
+    The schedule's length changes no shape; the config's own (max_steps) when it names one, so
+    the program is the trainer's constant for constant."""
+    if rl is not None:
+        from ibis_jax.rl.trainer import grpo_optimizer
+
+        tx, schedule = grpo_optimizer(config, rl)
+    else:
+        tx, schedule = make_optimizer(config, config.max_steps or PLAN_TOTAL_STEPS)
     return TrainSetup(build_program(config, model_config, mesh, tx, schedule))
 
 
@@ -276,7 +284,7 @@ def grpo_batch(config: TrainConfig, rl, model_config: Qwen25VLConfig) -> tuple[d
 def grpo_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
     from ibis_jax.rl.loss import make_grpo_loss, make_token_logprobs
 
-    setup = train_setup(config, model_config, mesh)
+    setup = train_setup(config, model_config, mesh, rl)
     setup.check_resident("grpo", hbm)
     r, s = grpo_rows(rl), max(rl.seq_buckets)
     batch, patches, images = grpo_batch(config, rl, model_config)
@@ -329,7 +337,7 @@ def rollout_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, h
                   hbm_bandwidth: float) -> StageResult:
     from ibis_jax.generate import sampler as sampler_lib
 
-    setup = train_setup(config, model_config, mesh)  # resident during rollouts
+    setup = train_setup(config, model_config, mesh, rl)  # resident during rollouts
     program = setup.program
     key = jax.random.key(config.seed)
     # The policy the trainer samples with: the model def's graph over the merged parameters.

@@ -104,6 +104,13 @@ def grpo_schedule(config: TrainConfig, rl: RLConfig, total_updates: int | None =
     raise ValueError(f"rl.lr_schedule {rl.lr_schedule!r}: use constant or cosine")
 
 
+def grpo_optimizer(config: TrainConfig, rl: RLConfig):
+    """(tx, schedule) of a GRPO run: `config`'s optimizer over every update of the run, at the
+    rate `rl.lr_schedule` names (the trainer's and `ibis-jax plan`'s)."""
+    updates = rl.steps * resolve_grpo(rl).updates_per_batch
+    return make_optimizer(config, updates, grpo_schedule(config, rl, updates))
+
+
 def default_policy_factory(model, processor, rl: RLConfig, seed: int, settings: AgentSettings) -> Policy:
     from ibis_jax.generate.policy import ModelPolicy  # the KV-cache sampler (issue 5)
 
@@ -208,8 +215,7 @@ def train_grpo(
     mesh = mesh_lib.make_mesh(config.mesh_shape)
     mesh_lib.check_batch_spans_processes(mesh)
     grpo = resolve_grpo(rl)
-    tx, schedule = make_optimizer(config, rl.steps * grpo.updates_per_batch,
-                                  grpo_schedule(config, rl, rl.steps * grpo.updates_per_batch))
+    tx, schedule = grpo_optimizer(config, rl)
     from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig
 
     # The program `ibis-jax plan` compiles: the config's dtypes, remat policy, scanned layers, LoRA.

@@ -195,8 +195,12 @@ def train(
     # ---------------------------------------------------------------- the update step
     layout_cache: dict = {}
     pad_id = pipeline.collate.pad_id
-    next_batch = lambda: with_vision_layout(agree_across_processes(next(data_iter), pad_id), model_config.vision,
-                                            layout_cache)
+
+    def next_batch() -> dict[str, Any]:
+        batch = dict(agree_across_processes(next(data_iter), pad_id))
+        batch.pop("num_images")  # a host-side count: the step (and `ibis-jax plan`) never takes it
+        return with_vision_layout(batch, model_config.vision, layout_cache)
+
     first = next_batch()
     batch_shardings = program.batch_shardings(first, processes=jax.process_count())
     step_fn = program.train_step(LOSSES["sft"], batch_shardings)

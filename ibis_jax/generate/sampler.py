@@ -444,7 +444,7 @@ class Sampler:
         parts, first, offset = [], 0, 0
         for size in power_of_two_groups(len(grid)):
             n = int(patches[first:first + size].sum())
-            layout = vision_layout(grid[first:first + size], self.model.config.vision)
+            layout = vision_layout(grid[first:first + size], self.model.config.vision, per_image=True)
             parts.append(_encode_images(graphdef, params, jnp.asarray(pixel_values[offset:offset + n]), layout))
             first, offset = first + size, offset + n
         feats = parts[0] if len(parts) == 1 else jnp.concatenate(parts)

@@ -162,7 +162,7 @@ def analytic_param_count(cfg: Qwen25VLConfig) -> int:
 def _images_layout(cfg: Qwen25VLConfig, images: int, image_size: int, accum: int | None):
     side = image_size // cfg.vision.patch_size
     grid = np.tile(np.asarray([[1, side, side]], np.int64), (images, 1))
-    lay = vision_layout(grid, cfg.vision)
+    lay = vision_layout(grid, cfg.vision, per_image=True)  # as the trainers lay their images out
     lead = () if accum is None else (accum,)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + x.shape, x.dtype), lay), images * side * side
 
@@ -289,32 +289,42 @@ def grpo_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm:
     r, s = grpo_rows(rl), max(rl.seq_buckets)
     batch, patches, images = grpo_batch(config, rl, model_config)
     suppressed = model_config.multimodal_token_ids
-    # 1. the old (and reference) log-prob pass over the rollout batch
-    old_batch, old_shardings = _sharded_batch(batch, mesh)
-    old_fn = setup.program.jit_logprobs(make_token_logprobs(setup.program.model_def, rl.temperature, suppressed),
-                                        old_shardings)
-    old_compiled, old_seconds = compile_program("grpo (old log-probs)", old_fn,
-                                                (setup.state.params, setup.state.frozen, old_batch), mesh)
-    # 2. the update: the shared train step with the grpo loss
-    full, full_shardings = _sharded_batch({**batch, "old_logprobs": _struct((1, r, s), jnp.float32)}, mesh)
+    # As the trainer: a separate old (or reference) log-prob pass only when a rollout batch feeds
+    # several updates or a KL term; with one update the loss holds its own log-probs as pi_old.
+    separate_pass = rl.grpo.updates_per_batch > 1 or rl.grpo.beta > 0
+    programs_ = []
+    if separate_pass:
+        old_batch, old_shardings = _sharded_batch(batch, mesh)
+        old_fn = setup.program.jit_logprobs(make_token_logprobs(setup.program.model_def, rl.temperature, suppressed),
+                                            old_shardings)
+        programs_.append(compile_program("grpo (old log-probs)", old_fn,
+                                         (setup.state.params, setup.state.frozen, old_batch), mesh))
+    # the update: the shared train step with the grpo loss
+    extra = {("old_logprobs" if rl.grpo.updates_per_batch > 1 else "sampler_logprobs"): _struct((1, r, s), jnp.float32)}
+    if rl.grpo.beta > 0:
+        extra["ref_logprobs"] = _struct((1, r, s), jnp.float32)
+    full, full_shardings = _sharded_batch({**batch, **extra}, mesh)
     loss = make_grpo_loss(rl.grpo, temperature=rl.temperature, suppressed=suppressed)
     step = setup.program.train_step(loss, full_shardings)
-    compiled, seconds = compile_program("grpo", step.jitted, (setup.state, full), mesh)
-    mem, old_mem = memory(compiled), memory(old_compiled)
+    programs_.insert(0, compile_program("grpo", step.jitted, (setup.state, full), mesh))
+    mems = [memory(c) for c, _ in programs_]
+    seconds = sum(t for _, t in programs_)
     trainable, frozen, opt = setup.bytes()
     kw = dict(tokens=r * s, seq_len=s, sequences=r, patches=patches, image_size=config.image_size)
     update = step_flops(model_config, freeze_vision=config.freeze_vision, **kw)
-    forward = forward_flops(model_config, **kw)
-    xf = [xla_flops(c) for c in (compiled, old_compiled)]
+    forward = forward_flops(model_config, **kw) if separate_pass else 0.0
+    xf = [xla_flops(c) for c, _ in programs_]
+    peak_bytes = max(m["peak"] for m in mems)
     return StageResult(
         "grpo", mesh.size, dict(mesh.shape),
-        {"params": trainable + frozen, "optimizer": opt, "kv_cache": 0, "temp": max(mem["temp"], old_mem["temp"]),
-         "total": max(mem["peak"], old_mem["peak"])},
-        hbm, update + forward, seconds + old_seconds, max(mem["peak"], old_mem["peak"]) <= hbm,
+        {"params": trainable + frozen, "optimizer": opt, "kv_cache": 0, "temp": max(m["temp"] for m in mems),
+         "total": peak_bytes},
+        hbm, update + forward, seconds, peak_bytes <= hbm,
         _step_seconds(update + forward, mesh.size, peak, mfu), None if None in xf else sum(xf),
         f"{r} turn rows x {s} tokens ({rl.prompts_per_step} prompts x G={rl.grpo.group_size} x "
         f"{rl.max_turns} turns, one micro-batch as the trainer runs it)",
-        "update + old log-prob pass; the rollouts are the rollout stage",
+        ("update + old log-prob pass" if separate_pass else "update (pi_old = its own log-probs: one update per "
+         "rollout batch)") + "; the rollouts are the rollout stage",
     )
 
 

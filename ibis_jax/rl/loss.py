@@ -42,7 +42,10 @@ def make_grpo_loss(config: GRPOConfig, chunk_size: int = 256, temperature: float
         logp, entropy = chunked_token_logprobs(sampling_logits(model, temperature, suppressed), hidden,
                                                batch["targets"], chunk_size)
         ref = batch.get("ref_logprobs")
-        loss_sum, denom, m = grpo_loss(logp, batch["old_logprobs"], batch["advantages"], batch["loss_mask"],
+        # Without old log-probs (one update per rollout batch) the parameters that sampled are
+        # these: pi_old is this pass's own log-probs, held constant, and the ratio is exactly 1.
+        old = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(logp)
+        loss_sum, denom, m = grpo_loss(logp, old, batch["advantages"], batch["loss_mask"],
                                        config, ref_logprobs=ref, row_weights=batch.get("row_weights"))
         mask = batch["loss_mask"].astype(jnp.float32)
         n = mask.sum()
@@ -54,6 +57,8 @@ def make_grpo_loss(config: GRPOConfig, chunk_size: int = 256, temperature: float
             "entropy": ((entropy * mask).sum(), n),
             "policy_tokens": n,
         }
+        if "sampler_logprobs" in batch:  # max |pi_old - sampler| over the policy tokens
+            aux["sampler_vs_old_logprob_max_abs"] = jnp.max(jnp.abs(old - batch["sampler_logprobs"]) * mask)
         return loss_sum, denom, aux
 
     return loss_fn

@@ -244,6 +244,7 @@ def train_grpo(
     token_logprobs = make_token_logprobs(model_def, rl.temperature, suppressed)
     # max |old - sampler log-prob| over the policy tokens, from the global arrays (a replicated scalar)
     drift_fn = jax.jit(lambda old, sampler, mask: jnp.max(jnp.abs(old - sampler) * mask))
+    fused_old = grpo.updates_per_batch == 1  # see the update batch below
     # ---------------------------------------------------------------- rollouts on several processes
     # Each process runs its share of a step's episodes (`core.process_slice`: contiguous, so a
     # group may span two processes) with a copy of the policy on its own devices: the rollouts of
@@ -340,7 +341,10 @@ def train_grpo(
                         if shape_key not in step_fns:
                             batch_shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(arrays, mesh, processes))
                             lp_fn = program.jit_logprobs(token_logprobs, batch_shardings)
-                            extra = {"old_logprobs": batch_shardings["targets"]}
+                            # One update per rollout batch: the ratio's denominator is the update's
+                            # own log-probs (stop-gradient), no separate pass; the loss reports the
+                            # sampler drift from the sampler's log-probs.
+                            extra = {"sampler_logprobs" if fused_old else "old_logprobs": batch_shardings["targets"]}
                             if ref_params is not None:
                                 extra["ref_logprobs"] = batch_shardings["targets"]
                             step_shardings = {**batch_shardings, **extra}
@@ -348,12 +352,15 @@ def train_grpo(
                                                    batch_shardings)
                         step_fn, lp_fn, batch_shardings = step_fns[shape_key]
                         global_batch = to_global(arrays, batch_shardings)
-                        global_batch["old_logprobs"] = lp_fn(state.params, state.frozen, global_batch)
+                        sampler_global = to_global(sampler_lp, batch_shardings["targets"])
+                        if fused_old:
+                            global_batch["sampler_logprobs"] = sampler_global
+                        else:
+                            global_batch["old_logprobs"] = lp_fn(state.params, state.frozen, global_batch)
+                            drift = max(drift, float(drift_fn(global_batch["old_logprobs"], sampler_global,
+                                                              global_batch["loss_mask"])))
                         if ref_params is not None:
                             global_batch["ref_logprobs"] = lp_fn(ref_params, state.frozen, global_batch)
-                        sampler_global = to_global(sampler_lp, batch_shardings["targets"])
-                        drift = max(drift, float(drift_fn(global_batch["old_logprobs"], sampler_global,
-                                                          global_batch["loss_mask"])))
                         minis.append((step_fn, global_batch, int(arrays["input_ids"].shape[0])))
                     times["time/old_logprobs_s"] = time.perf_counter() - t1
                     t2 = time.perf_counter()
@@ -370,7 +377,10 @@ def train_grpo(
                 metrics["kept_group_fraction"] = float(keep.mean())
                 metrics["zero_variance_group_fraction"] = 1.0 - float(spread.mean())  # groups with advantage 0
                 metrics["micro_batches"] = float(minis[0][2]) if update_metrics else 0.0
-                m = {**rollout_metrics(names, table), **metrics, **times, "sampler_vs_old_logprob_max_abs": drift}
+                if not fused_old:  # else the update measured it (the loss's metric of the same name)
+                    metrics["sampler_vs_old_logprob_max_abs"] = drift
+                metrics.setdefault("sampler_vs_old_logprob_max_abs", 0.0)
+                m = {**rollout_metrics(names, table), **metrics, **times}
                 writer.write(step + 1, m)
                 for hook in hooks:
                     hook(step + 1, m)

@@ -31,6 +31,7 @@ class TrainConfig:
     remat: bool = False  # rematerialise each layer in the backward pass, under `remat_policy`
     remat_policy: str = "full"  # with remat: full | dots_saveable | dots_with_no_batch_dims_saveable
     scan_layers: bool = True  # decoder layers and vision blocks as lax.scans (False: unrolled, debugging)
+    attention: str = "auto"  # auto (splash on TPU, dot_product on GPU, xla on CPU) | xla | dot_product | splash
     freeze_vision: bool = True  # SPEC section 5: vision tower frozen, merger trains
     lora_rank: int = 0  # 0 = full fine-tuning of the trainable params
     lora_alpha: float = 16.0

@@ -4,7 +4,8 @@ Registered by name (tunix style) so a config or the GRPO trainer can pick a loss
 the signature `loss_fn(model, micro_batch) -> (loss_sum, denominator, aux)`; the train step sums
 sums and denominators over micro-batches and divides once, so the token mean is exact under
 gradient accumulation. `aux` maps a metric name to a (numerator, denominator) pair (reported as
-their ratio over the whole step) or to a scalar (reported as its sum over the step).
+their ratio over the whole step) or to a scalar (reported as its sum over the step; a name ending
+in ``_max_abs`` as its maximum).
 """
 
 from __future__ import annotations

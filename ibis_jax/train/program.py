@@ -19,7 +19,7 @@ from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig
 from ibis_jax.train import mesh as mesh_lib
 from ibis_jax.train.config import TrainConfig
 from ibis_jax.train.state import (ModelDef, TrainState, abstract_train_state, init_fn_for, load_model, new_state,
-                                  split_model)
+                                  platform_of, split_model)
 from ibis_jax.train.step import jit_train_step, make_train_step
 
 
@@ -37,7 +37,8 @@ class Program:
     # ------------------------------------------------------------------ the state
     def init(self, key: jax.Array) -> TrainState:
         """A randomly initialised state, born sharded."""
-        return jax.jit(init_fn_for(self.config, self.model_config, self.tx), out_shardings=self.shardings)(key)
+        init = init_fn_for(self.config, self.model_config, self.tx, platform_of(self.mesh))
+        return jax.jit(init, out_shardings=self.shardings)(key)
 
     def from_hf(self, directory: str, key: jax.Array) -> TrainState:
         """The state around an HF directory's weights, loaded with the config's dtypes and options
@@ -66,7 +67,8 @@ class Program:
 
 def build_program(config: TrainConfig, model_config: Qwen25VLConfig, mesh: jax.sharding.Mesh,
                   tx: optax.GradientTransformation, schedule: optax.Schedule) -> Program:
-    model_def, abstract, specs = abstract_train_state(config, model_config, tx, jax.random.key(config.seed))
+    model_def, abstract, specs = abstract_train_state(config, model_config, tx, jax.random.key(config.seed),
+                                                      platform_of(mesh))
     shardings = mesh_lib.named(mesh, specs)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return Program(config, model_config, mesh, tx, schedule, model_def, abstract, shardings)

@@ -92,7 +92,7 @@ def with_vision_layout(batch: dict[str, np.ndarray], vision_cfg, cache: dict) ->
     grid = batch["image_grid_thw"][0]
     key = grid.tobytes()
     if key not in cache:
-        lay = vision_layout(grid, vision_cfg)
+        lay = vision_layout(grid, vision_cfg, per_image=True)  # equal images: each chip encodes its own
         a = batch["image_grid_thw"].shape[0]
         cache[key] = jax.tree.map(lambda x: np.broadcast_to(x, (a, *x.shape)).copy(), lay)
     return {**batch, "vision_layout": cache[key]}

@@ -68,23 +68,34 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
-def model_options(config: TrainConfig) -> dict[str, Any]:
+def platform_of(mesh: jax.sharding.Mesh | None) -> str:
+    """The platform a program is built for: its mesh's devices' (libtpu's compile-only TPUs under
+    `ibis-jax plan`, on a CPU host), else the default backend's."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def model_options(config: TrainConfig, platform: str = "cpu") -> dict[str, Any]:
     """The one place a config becomes the model's build options (dtypes, remat policy, scanned
-    layers, frozen vision, sharding names): random init, `load_hf` and `plan` all take these."""
+    layers, attention backend for `platform`, frozen vision, sharding names): random init,
+    `load_hf` and `plan` all take these."""
+    from ibis_jax.models.attention import resolve_backend
+
     return dict(dtype=_dtype(config.compute_dtype), param_dtype=_dtype(config.param_dtype),
                 sharding=ShardingConfig.fsdp_tensor(), remat=config.remat_name, scan_layers=config.scan_layers,
-                freeze_vision=config.freeze_vision)
+                attention=resolve_backend(config.attention, platform), freeze_vision=config.freeze_vision)
 
 
-def make_model(config: TrainConfig, model_config: Qwen25VLConfig, key: jax.Array) -> Qwen25VL:
-    return Qwen25VL(model_config, **model_options(config), rngs=nnx.Rngs(key))
+def make_model(config: TrainConfig, model_config: Qwen25VLConfig, key: jax.Array, platform: str = "cpu") -> Qwen25VL:
+    return Qwen25VL(model_config, **model_options(config, platform), rngs=nnx.Rngs(key))
 
 
 def load_model(config: TrainConfig, directory: str, mesh: jax.sharding.Mesh | None) -> Qwen25VL:
     """An HF directory loaded with the config's build options (each tensor placed sharded on `mesh`)."""
     from ibis_jax.models.qwen2_5_vl import load_hf
 
-    opts = model_options(config)
+    opts = model_options(config, platform_of(mesh))
     return load_hf(directory, opts.pop("param_dtype"), mesh, compute_dtype=opts.pop("dtype"), **opts)
 
 
@@ -142,12 +153,12 @@ def new_state(config: TrainConfig, tx: optax.GradientTransformation, trainable: 
 
 
 def init_fn_for(
-    config: TrainConfig, model_config: Qwen25VLConfig, tx: optax.GradientTransformation
+    config: TrainConfig, model_config: Qwen25VLConfig, tx: optax.GradientTransformation, platform: str = "cpu"
 ) -> Callable[[jax.Array], TrainState]:
     """key -> TrainState of a freshly initialised model (jit it with out_shardings)."""
 
     def init(key: jax.Array) -> TrainState:
-        model = make_model(config, model_config, key)
+        model = make_model(config, model_config, key, platform)
         _, trainable, frozen, _ = split_model(model, config)
         return new_state(config, tx, trainable, frozen, key)
 
@@ -155,13 +166,14 @@ def init_fn_for(
 
 
 def abstract_train_state(
-    config: TrainConfig, model_config: Qwen25VLConfig, tx: optax.GradientTransformation, key: jax.Array
+    config: TrainConfig, model_config: Qwen25VLConfig, tx: optax.GradientTransformation, key: jax.Array,
+    platform: str = "cpu",
 ) -> tuple[ModelDef, TrainState, TrainState]:
     """(model def, abstract TrainState of ShapeDtypeStructs, its PartitionSpecs), nothing
     allocated: what `init_fn_for` would build, for jitting with out_shardings or compiling for
     a target without its devices (`ibis-jax plan`)."""
-    abstract_model = nnx.eval_shape(lambda: make_model(config, model_config, key))
+    abstract_model = nnx.eval_shape(lambda: make_model(config, model_config, key, platform))
     graphdef, _, _, param_specs = split_model(abstract_model, config)
     model_def = ModelDef(graphdef, model_config, config.lora_rank, config.lora_alpha)
-    abstract = jax.eval_shape(init_fn_for(config, model_config, tx), key)
+    abstract = jax.eval_shape(init_fn_for(config, model_config, tx, platform), key)
     return model_def, abstract, state_specs(abstract, param_specs, tx, config)

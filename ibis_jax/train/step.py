@@ -54,6 +54,8 @@ def make_train_step(
             if isinstance(value, tuple):
                 num, den = value[0].sum(), value[1].sum()
                 metrics[name] = num / jnp.maximum(den, 1)
+            elif name.endswith("_max_abs"):  # a maximum over the micro-batches
+                metrics[name] = value.max()
             else:
                 metrics[name] = value.sum()
         new_state = TrainState(state.step + 1, params, state.frozen, opt_state)

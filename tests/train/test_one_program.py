@@ -109,7 +109,7 @@ def test_grpo_trainer_runs_the_program_plan_compiles(init_dir, tmp_path):
     assert jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), setup.state) == \
         jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), program.abstract)
     batch, _, _ = programs.grpo_batch(config, rl, model_config)
-    batch = {**batch, "old_logprobs": jax.ShapeDtypeStruct(batch["targets"].shape, jnp.float32)}
+    batch = {**batch, "sampler_logprobs": jax.ShapeDtypeStruct(batch["targets"].shape, jnp.float32)}
     shardings = setup.program.batch_shardings(batch)
     batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), batch, shardings)
     loss = make_grpo_loss(rl.grpo, temperature=rl.temperature, suppressed=model_config.multimodal_token_ids)

@@ -22,7 +22,7 @@ from flax import nnx
 from .config import Qwen25VLConfig, ShardingConfig
 from .layers import DType, check_remat_policy, partitioned
 from .text import KVCache, TextModel
-from .vision import VisionLayout, VisionTransformer, vision_layout
+from .vision import VisionLayout, VisionTransformer, image_order, vision_layout
 
 
 @functools.partial(jax.jit, static_argnames=("image_token_id", "spatial_merge_size"))
@@ -91,6 +91,8 @@ class Qwen25VL(nnx.Module):
         of `layers.REMAT_POLICIES` ("none", "full", "dots_saveable", ...); True means "full".
     scan_layers: run the stacked decoder layers and vision blocks as `lax.scan`s (one layer
         compiled whatever the depth); False runs them one by one (same parameters, debugging).
+    attention: the decoder's full-forward attention backend (`models.attention`: xla,
+        dot_product, splash; resolve "auto" for a platform with `attention.resolve_backend`).
     freeze_vision: stop gradients at the ViT output (the merger/projector still trains); pair with
         `trainable_filter(freeze_vision=True)` for the optimizer.
     """
@@ -104,6 +106,7 @@ class Qwen25VL(nnx.Module):
         sharding: ShardingConfig = ShardingConfig(),
         remat: bool | str = False,
         scan_layers: bool = True,
+        attention: str = "xla",
         freeze_vision: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -112,7 +115,7 @@ class Qwen25VL(nnx.Module):
         policy = check_remat_policy({True: "full", False: "none"}.get(remat, remat))
         kw = dict(dtype=dtype, param_dtype=param_dtype, remat=policy, scan_layers=scan_layers, rngs=rngs)
         self.visual = VisionTransformer(config.vision, sharding, **kw)
-        self.language_model = TextModel(config.text, sharding, **kw)
+        self.language_model = TextModel(config.text, sharding, attention=attention, **kw)
         if not config.tie_word_embeddings:
             t = config.text
             self.lm_head = nnx.Param(
@@ -130,7 +133,7 @@ class Qwen25VL(nnx.Module):
         h = vis.encode(pixel_values, layout)
         if self.freeze_vision:
             h = jax.lax.stop_gradient(h)
-        return vis.merger(h)[layout.reverse_index]
+        return image_order(vis.merger(h), layout)
 
     def _layout(self, image_grid_thw: jax.Array | None, vision_layout_: VisionLayout | None) -> VisionLayout:
         if vision_layout_ is not None:
@@ -140,7 +143,7 @@ class Qwen25VL(nnx.Module):
                 "image_grid_thw is traced (inside jit): pass vision_layout=vision_layout(image_grid_thw, "
                 "config.vision) computed on the host as an argument instead"
             )
-        return vision_layout(np.asarray(image_grid_thw), self.config.vision)
+        return vision_layout(np.asarray(image_grid_thw), self.config.vision, per_image=True)
 
     def embed(
         self,

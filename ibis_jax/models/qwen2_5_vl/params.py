@@ -221,6 +221,7 @@ def load_hf(
     sharding: ShardingConfig | None = None,
     remat: bool | str = False,
     scan_layers: bool = True,
+    attention: str = "xla",
     freeze_vision: bool = False,
 ) -> Qwen25VL:
     """Load a Hugging Face Qwen2.5-VL directory (config.json + safetensors) into `Qwen25VL`.
@@ -244,6 +245,7 @@ def load_hf(
             sharding=sharding,
             remat=remat,
             scan_layers=scan_layers,
+            attention=attention,
             freeze_vision=freeze_vision,
             rngs=nnx.Rngs(0),
         )

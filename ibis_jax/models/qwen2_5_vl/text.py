@@ -10,9 +10,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from ibis_jax.models.attention import causal_attention
+
 from .config import ShardingConfig, TextConfig
-from .layers import (MASK_VALUE, DType, RMSNorm, apply_rope, cached_attention, dot_attention, linear, partitioned,
-                     run_layers, stacked)
+from .layers import (MASK_VALUE, DType, RMSNorm, apply_rope, cached_attention, linear, partitioned, run_layers,
+                     stacked)
 from .packed import PackedLayer, packed_matmul
 
 
@@ -56,7 +58,8 @@ def mrope_cos_sin(
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
+                 attention: str = "xla"):
         d, dh = cfg.hidden_size, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
         self.q_proj = linear(d, cfg.num_attention_heads * dh, bias=True, kernel_spec=sh.q_weight_dq,
@@ -70,6 +73,7 @@ class Attention(nnx.Module):
         self.kv_heads = cfg.num_key_value_heads
         self.groups = cfg.num_attention_heads // cfg.num_key_value_heads
         self.head_dim = dh
+        self.attention = attention  # the full-forward backend (`models.attention`)
 
     def __call__(
         self,
@@ -82,8 +86,9 @@ class Attention(nnx.Module):
         packed: PackedLayer | None = None,
         layer_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, S, D]; cos/sin [B, S, head_dim]; bias [B, S, T] additive (T = S, or the cache
-        length); kv: this layer's cache (k, v) [B, KV, T, head_dim] written at slot kv_end, or,
+        """x [B, S, D]; cos/sin [B, S, head_dim]; bias: without a cache the segment ids int32
+        [B, S] of `models.attention` (0 = padding), with one an additive [B, S, T] over the cache
+        slots; kv: this layer's cache (k, v) [B, KV, T, head_dim] written at slot kv_end, or,
         with `layer_index`, every layer's stacked cache [L, B, KV, T, head_dim] updated in place at
         that layer (a scan over layers carries the whole cache, so no per-layer copy is made);
         packed: this layer's decode-packed weights, used instead of the module's kernels.
@@ -93,10 +98,10 @@ class Attention(nnx.Module):
         q = apply_rope(q.reshape(b, s, -1, self.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = v.reshape(b, s, self.kv_heads, self.head_dim)
-        q = q.reshape(b, s, self.kv_heads, self.groups, self.head_dim)
         if kv is None:
-            out = dot_attention(q, k, v, bias[:, None, None], self.head_dim**-0.5)
+            out = causal_attention(q, k, v, bias, scale=self.head_dim**-0.5, backend=self.attention)
         else:
+            q = q.reshape(b, s, self.kv_heads, self.groups, self.head_dim)
             zero = jnp.zeros((), jnp.int32)
             end = jnp.asarray(kv_end, jnp.int32)
             if layer_index is None:
@@ -139,8 +144,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
-        self.self_attn = Attention(cfg, sh, dtype, param_dtype, rngs)
+    def __init__(self, cfg: TextConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
+                 attention: str = "xla"):
+        self.self_attn = Attention(cfg, sh, dtype, param_dtype, rngs, attention)
         self.mlp = MLP(cfg, sh, dtype, param_dtype, rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, spec=sh.norm_d, param_dtype=param_dtype)
         self.post_attention_layernorm = RMSNorm(
@@ -181,6 +187,7 @@ class TextModel(nnx.Module):
         param_dtype: DType,
         remat: str = "none",
         scan_layers: bool = True,
+        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
@@ -192,7 +199,8 @@ class TextModel(nnx.Module):
             embedding_init=partitioned(nnx.initializers.normal(cfg.initializer_range), sh.emb_vd),
             rngs=rngs,
         )
-        self.layers = stacked(lambda r: DecoderLayer(cfg, sh, dtype, param_dtype, r), cfg.num_hidden_layers, rngs)
+        self.layers = stacked(lambda r: DecoderLayer(cfg, sh, dtype, param_dtype, r, attention), cfg.num_hidden_layers,
+                              rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, spec=sh.norm_d, param_dtype=param_dtype)
         self.act_spec = sh.act_btd
         self.dtype = dtype
@@ -218,20 +226,23 @@ class TextModel(nnx.Module):
         x = inputs_embeds.astype(self.dtype)
         b, s, _ = x.shape
         cos, sin = mrope_cos_sin(position_ids, self.cfg, self.dtype)
-        offset = jnp.zeros((), jnp.int32) if cache is None else cache.end
-        t = s if cache is None else cache.k.shape[3]
-        key_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        q_slot = offset + jnp.arange(s)
-        allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # [B, S, T]
-        bias = jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
         x = self._constrain(x)
         if cache is None:
+            # Segment ids (1 real, 0 padding): the attention backend builds its own mask.
+            segments = jnp.ones((b, s), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+
             def layer_step(layer, h, _):
-                h, _ = layer(h, cos, sin, bias)
+                h, _ = layer(h, cos, sin, segments)
                 return self._constrain(h), None
 
             x, _ = run_layers(self.layers, layer_step, x, scan=self.scan_layers, remat=self.remat)
         else:
+            offset, t = cache.end, cache.k.shape[3]
+            key_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+            q_slot = offset + jnp.arange(s)
+            allowed = (jnp.arange(t)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # [B, S, T]
+            bias = jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
+
             def cached_step(layer, carry, index):
                 h, k, v = carry
                 h, (k, v) = layer(h, cos, sin, bias, (k, v), offset, layer_index=index)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from .config import ShardingConfig, VisionConfig
 from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, dot_attention, linear, partitioned, stacked, with_remat
@@ -54,11 +55,20 @@ def _segment_gather(segments: np.ndarray) -> np.ndarray:
     return gather
 
 
-def vision_layout(image_grid_thw: np.ndarray, config: VisionConfig) -> VisionLayout:
+def vision_layout(image_grid_thw: np.ndarray, config: VisionConfig, *, per_image: bool = False) -> VisionLayout:
     """Compute the `VisionLayout` of images with grids `image_grid_thw` [num_images, 3] (t, h, w
     in patches). Mirrors transformers' get_vision_position_ids / get_vision_window_index /
-    get_vision_cu_seqlens (Qwen2.5-VL), as numpy."""
+    get_vision_cu_seqlens (Qwen2.5-VL), as numpy.
+
+    per_image: when every image has the same grid, the layout of one image with a leading axis of
+    1 on every array: the tower then encodes the images as a batch `[images, patches, dim]`
+    (windows by local indices, no gather across images), so the images shard over the mesh's
+    batch axes like any batch and each chip encodes only its own (`VisionTransformer.encode`).
+    Mixed sizes fall back to the packed layout."""
     grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+    if per_image and len(grid) and (grid == grid[0]).all():
+        one = vision_layout(grid[:1], config)
+        return jax.tree.map(lambda x: x[None], one)
     m = config.spatial_merge_size
     unit = m * m
     win = config.window_size // m // config.patch_size  # window side in merged tokens
@@ -179,6 +189,14 @@ class PatchMerger(nnx.Module):
         return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
+def image_order(merged: jax.Array, layout: VisionLayout) -> jax.Array:
+    """Merged tokens [L / m^2, D] from the tower's window order back to image order."""
+    if layout.reverse_index.ndim == 2:  # per-image layout: each image's tokens in its own order
+        images = merged.reshape(-1, layout.reverse_index.shape[1], merged.shape[-1])
+        return jnp.take(images, layout.reverse_index[0], axis=1).reshape(merged.shape)
+    return merged[layout.reverse_index]
+
+
 def attention_period(depth: int, fullatt: tuple[int, ...]) -> int | None:
     """p when the full-attention blocks are every p-th one, last in each group of p (Qwen2.5-VL:
     7, 15, 23, 31 of 32 -> 8); None otherwise."""
@@ -231,6 +249,7 @@ class VisionTransformer(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         self.scan_layers = scan_layers
+        self.batch_axes = sh.act_btd[0] if len(sh.act_btd) else None  # the mesh axes a batch splits over
 
     def rope(self, rope_hw: jax.Array) -> tuple[jax.Array, jax.Array]:
         """rope_hw [L, 2] -> cos, sin [L, head_dim] in fp32: (h freqs, w freqs) repeated twice."""
@@ -242,7 +261,30 @@ class VisionTransformer(nnx.Module):
         return jnp.cos(freqs), jnp.sin(freqs)
 
     def encode(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
-        """pixel_values [L, C*T*P*P] -> hidden states before the merger [L, E], in window order."""
+        """pixel_values [L, C*T*P*P] -> hidden states before the merger [L, E], in window order
+        (a per-image layout: each image's patches in its own window order, image after image)."""
+        if layout.rope_hw.ndim == 3:  # vision_layout(per_image=True): a batch of equal images
+            one = jax.tree.map(lambda x: x[0], layout)
+            images = pixel_values.reshape(-1, one.rope_hw.shape[0], pixel_values.shape[-1])
+            images = self._constrain_images(images)
+            out = jax.vmap(lambda pv: self._encode_packed(pv, one))(images)
+            return self._constrain_images(out).reshape(-1, out.shape[-1])
+        return self._encode_packed(pixel_values, layout)
+
+    def _constrain_images(self, x: jax.Array) -> jax.Array:
+        """[images, patches, ...] laid out over the mesh's batch axes where they divide the images."""
+        batch = self.batch_axes
+        if batch is None:
+            return x
+        mesh = jax.sharding.get_abstract_mesh()
+        sizes = dict(mesh.shape) if mesh is not None and mesh.shape else {}
+        names = batch if isinstance(batch, tuple) else (batch,)
+        ways = int(np.prod([sizes.get(a, 1) for a in names]))
+        if not sizes or ways == 1 or x.shape[0] % ways:
+            return x
+        return jax.lax.with_sharding_constraint(x, P(batch, *(None,) * (x.ndim - 1)))
+
+    def _encode_packed(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
         m2 = self.cfg.spatial_merge_size**2
         x = jnp.asarray(pixel_values).astype(self.dtype) @ self.patch_embed[...].astype(self.dtype)
         n, e = x.shape
@@ -281,4 +323,4 @@ class VisionTransformer(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
         """pixel_values [L, C*T*P*P] -> visual tokens [L / m^2, out_hidden_size] in input order."""
-        return self.merger(self.encode(pixel_values, layout))[layout.reverse_index]
+        return image_order(self.merger(self.encode(pixel_values, layout)), layout)

@@ -200,3 +200,39 @@ def test_family_dispatch(q3_hf, hf_dir_and_model, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(ValueError, match="model_type 'llava'"):
         models.load_hf(tmp_path)
+
+
+def test_processor_matches_transformers_qwen3vl_processor(tok_dir, tmp_path):
+    """Multi-turn, two images (sizes multiples of 32 above the 65536-pixel minimum, so no resize):
+    ids, masks, grids and pixel values equal transformers' Qwen3VLProcessor on the same directory."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from ibis_jax.models.qwen3_vl.processor import Qwen3VLProcessor, image_tokens, prepare_image
+    from ibis_jax.models.qwen3_vl.testing import write_processor_config
+
+    d = tmp_path / "proc"
+    shutil.copytree(tok_dir, d)
+    write_processor_config(d)
+    rng = np.random.default_rng(2)
+    im1 = rng.integers(0, 256, (256, 288, 3), dtype=np.uint8)
+    im2 = rng.integers(0, 256, (320, 256, 3), dtype=np.uint8)
+    msgs = [
+        {"role": "user", "content": [{"type": "image", "image": im1}, {"type": "text", "text": "Segment the liver."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<action>\nTerminate\n</action>"}]},
+        {"role": "user", "content": [{"type": "image", "image": im2}, {"type": "text", "text": "Is the mask right?"}]},
+    ]
+    ref = AutoProcessor.from_pretrained(str(d), local_files_only=True).apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np")
+    proc = Qwen3VLProcessor(d)
+    ours = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+    assert ours["pixel_values"].shape == (608, 1536) and np.abs(ours["pixel_values"] - ref["pixel_values"]).max() < 1e-5
+    assert ours["image_grid_thw"].tolist() == [[1, 16, 18], [1, 20, 16]]
+    n_img = int((ours["input_ids"] == proc.image_token_id).sum())
+    assert n_img == (256 // 32) * (288 // 32) + (320 // 32) * (256 // 32)
+    assert image_tokens(448) == 196 and prepare_image(im1, 448).shape == (448, 448, 3)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        prepare_image(im1, 448 + 28)

@@ -236,3 +236,24 @@ def test_processor_matches_transformers_qwen3vl_processor(tok_dir, tmp_path):
     assert image_tokens(448) == 196 and prepare_image(im1, 448).shape == (448, 448, 3)
     with pytest.raises(ValueError, match="multiple of 32"):
         prepare_image(im1, 448 + 28)
+
+
+def test_freeze_vision_gradients_reach_the_deepstack_mergers(q3_hf, q3_cfg):
+    """Scanned, rematerialised backward: with freeze_vision the ViT gets no gradient, the merger
+    and the DeepStack mergers (fed through decoder layers 0 and 1) do."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ibis_jax.models.qwen3_vl import vision_layout
+
+    model = load_hf(q3_hf[0], freeze_vision=True, remat="full")
+    rng = np.random.default_rng(8)
+    grids = np.array([[1, 6, 8]])
+    ids = image_sequence(q3_cfg, rng, grids, [4, 5])[None]
+    pv = _pixels(rng, grids, q3_cfg)
+    layout = vision_layout(grids, q3_cfg.vision)
+    grads = nnx.grad(lambda m: m(ids, None, pv, grids, vision_layout=layout).mean())(model)
+    size = {".".join(map(str, p)): float(jnp.abs(v[...]).max()) for p, v in nnx.to_flat_state(nnx.state(grads))}
+    assert size["visual.blocks.mlp.linear_fc1.kernel"] == 0 and size["visual.pos_embed.embedding"] == 0
+    assert size["visual.deepstack_merger_list.linear_fc1.kernel"] > 0 and size["visual.merger.linear_fc1.kernel"] > 0
+    assert size["language_model.layers.self_attn.q_norm.weight"] > 0

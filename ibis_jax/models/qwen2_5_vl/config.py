@@ -68,6 +68,20 @@ class TextConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    # Switches of the shared decoder (`text.py`; Qwen3-VL's TextConfig flips them): properties,
+    # so they never reach config.json.
+    @property
+    def qkv_bias(self) -> bool:
+        return True
+
+    @property
+    def qk_norm(self) -> bool:
+        return False
+
+    @property
+    def mrope_interleaved(self) -> bool:
+        return False
+
 
 @dataclasses.dataclass(frozen=True)
 class Qwen25VLConfig:
@@ -271,6 +285,7 @@ class ShardingConfig:
     mlp_up_df: P = P()
     mlp_down_fd: P = P()
     norm_d: P = P()
+    head_norm_h: P = P()  # Qwen3 per-head q/k RMSNorm weights [head_dim]
     patch_pe: P = P()
     vis_qkv_e3e: P = P()
     vis_proj_ee: P = P()
@@ -298,6 +313,7 @@ class ShardingConfig:
             mlp_up_df=P("fsdp", "tensor"),
             mlp_down_fd=P("tensor", "fsdp"),
             norm_d=P(),
+            head_norm_h=P(),
             patch_pe=P(None, "fsdp"),
             vis_qkv_e3e=P("fsdp", "tensor"),
             vis_proj_ee=P("tensor", "fsdp"),

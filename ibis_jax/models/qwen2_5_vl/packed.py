@@ -70,7 +70,11 @@ def pack_text(model) -> PackedText:
         return linear.kernel[...].astype(dtype).swapaxes(-1, -2)
 
     qkv = jnp.concatenate([t(attn.q_proj), t(attn.k_proj), t(attn.v_proj)], axis=1)
-    qkv_bias = jnp.concatenate([p.bias[...] for p in (attn.q_proj, attn.k_proj, attn.v_proj)], axis=-1).astype(dtype)
+    # Qwen3 has no q/k/v biases: zeros keep one packed layout for both families.
+    def bias(linear) -> jax.Array:  # stacked [L, out]
+        return linear.bias[...] if linear.bias is not None else jnp.zeros(t(linear).shape[:-1], dtype)
+
+    qkv_bias = jnp.concatenate([bias(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], axis=-1).astype(dtype)
     o, down = t(attn.o_proj), t(mlp.down_proj)
     gate_up = jnp.concatenate([t(mlp.gate_proj), t(mlp.up_proj)], axis=1)
     layers = tuple(PackedLayer(qkv=qkv[i], qkv_bias=qkv_bias[i], o=o[i], gate_up=gate_up[i], down=down[i])

@@ -37,7 +37,7 @@ class Rule:
     hf: str  # HF key, `{i}` = layer / block number
     nnx: str  # NNX path, dot-separated; per-layer rules name the stacked parameter
     transform: str  # "id" | "T" (Linear [out,in] <-> kernel [in,out]) | "patch" (Conv3d <-> matmul)
-    per: str = ""  # "" once, "vision" per vision block, "text" per decoder layer
+    per: str = ""  # "" once, "vision" per vision block, "text" per decoder layer, "deepstack" per DeepStack merger
 
 
 _V = "model.visual."
@@ -92,17 +92,30 @@ class Entry:
     layer: int | None = None
 
 
+# The table of each model family, by its config class (Qwen3-VL's params module adds its own), so
+# the import/export code below serves every family that shares these tensor kinds.
+RULES_BY_CONFIG: dict[type, tuple[Rule, ...]] = {Qwen25VLConfig: RULES}
+
+
+def rules_of(config) -> tuple[Rule, ...]:
+    try:
+        return RULES_BY_CONFIG[type(config)]
+    except KeyError:
+        raise TypeError(f"no HF parameter table for {type(config).__name__}: import its family's params module") from None
+
+
 def expand_rules(config: Qwen25VLConfig) -> list[Entry]:
     """Every HF tensor of `config`, in table order (a stacked parameter's layers in a row)."""
     out = []
-    for r in RULES:
+    for r in rules_of(config):
         if r.hf == "lm_head.weight" and config.tie_word_embeddings:
             continue
         path = tuple(r.nnx.split("."))
         if not r.per:
             out.append(Entry(r.hf, path, r.transform))
             continue
-        n = {"vision": config.vision.depth, "text": config.text.num_hidden_layers}[r.per]
+        n = {"vision": config.vision.depth, "text": config.text.num_hidden_layers,
+             "deepstack": len(getattr(config.vision, "deepstack_visual_indexes", ()))}[r.per]
         out.extend(Entry(r.hf.format(i=i), path, r.transform, i) for i in range(n))
     return out
 
@@ -233,12 +246,32 @@ def load_hf(
     `nnx.eval_shape`. remat / scan_layers: as `Qwen25VL` (they change the program, not the weights).
     """
     directory = os.fspath(directory)
-    config = Qwen25VLConfig.from_hf_config(directory)
+    return load_hf_model(directory, Qwen25VLConfig.from_hf_config(directory), Qwen25VL, dtype, mesh,
+                         compute_dtype=compute_dtype, sharding=sharding, remat=remat, scan_layers=scan_layers,
+                         attention=attention, freeze_vision=freeze_vision)
+
+
+def load_hf_model(
+    directory: str,
+    config: Any,
+    model_cls: type,
+    dtype: DType = jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    compute_dtype: DType | None = None,
+    sharding: ShardingConfig | None = None,
+    remat: bool | str = False,
+    scan_layers: bool = True,
+    attention: str = "xla",
+    freeze_vision: bool = False,
+) -> nnx.Module:
+    """`load_hf` for any family with a table in `RULES_BY_CONFIG`: `model_cls(config, ...)`
+    (the `Qwen25VL` constructor keywords) filled from the files of `directory`."""
     if sharding is None:
         sharding = ShardingConfig.fsdp_tensor() if mesh is not None else ShardingConfig.no_sharding()
     compute_dtype = compute_dtype or dtype
     abstract = nnx.eval_shape(
-        lambda: Qwen25VL(
+        lambda: model_cls(
             config,
             dtype=compute_dtype,
             param_dtype=dtype,

@@ -105,14 +105,16 @@ def preprocess_images(
     return np.concatenate(all_patches).astype(np.float32), np.asarray(grids, np.int64)
 
 
-def prepare_image(image: np.ndarray, image_size: int) -> np.ndarray:
+def prepare_image(image: np.ndarray, image_size: int, multiple: int = 28) -> np.ndarray:
     """RGB uint8 [H, W, 3] -> [image_size, image_size, 3] (bicubic): the one image preparation of
     training and inference. Square, so normalised click coordinates keep their meaning and every
-    image has the same patch grid; ``image_size`` is a multiple of 28 (14 px patches, 2x2 merge)."""
+    image has the same patch grid; ``image_size`` is a multiple of 28 (14 px patches, 2x2 merge;
+    `multiple` 32 for Qwen3-VL's 16 px patches)."""
     from PIL import Image
 
-    if image_size % 28:
-        raise ValueError(f"image_size {image_size} must be a multiple of 28 (14 px patches, 2x2 merge)")
+    if image_size % multiple:
+        raise ValueError(f"image_size {image_size} must be a multiple of {multiple} "
+                         f"({multiple // 2} px patches, 2x2 merge)")
     image = np.asarray(image, np.uint8)
     if image.shape[:2] == (image_size, image_size):
         return image
@@ -148,7 +150,12 @@ def _images_in(messages: Sequence[dict]) -> list[Any]:
 
 
 class Qwen25VLProcessor:
-    """Tokenizer (from a LOCAL directory) + numpy image processor with the directory's settings."""
+    """Tokenizer (from a LOCAL directory) + numpy image processor with the directory's settings
+    (`DEFAULTS` where `preprocessor_config.json` has none)."""
+
+    # The Qwen2-VL image processor defaults (Qwen3-VL's subclass changes them).
+    DEFAULTS: dict[str, Any] = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14,
+                                    image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
     def __init__(self, directory: str | os.PathLike, padding_side: str | None = None):
         from transformers import AutoTokenizer
@@ -164,14 +171,15 @@ class Qwen25VLProcessor:
 
             cfg = read_json(path, "preprocessor config")
         size = cfg.get("size") or {}
+        d = self.DEFAULTS
         self.image_kwargs = dict(
-            min_pixels=int(size.get("shortest_edge", cfg.get("min_pixels", 56 * 56))),
-            max_pixels=int(size.get("longest_edge", cfg.get("max_pixels", 28 * 28 * 1280))),
-            patch_size=int(cfg.get("patch_size", 14)),
+            min_pixels=int(size.get("shortest_edge", cfg.get("min_pixels", d["min_pixels"]))),
+            max_pixels=int(size.get("longest_edge", cfg.get("max_pixels", d["max_pixels"]))),
+            patch_size=int(cfg.get("patch_size", d["patch_size"])),
             temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
             merge_size=int(cfg.get("merge_size", 2)),
-            image_mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
-            image_std=tuple(cfg.get("image_std", CLIP_STD)),
+            image_mean=tuple(cfg.get("image_mean", d["image_mean"])),
+            image_std=tuple(cfg.get("image_std", d["image_std"])),
         )
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 

@@ -1,4 +1,10 @@
-"""The Qwen2 decoder of Qwen2.5-VL: GQA with q/k/v biases, multimodal RoPE, RMSNorm, SwiGLU."""
+"""The Qwen2 decoder of Qwen2.5-VL: GQA with q/k/v biases, multimodal RoPE, RMSNorm, SwiGLU.
+
+The same classes run the Qwen3 decoder of Qwen3-VL, switched by the text config's `qkv_bias`
+(False), `qk_norm` (per-head RMSNorm on q and k before RoPE) and `mrope_interleaved` (t/h/w
+frequency bands interleaved), plus DeepStack: visual features added to the hidden states after
+the first decoder layers (`TextModel.__call__(..., deepstack=...)`).
+"""
 
 from __future__ import annotations
 
@@ -38,18 +44,31 @@ class KVCache:
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
+def mrope_axis_of_band(sections: tuple[int, int, int], interleaved: bool) -> np.ndarray:
+    """Which position axis (0 t, 1 h, 2 w) drives each of the sum(sections) frequency bands."""
+    if not interleaved:
+        return np.repeat(np.arange(3) % 3, sections)
+    band = np.arange(sum(sections))
+    axis = np.zeros_like(band)
+    axis[(band % 3 == 1) & (band < 3 * sections[1])] = 1
+    axis[(band % 3 == 2) & (band < 3 * sections[2])] = 2
+    return axis
+
+
 def mrope_cos_sin(
     position_ids: jax.Array, cfg: TextConfig, dtype: DType
 ) -> tuple[jax.Array, jax.Array]:
     """position_ids [3, B, S] (temporal, height, width) -> cos, sin [B, S, head_dim] in `dtype`.
 
     Frequency band i of the half head_dim takes its position from axis 0/1/2 according to
-    `mrope_section` (e.g. 16 temporal, 24 height, 24 width bands), as HF's Qwen2_5_VLRotaryEmbedding.
-    The angle product stays in fp32 (positions reach 1e5; bf16 angles would be useless).
+    `mrope_section` (e.g. 16 temporal, 24 height, 24 width bands), as HF's Qwen2_5_VLRotaryEmbedding:
+    contiguous bands, or with `cfg.mrope_interleaved` (Qwen3-VL) bands cycling t, h, w
+    (band i is h if i % 3 == 1 and i < 3 * sections[1], w if i % 3 == 2 and i < 3 * sections[2],
+    else t). The angle product stays in fp32 (positions reach 1e5; bf16 angles would be useless).
     """
     half = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
-    axis_of_band = np.repeat(np.arange(3) % 3, cfg.mrope_section)  # [half]
+    axis_of_band = mrope_axis_of_band(cfg.mrope_section, cfg.mrope_interleaved)  # [half]
     pos = position_ids.astype(jnp.float32)  # [3, B, S]
     pos_per_band = jnp.take(pos, jnp.asarray(axis_of_band), axis=0)  # [half, B, S]
     freqs = jnp.moveaxis(pos_per_band, 0, -1) * jnp.asarray(inv_freq[:half])  # [B, S, half]
@@ -57,19 +76,32 @@ def mrope_cos_sin(
     return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
 
 
+def add_deepstack(h: jax.Array, deepstack: jax.Array, index: jax.Array) -> jax.Array:
+    """h [B, S, D] after decoder layer `index` (traced under scan) plus deepstack[index] when
+    index < n (deepstack [n, B, S, D]); later layers add nothing (HF `_deepstack_process`)."""
+    n = deepstack.shape[0]
+    add = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(index, n - 1), 0, keepdims=False)
+    return h + jnp.where(index < n, add.astype(h.dtype), jnp.zeros((), h.dtype))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
                  attention: str = "xla"):
         d, dh = cfg.hidden_size, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
-        self.q_proj = linear(d, cfg.num_attention_heads * dh, bias=True, kernel_spec=sh.q_weight_dq,
+        bias = cfg.qkv_bias
+        self.q_proj = linear(d, cfg.num_attention_heads * dh, bias=bias, kernel_spec=sh.q_weight_dq,
                              bias_spec=sh.qkv_bias_q, **kw)
-        self.k_proj = linear(d, cfg.num_key_value_heads * dh, bias=True, kernel_spec=sh.kv_weight_dk,
+        self.k_proj = linear(d, cfg.num_key_value_heads * dh, bias=bias, kernel_spec=sh.kv_weight_dk,
                              bias_spec=sh.qkv_bias_q, **kw)
-        self.v_proj = linear(d, cfg.num_key_value_heads * dh, bias=True, kernel_spec=sh.kv_weight_dk,
+        self.v_proj = linear(d, cfg.num_key_value_heads * dh, bias=bias, kernel_spec=sh.kv_weight_dk,
                              bias_spec=sh.qkv_bias_q, **kw)
         self.o_proj = linear(cfg.num_attention_heads * dh, d, bias=False, kernel_spec=sh.o_weight_qd,
                              bias_spec=sh.qkv_bias_q, **kw)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k, before RoPE
+            self.q_norm = RMSNorm(dh, eps=cfg.rms_norm_eps, spec=sh.head_norm_h, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(dh, eps=cfg.rms_norm_eps, spec=sh.head_norm_h, param_dtype=param_dtype)
+        self.qk_norm = cfg.qk_norm
         self.kv_heads = cfg.num_key_value_heads
         self.groups = cfg.num_attention_heads // cfg.num_key_value_heads
         self.head_dim = dh
@@ -95,8 +127,12 @@ class Attention(nnx.Module):
         Returns ([B, S, D], updated (k, v) or None)."""
         b, s, _ = x.shape
         q, k, v = self._qkv(x, packed)
-        q = apply_rope(q.reshape(b, s, -1, self.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, s, self.kv_heads, self.head_dim), cos, sin)
+        q = q.reshape(b, s, -1, self.head_dim)
+        k = k.reshape(b, s, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         v = v.reshape(b, s, self.kv_heads, self.head_dim)
         if kv is None:
             out = causal_attention(q, k, v, bias, scale=self.head_dim**-0.5, backend=self.attention)
@@ -220,9 +256,12 @@ class TextModel(nnx.Module):
         position_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        deepstack: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """inputs_embeds [B, S, D]; position_ids [3, B, S]; attention_mask [B, S] (no cache) or
-        [B, max_len] over cache slots (with cache; 1 = a real token) -> (normed hidden [B, S, D], cache)."""
+        [B, max_len] over cache slots (with cache; 1 = a real token) -> (normed hidden [B, S, D], cache).
+        deepstack [n, B, S, D] (Qwen3-VL): added to the hidden states after decoder layer i < n
+        (visual features at the image tokens, zeros elsewhere)."""
         x = inputs_embeds.astype(self.dtype)
         b, s, _ = x.shape
         cos, sin = mrope_cos_sin(position_ids, self.cfg, self.dtype)
@@ -231,11 +270,14 @@ class TextModel(nnx.Module):
             # Segment ids (1 real, 0 padding): the attention backend builds its own mask.
             segments = jnp.ones((b, s), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
 
-            def layer_step(layer, h, _):
+            def layer_step(layer, h, index):
                 h, _ = layer(h, cos, sin, segments)
+                if deepstack is not None:  # Qwen3-VL: visual features added after the first layers
+                    h = add_deepstack(h, deepstack, index)
                 return self._constrain(h), None
 
-            x, _ = run_layers(self.layers, layer_step, x, scan=self.scan_layers, remat=self.remat)
+            x, _ = run_layers(self.layers, layer_step, x, jnp.arange(self.cfg.num_hidden_layers),
+                              scan=self.scan_layers, remat=self.remat)
         else:
             offset, t = cache.end, cache.k.shape[3]
             key_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -246,6 +288,8 @@ class TextModel(nnx.Module):
             def cached_step(layer, carry, index):
                 h, k, v = carry
                 h, (k, v) = layer(h, cos, sin, bias, (k, v), offset, layer_index=index)
+                if deepstack is not None:
+                    h = add_deepstack(h, deepstack, index)
                 return (self._constrain(h), k, v), None
 
             (x, k, v), _ = run_layers(self.layers, cached_step, (x, cache.k, cache.v),

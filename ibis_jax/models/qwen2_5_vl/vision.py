@@ -121,6 +121,17 @@ def vision_layout(image_grid_thw: np.ndarray, config: VisionConfig, *, per_image
     )
 
 
+def axial_rope(rope_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """2D RoPE of the Qwen ViTs: rope_hw [L, 2] (row, col) -> cos, sin [L, head_dim] in fp32,
+    (h freqs, w freqs) over head_dim/4 frequencies each, repeated twice."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (np.arange(0, half, 2, dtype=np.float32) / half))
+    freqs = jnp.asarray(rope_hw).astype(jnp.float32)[..., None] * inv_freq  # [L, 2, head_dim/4]
+    freqs = freqs.reshape(freqs.shape[0], -1)
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         e = cfg.hidden_size
@@ -252,13 +263,8 @@ class VisionTransformer(nnx.Module):
         self.batch_axes = sh.act_btd[0] if len(sh.act_btd) else None  # the mesh axes a batch splits over
 
     def rope(self, rope_hw: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """rope_hw [L, 2] -> cos, sin [L, head_dim] in fp32: (h freqs, w freqs) repeated twice."""
-        half = self.cfg.head_dim // 2
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (np.arange(0, half, 2, dtype=np.float32) / half))
-        freqs = jnp.asarray(rope_hw).astype(jnp.float32)[..., None] * inv_freq  # [L, 2, head_dim/4]
-        freqs = freqs.reshape(freqs.shape[0], -1)
-        freqs = jnp.concatenate([freqs, freqs], axis=-1)
-        return jnp.cos(freqs), jnp.sin(freqs)
+        """rope_hw [L, 2] -> cos, sin [L, head_dim] in fp32 (`axial_rope`)."""
+        return axial_rope(rope_hw, self.cfg.head_dim, self.cfg.rope_theta)
 
     def encode(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
         """pixel_values [L, C*T*P*P] -> hidden states before the merger [L, E], in window order

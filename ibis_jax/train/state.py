@@ -96,6 +96,8 @@ def load_model(config: TrainConfig, directory: str, mesh: jax.sharding.Mesh | No
     from ibis_jax.models.qwen2_5_vl import load_hf
 
     opts = model_options(config, platform_of(mesh))
+    if mesh is None:  # one device: no sharding names (their constraints would need a mesh)
+        opts["sharding"] = ShardingConfig.no_sharding()
     return load_hf(directory, opts.pop("param_dtype"), mesh, compute_dtype=opts.pop("dtype"), **opts)
 
 

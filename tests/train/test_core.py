@@ -51,7 +51,8 @@ def test_process_slices_cover_every_item_once_in_order():
 
 def test_checkpoints_through_epath_and_remote_workdirs_refused(tmp_path, monkeypatch):
     """A relative local workdir (the tested default) saves and restores through etils.epath; a
-    corrupt newest step is set aside; a gs:// workdir is refused in one line before any work."""
+    corrupt newest step is set aside; a gs:// workdir given to a trainer function (not through the
+    commands, which train in its local spool) is refused in one line before any work."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -77,7 +78,7 @@ def test_checkpoints_through_epath_and_remote_workdirs_refused(tmp_path, monkeyp
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
     assert [p.name.split("-")[0] for p in (tmp_path / "run" / "checkpoints-unrestorable").iterdir()] == ["2"]
     assert str(as_path("gs://bucket/run") / "checkpoints") == "gs://bucket/run/checkpoints"
-    with pytest.raises(UserError, match="gs://bucket/run: .*local or mounted path"):
+    with pytest.raises(UserError, match="gs://bucket/run: train in a local spool of it"):
         local_workdir("gs://bucket/run")
-    with pytest.raises(UserError, match="local or mounted path"):
+    with pytest.raises(UserError, match="local spool"):
         train_grpo(TrainConfig(), RLConfig(), [object()], None, "gs://bucket/run", init_dir="unused")

@@ -34,9 +34,9 @@ TOOL = [
     "torch==2.14.1",
     "torchvision==0.29.1",
     # sam2==1.1.0 is source-only and must build after torch without isolation; the README's
-    # install command does that step (see SPEC section 7).
+    # install command does that step (see docs/design.md section 7).
 ]
-# `ibis-jax plan` (SPEC section 9): compile-only TPU devices; a 213 MB wheel (jax 0.10.2's `tpu`
+# `ibis-jax plan` (docs/design.md section 9): compile-only TPU devices; a 213 MB wheel (jax 0.10.2's `tpu`
 # extra pins 0.0.42.*). Kept out of `all`: with libtpu installed every JAX process on a machine
 # without a TPU probes for one (about 2 s and a screen of warnings); CI installs it (.ci/run). GPU nodes also need the CUDA PJRT plugin, kept out of `all` (it would make
 # every JAX process probe for CUDA): pip install -e ".[plan-gpu]" and run plan with JAX_PLATFORMS=cpu.

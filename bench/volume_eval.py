@@ -5,7 +5,7 @@
     PYTHONPATH=$PWD python bench/volume_eval.py --data mni --factor 3 --clicks 10
 
 ``--data mni``: the MNI152 2009a T1 template and its white-matter probability map from the
-nilearn wheel (SPEC section 8), mask = probability >= 0.5, both block-averaged by ``--factor``
+nilearn wheel (docs/design.md section 8), mask = probability >= 0.5, both block-averaged by ``--factor``
 (3: 1 mm -> 3 mm voxels, 65 x 77 x 63).
 """
 

@@ -31,7 +31,7 @@ def get_config() -> TrainConfig:
         remat=True,
         freeze_vision=True,
         mesh_shape=(1, -1, 1),
-        image_size=504,  # 324 visual tokens (SPEC section 5: images capped at 512 px)
+        image_size=504,  # 324 visual tokens (docs/design.md section 5: images capped at 512 px)
         seq_buckets=(1024, 2048, 4096),
         history="none",
         batch_size=256,

@@ -29,7 +29,7 @@ def get_config() -> TrainConfig:
     trained), with GRPO's optimizer and checkpoint cadence."""
     return dataclasses.replace(
         _sft_config(), hf_dir=None,  # --init gives the weights and tokenizer
-        lr=1e-6,  # SPEC section 5
+        lr=1e-6,  # docs/design.md section 5
         grad_accum=1, warmup_frac=0.0, weight_decay=0.01, grad_clip=1.0, checkpoint_every=50, keep_checkpoints=3,
     )
 

@@ -3,7 +3,7 @@ on the decoder projections as the released SFT config, vision tower frozen.
 
 Mesh (data 1, fsdp = all chips, tensor 1); bf16 compute. Global batch 256 = 16 per micro-batch x
 16 accumulation steps (4 sequences of up to 4096 tokens per chip per micro-batch). Check a target
-before renting it (SPEC section 9; numbers in the README):
+before renting it (docs/design.md section 9; numbers in the README):
 
     ibis-jax plan --config configs/qwen2_5_vl_7b_tpu.py --topology v5p-8 --stage all
 

@@ -2,7 +2,7 @@
 # Installs ibis-jax with every extra into the current Python (3.11). Idempotent.
 #   - the package, JAX side and PyTorch tool side, with the versions pinned in setup.py (`ibis-jax
 #     plan` needs the `plan` extra on top: pip install -e ".[plan]", libtpu, 213 MB);
-#   - sam2==1.1.0, source-only on PyPI, built after torch without build isolation (SPEC section 7);
+#   - sam2==1.1.0, source-only on PyPI, built after torch without build isolation (docs/design.md section 7);
 #   - stardist's wheel without its dependencies: we only read its sample nuclei images (the demo
 #     data), never import it (it would pull TensorFlow).
 set -euo pipefail

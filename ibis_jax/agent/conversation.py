@@ -1,7 +1,7 @@
 """The conversation the policy sees before each turn, built the same way for SFT, rollouts and
 evaluation.
 
-History modes (SPEC section 1):
+History modes (docs/design.md section 1):
 
 - ``none``: the released model's view. Turn t sees the system prompt and one user message: the
   current overlay (the original image on turn 0) with the first-turn query or the refinement text.

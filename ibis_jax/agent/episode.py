@@ -1,4 +1,4 @@
-"""The segmentation episode: the state machine of SPEC section 1.
+"""The segmentation episode: the state machine of docs/design.md section 1.
 
 An :class:`Episode` holds the image, the query, every step's action, text, mask and tool output,
 and the ground truth when one is known (for IoU and rewards). It knows nothing of which policy

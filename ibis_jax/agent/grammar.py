@@ -1,4 +1,4 @@
-"""The action grammar of one assistant turn (SPEC section 2).
+"""The action grammar of one assistant turn (docs/design.md section 2).
 
 A turn is::
 
@@ -59,7 +59,7 @@ class Click:
                 raise ValueError(f"Click.{name} must be a finite number in [0, 1], got {value!r}")
 
     def pixel(self, width: int, height: int) -> tuple[int, int]:
-        """The clicked pixel ``(col, row)``: ``min(int(x * W), W - 1)`` (SPEC section 1)."""
+        """The clicked pixel ``(col, row)``: ``min(int(x * W), W - 1)`` (docs/design.md section 1)."""
         return min(int(self.x * width), width - 1), min(int(self.y * height), height - 1)
 
     @classmethod
@@ -348,7 +348,7 @@ def _parse_lenient(text: str) -> ParsedTurn:
 
 
 def is_well_formed(text: str) -> bool:
-    """Whether a turn passes the strict format check (the format reward, SPEC section 2)."""
+    """Whether a turn passes the strict format check (the format reward, docs/design.md section 2)."""
     try:
         parse_turn(text, strict=True)
     except ActionParseError:

@@ -3,7 +3,7 @@
 One class plays the policy wherever the ground truth decides the next action: trajectory synthesis
 (the cold-start data is ``run_agent(OraclePolicy(...), tool, episodes)``), the oracle upper bound
 in evaluation, the demo and the tool benchmarks. Each turn it simulates the next click from the
-ground truth and the current mask (``data.clicks.next_click``, SPEC section 3) and terminates when
+ground truth and the current mask (``data.clicks.next_click``, docs/design.md section 3) and terminates when
 the stop IoU (or Dice) is reached, the click budget is spent, nothing is left to click, or its
 click would repeat the last one (the tool stopped responding).
 

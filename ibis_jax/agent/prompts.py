@@ -1,6 +1,6 @@
 """The conversation text around the policy's turns, shared by SFT, rollouts and evaluation.
 
-SPEC section 2: the system prompt explains the click task and the grammar; the first user turn is
+docs/design.md section 2: the system prompt explains the click task and the grammar; the first user turn is
 the query; each later user turn restates the query, shows the new mask and asks whether it needs
 more work. The wording is ours; the grammar (``<think>``, ``<action>``, ``<answer>``, four-decimal
 normalised points, ``Terminate``) is the paper's and is what ``ibis_jax.agent.grammar`` parses.

@@ -25,7 +25,7 @@ AGENT_FILE = "ibis_agent.json"
 @dataclasses.dataclass(frozen=True)
 class AgentSettings:
     """system_prompt: a name in ``agent.prompts.SYSTEM_PROMPTS``; image_size: square side every
-    image is resized to (multiple of 28; SPEC: 504 px = 324 visual tokens for the 512 px cap)."""
+    image is resized to (multiple of 28; docs/design.md section 5: 504 px = 324 visual tokens for the 512 px cap)."""
 
     system_prompt: str = "full"
     image_size: int = 504

@@ -38,7 +38,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         "from --volumes")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--history", default=None, choices=HISTORY_MODES,
-                        help="turns the policy sees (SPEC 1); default: what the model was trained with")
+                        help="turns the policy sees (docs/design.md section 1); default: what the model was trained with")
     parser.add_argument("--max-steps", type=int, default=20, help="actions per episode (default 20)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     parser.add_argument("--batch-size", type=int, default=8, help="episodes per batched policy call")
@@ -50,7 +50,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="bad source items")
     parser.add_argument("--examples", type=int, default=4, help="example episodes drawn under OUT/examples")
     oracle = parser.add_argument_group("oracle policy and interactive metrics")
-    oracle.add_argument("--rule", default="ritm", choices=CLICK_RULES, help="oracle click rule (SPEC 3)")
+    oracle.add_argument("--rule", default="ritm", choices=CLICK_RULES, help="oracle click rule (docs/design.md section 3)")
     oracle.add_argument("--oracle-stop-iou", type=float, default=0.9,
                         help="the oracle terminates at this IoU in the agent run (0 = never; default 0.9); the "
                              "NoC/mIoU curves always run with early stop off")

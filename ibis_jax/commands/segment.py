@@ -68,7 +68,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", default=None, help="intensity window (preset, 'L,W', 'percentile', 'minmax', 'dicom')")
     parser.add_argument("--modality", default=None, help="modality name for the report (default from the file)")
     parser.add_argument("--history", default=None, choices=HISTORY_MODES,
-                        help="turns the policy sees (SPEC 1); default: what the model was trained with")
+                        help="turns the policy sees (docs/design.md section 1); default: what the model was trained with")
     parser.add_argument("--max-steps", type=int, default=20, help="actions at most (default 20)")
     parser.add_argument("--rule", default="ritm", choices=CLICK_RULES, help="oracle click rule")
     parser.add_argument("--stop-iou", type=float, default=0.9, help="oracle: terminate at this IoU (default 0.9)")

@@ -38,7 +38,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("synthesis")
     run.add_argument("--tool", default="auto", help="'auto' (the classical tool's preset per target; default), "
                      "'classical', 'classical-tissue', a bridge HOST:PORT, or module:factory")
-    run.add_argument("--rule", default="ritm", choices=("ritm", "ibis"), help="click rule (SPEC section 3)")
+    run.add_argument("--rule", default="ritm", choices=("ritm", "ibis"), help="click rule (docs/design.md section 3)")
     run.add_argument("--stop-iou", type=float, default=0.9, help="stop clicking at this IoU (default 0.9; 0 = never)")
     run.add_argument("--max-steps", type=int, default=20, help="click budget per trajectory (default 20)")
     run.add_argument("--min-dice", type=float, default=0.0, help="drop trajectories with a lower final Dice")

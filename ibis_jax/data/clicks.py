@@ -1,6 +1,6 @@
 """Click simulation: where a perfect annotator clicks next, given the ground truth and a mask.
 
-Two rules (SPEC section 3):
+Two rules (docs/design.md section 3):
 
 - ``ritm``: the evaluation standard of RITM / SAM / SAM2. Both error maps are padded by one pixel
   so the image border counts as boundary, an exact Euclidean distance transform is taken, pixels
@@ -137,7 +137,7 @@ def next_click_on_slice(gt: np.ndarray, pred: np.ndarray, index: int, *,
     return None if sim is None else dataclasses.replace(sim, slice=int(index))
 
 
-# -- self-correction (SPEC section 3): a deliberately wrong click and the click that undoes it ---
+# -- self-correction (docs/design.md section 3): a deliberately wrong click and the click that undoes it ---
 
 def _deepest(region: np.ndarray, clicked: np.ndarray) -> tuple[int, int] | None:
     """The pixel of ``region`` farthest from its boundary (image border counts), not yet clicked."""

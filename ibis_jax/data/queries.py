@@ -1,4 +1,4 @@
-"""User queries in the paper's styles (SPEC section 2), filled with target and modality.
+"""User queries in the paper's styles (docs/design.md section 2), filled with target and modality.
 
 First-turn styles: ``direct`` ("Segment the liver in this CT scan."), ``goal`` (states what the
 segmentation is for), ``polite``, ``question`` ("Is there any tumor? If yes, segment it."), and

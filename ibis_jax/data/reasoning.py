@@ -2,7 +2,7 @@
 
 The paper had a large teacher model write each step's reasoning from the oracle's facts (ground
 truth, missed and excess regions, the right next action) while sounding as if it only looked at
-the overlay (SPEC section 3). We compute the same facts (:class:`StepFacts`: where the error
+the overlay (docs/design.md section 3). We compute the same facts (:class:`StepFacts`: where the error
 region lies on a 3x3 grid of the image, its size relative to the target, which error dominates,
 how much of the target the mask covers) and fill varied templates. A teacher hook
 (:data:`TeacherFn`) receives the facts and the template draft and may return any text instead.

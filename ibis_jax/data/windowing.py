@@ -1,6 +1,6 @@
 """Intensity windowing: raw scanner values -> ``uint8`` display values, before any tool sees them.
 
-Segmenters and the policy see RGB ``uint8`` images (SPEC section 7), so every medical source maps
+Segmenters and the policy see RGB ``uint8`` images (docs/design.md section 7), so every medical source maps
 its raw values to 0..255 here, once, with a rule that is written into each record's provenance:
 
 - **CT level/width** (Hounsfield units): clip to ``[L - W/2, L + W/2]`` and scale linearly to

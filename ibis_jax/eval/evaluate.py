@@ -1,4 +1,4 @@
-"""Evaluation: a policy with a tool over a source's samples, scored like the paper (SPEC section 6).
+"""Evaluation: a policy with a tool over a source's samples, scored like the paper (docs/design.md section 6).
 
 :func:`evaluate` runs the agent loop (:func:`ibis_jax.agent.loop.run_agent`, batched) on every
 sample, then reports mean IoU / Dice overall, per modality and per target, average steps,
@@ -6,7 +6,7 @@ termination reasons, the parse-failure rate and time per case (generation and to
 reports the interactive-segmentation metrics NoC@85/@90, NoF@90 and mIoU@k over click IoU curves:
 
 - for the oracle (the click simulator) the curves come from *fixed-click* episodes with early stop
-  off (SPEC section 3): ``curve_clicks`` clicks unless nothing is left to click, the curve padded
+  off (docs/design.md section 3): ``curve_clicks`` clicks unless nothing is left to click, the curve padded
   with its last value, exactly as ``run_oracle`` + ``oracle_iou_curve`` produce them;
 - for a model policy they are its own clicks (a curve that ended early keeps its last IoU).
 
@@ -60,7 +60,7 @@ class EvalConfig:
     Attributes:
       history: what the policy sees each turn (``none``: the current overlay; ``full``: every turn;
         None: what the policy was trained with, its ``settings.history``).
-      max_steps: actions per episode (the episode's ``max_actions``; SPEC: 20).
+      max_steps: actions per episode (the episode's ``max_actions``; docs/design.md section 1: 20).
       batch_size: episodes per batched ``run_agent`` call (one policy call per round).
       max_rows: sampler rows of each ``run_agent`` call (continuous batching: a finished episode's
         row takes the call's next episode; set ``batch_size`` above it); None: one row per episode.
@@ -203,7 +203,7 @@ def _curve_kind(policy: Policy, config: EvalConfig) -> tuple[str, bool, bool]:
     if hasattr(policy, "with_budget"):
         reuse = getattr(policy, "fixed_clicks", False) and getattr(policy, "max_clicks", None) == config.curve_clicks \
             and config.max_steps >= config.curve_clicks
-        return "oracle fixed clicks, early stop off (SPEC section 3)", True, reuse
+        return "oracle fixed clicks, early stop off (docs/design.md section 3)", True, reuse
     return "policy clicks (a curve that ended early keeps its last IoU)", False, False
 
 

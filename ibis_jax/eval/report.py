@@ -1,6 +1,6 @@
 """Markdown tables of evaluation metrics, laid out like the paper's tables, and example pictures.
 
-Paper convention (SPEC section 6): IoU and Dice in percent with two decimals, written
+Paper convention (docs/design.md section 6): IoU and Dice in percent with two decimals, written
 ``IoU / Dice`` per column group, one row per method. :func:`comparison_markdown` puts several
 runs (e.g. SFT vs GRPO vs oracle) in one table; :func:`format_markdown` is one run's full report.
 """

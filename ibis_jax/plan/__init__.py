@@ -1,1 +1,1 @@
-"""``ibis-jax plan``: compile the real programs for a target without its hardware (SPEC section 9)."""
+"""``ibis-jax plan``: compile the real programs for a target without its hardware (docs/design.md section 9)."""

@@ -2,7 +2,7 @@
 devices and the chip facts the plan needs (HBM, bf16 peak, HBM bandwidth).
 
 TPU devices come from ``jax.experimental.topologies.get_topology_desc`` with ``libtpu`` installed
-(the ``plan`` extra; SPEC section 9): they can be compiled for, never hold data. Cloud TPU names
+(the ``plan`` extra; docs/design.md section 9): they can be compiled for, never hold data. Cloud TPU names
 count chips for v5e/v6e and TensorCores (2 per chip) for v4/v5p, so ``v5p-8`` is 4 chips
 (``v5:2x2x1``, megacore). GPU nodes use the CUDA PJRT plugin's compile-only devices, described by
 a GpuTargetConfig we write ourselves (see ``gpu_target_config``); memory analysis works there,

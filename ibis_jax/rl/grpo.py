@@ -1,4 +1,4 @@
-"""GRPO's pure pieces (paper Eqs. 2-3, SPEC section 5): group advantages and the clipped loss.
+"""GRPO's pure pieces (paper Eqs. 2-3, docs/design.md section 5): group advantages and the clipped loss.
 
 Everything here is a pure function of arrays, jit-able and independent of the model, so a
 researcher can read, test and swap each piece. Shapes: ``B`` sequences (``num_prompts * G``

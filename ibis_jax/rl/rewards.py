@@ -1,4 +1,4 @@
-"""The five fine-grained rewards of IBISAgent (paper Eqs. 4-10, SPEC section 4) as a pluggable API.
+"""The five fine-grained rewards of IBISAgent (paper Eqs. 4-10, docs/design.md section 4) as a pluggable API.
 
 A reward is any callable ``reward(episode, context) -> float32 [num_steps]``: one value per policy
 turn of a finished :class:`~ibis_jax.agent.episode.Episode`, computed from that turn's text, its
@@ -18,7 +18,7 @@ are instances:
 
 A turn without a valid action -- one that did not parse, or one cut at the token limit
 (``RewardContext.stop_reasons[t] == "max_tokens"``, even if a lenient parse found an action in
-it) -- earns no answer or progress credit (SPEC section 4, as the released reward): S_ans 0,
+it) -- earns no answer or progress credit (docs/design.md section 4, as the released reward): S_ans 0,
 S_pseg 0, S_click ``unparsed_click``; S_format and S_len as for any turn. Otherwise an episode
 that ends in garbage at IoU 0.85 would keep S_ans 3.
 

@@ -1,4 +1,4 @@
-"""Agentic GRPO (SPEC section 5): one linear ``train_grpo``.
+"""Agentic GRPO (docs/design.md section 5): one linear ``train_grpo``.
 
 Sections: mesh, model + optimizer (SFT's), init (an HF dir, e.g. the SFT export) or restore,
 the update step (SFT's ``make_train_step`` with the ``grpo`` loss), and the loop. Each step:

@@ -1,6 +1,6 @@
 """One cold-start trajectory: the oracle episode for a sample, as a trajectory record.
 
-For each sample (SPEC section 3) the click simulator plays the policy through the agent loop,
+For each sample (docs/design.md section 3) the click simulator plays the policy through the agent loop,
 ``run_agent(OraclePolicy(...), tool, [episode])``, with a chosen tool and click rule until the stop
 IoU, the click budget, or nothing left to click; then a ``Terminate`` turn with an ``<answer>``.
 Each turn gets a user text (query, then refinement turns), template reasoning over oracle facts
@@ -42,7 +42,7 @@ class SynthConfig:
     """Settings of one synthesis run (all of them go into ``config.json``).
 
     Attributes:
-      rule: click rule, ``ritm`` or ``ibis`` (SPEC section 3).
+      rule: click rule, ``ritm`` or ``ibis`` (docs/design.md section 3).
       stop_iou: stop clicking once the mask reaches this IoU (``None``: use the whole budget).
       max_clicks: click budget per trajectory (oracle clicks; a wrong click and its correction
         come on top).

@@ -4,7 +4,7 @@ The agent loop, trajectory synthesis, rollouts and evaluation talk to a tool onl
 protocol, so an in-process backend (the classical tool, MedSAM2 in the same process) and the
 remote bridge client are interchangeable.
 
-Conventions (SPEC section 1):
+Conventions (docs/design.md section 1):
 - ``image``: RGB ``uint8`` ``[height, width, 3]``. Windowing of CT/MR happens upstream.
 - ``points``: ``float32 [num_clicks, 2]`` in *pixel* coordinates ``(x=column, y=row)``, all clicks
   of the episode so far, oldest first.

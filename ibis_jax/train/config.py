@@ -32,14 +32,14 @@ class TrainConfig:
     remat_policy: str = "full"  # with remat: full | dots_saveable | dots_with_no_batch_dims_saveable
     scan_layers: bool = True  # decoder layers and vision blocks as lax.scans (False: unrolled, debugging)
     attention: str = "auto"  # auto (splash on TPU, dot_product on GPU, xla on CPU) | xla | dot_product | splash
-    freeze_vision: bool = True  # SPEC section 5: vision tower frozen, merger trains
+    freeze_vision: bool = True  # docs/design.md section 5: vision tower frozen, merger trains
     lora_rank: int = 0  # 0 = full fine-tuning of the trainable params
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # -- mesh (data, fsdp, tensor); -1 in one slot = the remaining devices
     mesh_shape: tuple[int, int, int] = (-1, 1, 1)
     # -- data
-    history: str = "none"  # none | full (SPEC section 1)
+    history: str = "none"  # none | full (docs/design.md section 1)
     system_prompt: str = "full"  # a name in agent.prompts.SYSTEM_PROMPTS (full | short); recorded with the export
     image_size: int = 112  # square, multiple of 28
     max_images_per_sample: int = 1  # history full: longest trajectory + 1

@@ -1,4 +1,4 @@
-"""AdamW with global-norm clipping (SPEC section 5), shared by SFT and GRPO, on the schedule each
+"""AdamW with global-norm clipping (docs/design.md section 5), shared by SFT and GRPO, on the schedule each
 algorithm names: SFT linear warmup + cosine decay (`make_schedule`), GRPO a constant rate (the
 paper's RL runs at a constant 1e-6) with an optional linear warmup (`constant_schedule`)."""
 

@@ -1,4 +1,4 @@
-"""Trajectory records -> tokenized SFT samples (SPEC sections 2, 3, 5).
+"""Trajectory records -> tokenized SFT samples (docs/design.md sections 2, 3, 5).
 
 A record of T clicks + 1 terminate gives, with ``history="none"``, T+1 samples: turn t sees the
 system prompt and one user message (the overlay of M_t, the original image on turn 0, and the
@@ -10,7 +10,7 @@ evaluation use, so training and inference see the same conversation.
 Tokens come from the one conversation encoder (:func:`ibis_jax.agent.encoding.encode_conversation`,
 also used by the rollout policy and the GRPO batch): system, user and the assistant header are
 prompt tokens (weight 0); the assistant text and its ``<|im_end|>`` carry the step's loss weight
-(0 for a deliberately wrong action, SPEC section 3); ``action_mask`` marks the ``<action>`` block
+(0 for a deliberately wrong action, docs/design.md section 3); ``action_mask`` marks the ``<action>`` block
 for the accuracy metric. Overlays are drawn on the original image, then every image is resized to
 the square ``image_size``, as at inference.
 """

@@ -1,4 +1,4 @@
-"""Cold-start SFT (SPEC section 5): one linear `train(config, data_dir, workdir)`.
+"""Cold-start SFT (docs/design.md section 5): one linear `train(config, data_dir, workdir)`.
 
 Sections: distributed + mesh, model config and tokenizer, input pipeline, optimizer, init or
 restore, the update step, the loop (metrics, checkpoints, SIGTERM), export. The same code runs

@@ -19,7 +19,7 @@ from tool_bridge.backends.medsam2 import MEDSAM2, MedSAM2Backend, build_model  #
 
 
 def reference_episode(checkpoint, image, clicks):
-    """The SPEC section 1 tool call, written against sam2 directly (sam2's own checkpoint loader)."""
+    """The docs/design.md section 1 tool call, written against sam2 directly (sam2's own checkpoint loader)."""
     model = build_sam2(MEDSAM2.config_file, checkpoint, device="cpu",
                        hydra_overrides_extra=list(MEDSAM2.overrides))
     predictor = SAM2ImagePredictor(model)

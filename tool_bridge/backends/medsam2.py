@@ -1,10 +1,10 @@
 """MedSAM2 (and stock SAM2.1) as a batched backend over ``sam2.SAM2ImagePredictor``.
 
-Built as SPEC section 7 says: MedSAM2 is SAM2.1 Hiera-Tiny at 512 px (config overrides below),
+Built as docs/design.md section 7 says: MedSAM2 is SAM2.1 Hiera-Tiny at 512 px (config overrides below),
 the predictor's hard-coded 1024-px feature sizes are fixed for the chosen resolution, and the
 checkpoint's ``["model"]`` state dict is loaded strictly. A click step is exactly the predictor's
 ``predict`` with all clicks, the previous step's argmax-score low-res logits as ``mask_input`` and
-``multimask_output=True``, keeping the best-scoring mask (SPEC section 1); the server reaches
+``multimask_output=True``, keeping the best-scoring mask (docs/design.md section 1); the server reaches
 bit-identical answers because it runs that very call against cached features.
 """
 
@@ -142,7 +142,7 @@ class MedSAM2Backend(Backend):
         self.image_size = self.preset.image_size
         self.checkpoint_sha256 = file_sha256(checkpoint)
         self.predictor = SAM2ImagePredictor(build_model(self.preset, checkpoint, device))
-        # The predictor hard-codes 1024-px sizes; at 512 px set_image would crash (SPEC section 7).
+        # The predictor hard-codes 1024-px sizes; at 512 px set_image would crash (docs/design.md section 7).
         self.predictor._bb_feat_sizes = backbone_feature_sizes(self.image_size)
         self.low_res_side = self.image_size // 4
         # Off by default: a fused pass's float reductions may depend on which steps share it.

@@ -1,7 +1,7 @@
 """MedSAM2 on volumes through ``sam2``'s video predictor (an in-process ``VolumeSegmentationTool``).
 
 The slices of the volume are the video's frames, fed from the array (no JPEG folder): each slice
-is made RGB, resized to the model's side (512 px for MedSAM2, the SPEC section 7 overrides) and
+is made RGB, resized to the model's side (512 px for MedSAM2, the docs/design.md section 7 overrides) and
 normalised with sam2's ImageNet mean / std, as ``sam2.utils.misc.load_video_frames`` would.
 
 A ``segment`` call replays the episode: the state is reset, each prompted slice gets its clicks

@@ -1,6 +1,6 @@
 """The demo source: real images with masks from installed wheels, plus procedural shapes.
 
-Nothing is downloaded or committed; every file is read from an installed package (SPEC section 8):
+Nothing is downloaded or committed; every file is read from an installed package (docs/design.md section 8):
 
 - ``mri``: the MNI152 2009a T1 template from the nilearn wheel (197x233x189, 1 mm, skull
   stripped), with grey- and white-matter masks from its tissue probability maps thresholded at

@@ -84,7 +84,7 @@ CT MRI X-ray ultrasound pathology dermoscopy endoscopy fundus OCT brain heart lu
 """
 
 
-# The agent grammar's tags with the newlines around them (SPEC section 2), as one token each.
+# The agent grammar's tags with the newlines around them (docs/design.md section 2), as one token each.
 GRAMMAR_TOKENS = ("<think>\n", "\n</think>\n", "<action>\n", "\n</action>", "\n<answer>\n", "\n</answer>")
 
 

@@ -181,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
               f"{report.gib(r.bytes['temp'])} temp), {'fits' if r.fits else 'does NOT fit'}, "
               f"{r.flops_per_step / 1e12:.1f} TFLOP, {report.fmt_seconds(r.step_seconds)} at MFU {args.mfu:.0%}",
               flush=True)
+        if r.bound:
+            print(f"    analytic bound {report.gib(r.bound_total)} GiB per chip ({report.gib_parts(r.bound)}); "
+                  f"compiled / bound = {r.bytes['total'] / r.bound_total:.2f}", flush=True)
         if args.json:
             report.write_json(args.json, args.config, target.name, results, {})
         if not r.fits:  # the rest would not run either: stop here

@@ -63,12 +63,19 @@ class StageResult:
     xla_flops_per_device: float | None = None
     shapes: str = ""  # the batch the stage was compiled at, in words
     note: str = ""
+    bound: dict[str, int] | None = None  # train stages: the analytic bound's parts (`plan.bound`), bytes per chip
+
+    @property
+    def bound_total(self) -> int | None:
+        return None if self.bound is None else int(sum(self.bound.values()))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "fits": self.fits, "devices": self.devices, "mesh": self.mesh,
                 "bytes": self.bytes, "hbm_bytes": self.hbm_bytes, "flops_per_step": self.flops_per_step,
                 "compile_seconds": round(self.compile_seconds, 2), "step_seconds": self.step_seconds,
-                "xla_flops_per_device": self.xla_flops_per_device, "shapes": self.shapes, "note": self.note}
+                "xla_flops_per_device": self.xla_flops_per_device, "shapes": self.shapes, "note": self.note,
+                "analytic_bound_bytes": self.bound_total, "analytic_bound_parts": self.bound,
+                "bound_ratio": None if not self.bound else round(self.bytes["total"] / self.bound_total, 3)}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -209,6 +216,23 @@ def train_setup(config: TrainConfig, model_config: Qwen25VLConfig, mesh, rl=None
     return TrainSetup(build_program(config, model_config, mesh, tx, schedule))
 
 
+def _bound(setup: TrainSetup, config: TrainConfig, model_config: Qwen25VLConfig, mesh, *, tokens: int, rows: int,
+           seq: int, images: int) -> dict[str, int]:
+    from ibis_jax.models.attention import resolve_backend
+    from ibis_jax.plan.bound import batch_ways, train_step_bound
+    from ibis_jax.train.state import platform_of
+
+    trainable, frozen, opt = setup.bytes()
+    grads = shard_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
+                                     setup.state.params))
+    backend = resolve_backend(config.attention, platform_of(mesh))
+    return train_step_bound(
+        model_config, resident=trainable + frozen + opt, gradients=grads, tokens=tokens, rows=rows, seq=seq,
+        batch_ways=batch_ways(dict(mesh.shape)), images=images, image_size=config.image_size,
+        compute_bytes=jnp.dtype(config.compute_dtype).itemsize, fused_attention=backend != "xla",
+        freeze_vision=config.freeze_vision).parts
+
+
 def _sharded_batch(batch: dict, mesh) -> tuple[dict, Any]:
     shardings = mesh_lib.named(mesh, mesh_lib.batch_specs(batch, mesh))
     return with_shardings(batch, shardings), shardings
@@ -222,6 +246,8 @@ def _step_seconds(flops: float, devices: int, peak: float, mfu: float) -> float:
 def sft_batch(config: TrainConfig, model_config: Qwen25VLConfig, mesh) -> tuple[dict, Any, int, int]:
     """(the SFT batch at the largest bucket as sharded ShapeDtypeStructs, its shardings, patches,
     images per micro-batch): what the pipeline feeds the trainer's step."""
+    from ibis_jax.train.sft import image_dtype
+
     a, b, s = config.grad_accum, config.micro_batch, max(config.seq_buckets)
     images = b * config.max_images_per_sample
     layout, patches = _images_layout(model_config, images, config.image_size, a)
@@ -229,7 +255,7 @@ def sft_batch(config: TrainConfig, model_config: Qwen25VLConfig, mesh) -> tuple[
         "input_ids": _struct((a, b, s), jnp.int32), "attention_mask": _struct((a, b, s), jnp.int32),
         "targets": _struct((a, b, s), jnp.int32), "weights": _struct((a, b, s), jnp.float32),
         "action_mask": _struct((a, b, s), jnp.float32),
-        "pixel_values": _struct((a, patches, model_config.vision.patch_dim), jnp.float32),
+        "pixel_values": _struct((a, patches, model_config.vision.patch_dim), image_dtype(config)),
         "image_grid_thw": _struct((a, images, 3), jnp.int32), "vision_layout": layout,
     }
     batch, batch_shardings = _sharded_batch(batch, mesh)
@@ -254,6 +280,7 @@ def sft_stage(config: TrainConfig, model_config: Qwen25VLConfig, mesh, hbm: int,
         {"params": trainable + frozen, "optimizer": opt, "kv_cache": 0, "temp": mem["temp"], "total": mem["peak"]},
         hbm, flops, seconds, mem["peak"] <= hbm, _step_seconds(flops, mesh.size, peak, mfu), xla_flops(compiled),
         f"{a} x {b} x {s} tokens, {images} images of {config.image_size}px per micro-batch",
+        bound=_bound(setup, config, model_config, mesh, tokens=b * s, rows=b, seq=s, images=images),
     )
 
 
@@ -268,6 +295,8 @@ def grpo_rows(rl) -> int:
 def grpo_batch(config: TrainConfig, rl, model_config: Qwen25VLConfig) -> tuple[dict, int, int]:
     """(the GRPO update batch at its worst as ShapeDtypeStructs, patches, images): every
     episode runs max_turns policy turns, one micro-batch, the largest sequence bucket."""
+    from ibis_jax.train.sft import image_dtype
+
     r, s = grpo_rows(rl), max(rl.seq_buckets)
     images = r * (1 if rl.history == "none" else rl.max_turns)
     layout, patches = _images_layout(model_config, images, config.image_size, 1)
@@ -275,7 +304,7 @@ def grpo_batch(config: TrainConfig, rl, model_config: Qwen25VLConfig) -> tuple[d
         "input_ids": _struct((1, r, s), jnp.int32), "attention_mask": _struct((1, r, s), jnp.int32),
         "targets": _struct((1, r, s), jnp.int32), "loss_mask": _struct((1, r, s), jnp.float32),
         "advantages": _struct((1, r), jnp.float32), "row_weights": _struct((1, r), jnp.float32),
-        "pixel_values": _struct((1, patches, model_config.vision.patch_dim), jnp.float32),
+        "pixel_values": _struct((1, patches, model_config.vision.patch_dim), image_dtype(config)),
         "image_grid_thw": _struct((1, images, 3), jnp.int32), "vision_layout": layout,
     }
     return batch, patches, images
@@ -325,6 +354,7 @@ def grpo_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm:
         f"{rl.max_turns} turns, one micro-batch as the trainer runs it)",
         ("update + old log-prob pass" if separate_pass else "update (pi_old = its own log-probs: one update per "
          "rollout batch)") + "; the rollouts are the rollout stage",
+        bound=_bound(setup, config, model_config, mesh, tokens=r * s, rows=r, seq=s, images=images),
     )
 
 

@@ -19,6 +19,11 @@ def fmt_seconds(s: float) -> str:
     return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.1f} s"
 
 
+def gib_parts(parts: dict[str, int]) -> str:
+    """'state 3.90, gradients 0.10, ...' (GiB)."""
+    return ", ".join(f"{k} {gib(v)}" for k, v in parts.items())
+
+
 def table(target: str, stages: Sequence[StageResult], mfu: float) -> str:
     head = (f"{'stage':<8} {'devices':>7} {'mesh (data,fsdp,tensor)':<24} {'params':>7} {'optim':>7} {'kv':>7} "
             f"{'temp':>7} {'total':>7} {'HBM':>7}  {'fits':<4} {'TFLOP/step':>10} {'step@MFU':>9} {'compile':>8}")

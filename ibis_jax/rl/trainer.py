@@ -60,7 +60,7 @@ from ibis_jax.train.checkpoint import Checkpointer, export_hf
 from ibis_jax.train.config import TrainConfig, to_dict
 from ibis_jax.train.metrics import MetricsWriter
 from ibis_jax.train.optim import make_optimizer
-from ibis_jax.train.sft import to_global, with_vision_layout
+from ibis_jax.train.sft import image_dtype, to_global, with_vision_layout
 from ibis_jax.train.program import build_program
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def train_grpo(
                 rollout_params = core.local_replica(state.params, shardings.params, rollout_mesh)
                 frozen = state.frozen if rollout_frozen is None else rollout_frozen
                 with jax.set_mesh(rollout_mesh):  # this process's devices alone on several
-                    policy = policy_factory(model_def.build(rollout_params, frozen), processor, rl,
+                    policy = policy_factory(model_def.build(rollout_params, frozen, merged=True), processor, rl,
                                             rollout_seed(rl, step, jax.process_index()), settings)
                     traces = run_agent(policy, tool, episodes, history=rl.history, system_prompt=prompt_text)
                 del policy, rollout_params
@@ -336,6 +336,7 @@ def train_grpo(
                             arrays = inert_rows(arrays)
                         if processes > 1:
                             arrays, sampler_lp = agree_micro_batches(arrays, sampler_lp)
+                        arrays["pixel_values"] = arrays["pixel_values"].astype(image_dtype(config))
                         arrays = with_vision_layout(arrays, model_def.config.vision, layout_cache)
                         shape_key = tuple((k, np.shape(v)) for k, v in arrays.items() if hasattr(v, "shape"))
                         if shape_key not in step_fns:

@@ -169,6 +169,17 @@ class Preemption:
     def requested(self) -> bool:
         return bool(global_max(int(self.flag)))
 
+    def requested_with(self, values: np.ndarray) -> tuple[bool, np.ndarray]:
+        """`requested()` and, in the same collective, every process's `values` (uint32 [n], the
+        same n everywhere) concatenated in process order: a step's one host collective."""
+        local = np.concatenate([[np.uint32(self.flag)], np.asarray(values, np.uint32)])
+        if jax.process_count() == 1:
+            return bool(self.flag), local[1:]
+        from jax.experimental import multihost_utils
+
+        every = np.asarray(multihost_utils.process_allgather(local))  # [processes, 1 + n]
+        return bool(every[:, 0].max()), every[:, 1:].reshape(-1)
+
     def close(self) -> None:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)

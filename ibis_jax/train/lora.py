@@ -1,11 +1,12 @@
 """LoRA as the released IBISAgent SFT config used it (rank 8 on the decoder projections).
 
-The adapters live outside the model: for a target kernel W [..., d_in, d_out] (the decoder's
-kernels are stacked over layers, [L, d_in, d_out]) we train A [..., d_in, r] (normal init) and
-B [..., r, d_out] (zeros, so step 0 equals the base model), and the step builds
-W + (alpha / r) A @ B before the forward. That keeps the Qwen module untouched and gives LoRA's
-optimizer-state saving (the point of LoRA at 7B); the backward still forms dL/dW (as full
-fine-tuning does) before contracting it into dA, dB.
+The adapters live outside the model's parameters: for a target kernel W [..., d_in, d_out] (the
+decoder's kernels are stacked over layers, [L, d_in, d_out]) we train A [..., d_in, r] (normal
+init) and B [..., r, d_out] (zeros, so step 0 equals the base model). The training forward applies
+them to the activations, y = x W + (alpha / r) (x A) B (`attach`: the model's `Linear`s carry
+them, a scan over the stacked layers slices them with their layer), so the frozen W gets no
+weight gradient and the backward contracts straight into dA and dB; the merged weights
+W + (alpha / r) A B (`merge_lora`) are for the rollouts' sampler and the export.
 
 The adapters (and so their optimizer moments) are float32 whatever the base's dtype: in bf16 an
 update of lr 1e-5 rounds away for most entries of A. The HF export merges on the host in numpy
@@ -73,6 +74,17 @@ def lora_specs(param_specs: dict, lora: dict) -> dict:
         spec = (tuple(flat[k]) + (None,) * ndim)[:ndim]
         out[k] = {"a": P(*spec[:-1], None), "b": P(*spec[:-2], None, spec[-1])}
     return out
+
+
+def attach(model, lora: dict, alpha: float, rank: int) -> None:
+    """Attach every adapter to its (stacked) `Linear` of `model`: the activation form."""
+    from ibis_jax.models.qwen2_5_vl.layers import attach_adapter
+
+    for key, ab in lora.items():
+        module = model
+        for name in key.split("/")[:-1]:  # ".../q_proj/kernel" -> the q_proj module
+            module = getattr(module, name)
+        attach_adapter(module, ab["a"], ab["b"], alpha / rank)
 
 
 def merge_one(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:

@@ -15,6 +15,7 @@ import zlib
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ibis_jax.agent.settings import AgentSettings
@@ -98,15 +99,29 @@ def with_vision_layout(batch: dict[str, np.ndarray], vision_cfg, cache: dict) ->
     return {**batch, "vision_layout": cache[key]}
 
 
+def image_dtype(config: TrainConfig):
+    """The dtype images travel to the devices in: the compute dtype's (the patch embedding casts
+    to it first, so bf16 pixels lose nothing there and halve the transfer)."""
+    return jnp.bfloat16 if config.compute_dtype == "bfloat16" else np.float32
+
+
 def to_global(batch: dict[str, Any], shardings: dict[str, Any]) -> dict[str, jax.Array]:
     """Process-local numpy batch -> global jax arrays laid out by `shardings`."""
     return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), batch, shardings)
 
 
-def fingerprint(batch: dict[str, Any]) -> int:
-    """crc32 of the step's global token ids (gathered from every process): logged per step to
-    check the data order across resumes and process counts."""
-    return zlib.crc32(np.ascontiguousarray(core.host_global(batch["input_ids"])).tobytes())
+def row_checksums(batch: dict[str, Any]) -> np.ndarray:
+    """crc32 of each of this process's token-id rows, uint32 [rows] (micro-batch-major)."""
+    ids = np.asarray(batch["input_ids"])
+    return np.asarray([zlib.crc32(np.ascontiguousarray(r).tobytes()) for r in ids.reshape(-1, ids.shape[-1])],
+                      np.uint32)
+
+
+def fingerprint(row_crcs: np.ndarray) -> int:
+    """The step's data fingerprint: crc32 of the global batch's row checksums in process order
+    (logged per step to check the data order across resumes and process counts: the same for 1
+    process or several, since each row keeps its checksum wherever it is read)."""
+    return zlib.crc32(np.asarray(row_crcs, np.uint32).tobytes())
 
 
 def agree_across_processes(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
@@ -199,6 +214,7 @@ def train(
     def next_batch() -> dict[str, Any]:
         batch = dict(agree_across_processes(next(data_iter), pad_id))
         batch.pop("num_images")  # a host-side count: the step (and `ibis-jax plan`) never takes it
+        batch["pixel_values"] = batch["pixel_values"].astype(image_dtype(config))  # half the bytes in bf16
         return with_vision_layout(batch, model_config.vision, layout_cache)
 
     first = next_batch()
@@ -210,47 +226,63 @@ def train(
     preemption = core.Preemption()  # SIGTERM: finish the step, checkpoint (all processes), exit
     writer = MetricsWriter(workdir, start_step=start)
     bar = _progress(progress, start, total_steps)
-    last = time.perf_counter()
-    batch = first
     metrics_out: dict[str, float] = {}
+    clock = {"last": time.perf_counter(), "step": start}
+
+    def log_step(pending: dict[str, Any]) -> None:
+        """Write a dispatched step's metrics (fetched a step late: the next step is already
+        queued, so the host never waits on the device just to log)."""
+        nonlocal metrics_out
+        done = pending["step"]
+        m = {k: float(v) for k, v in jax.device_get(pending["metrics"]).items()}
+        now = time.perf_counter()
+        dt = (now - clock["last"]) / max(1, done - clock["step"])
+        clock["last"], clock["step"] = now, done
+        m["step_time_s"] = dt
+        m["text_tokens_per_s"] = m["text_tokens"] / dt
+        m["image_tokens_per_s"] = m["image_tokens"] / dt
+        m["mfu"] = pending["flops"] / dt / peak
+        m["data_fingerprint"] = float(pending["fingerprint"])
+        if done % config.log_every == 0 or done == total_steps:
+            writer.write(done, m)
+            metrics_out = m
+            for hook in hooks:
+                hook(done, m)
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['text_tokens_per_s']:.0f}",
+                                img_tok_s=f"{m['image_tokens_per_s']:.0f}")
+
+    batch = first
+    pending: dict[str, Any] | None = None
     step = start
     try:
         while step < total_steps:
             if batch is None:
-                batch = next_batch()
+                batch = next_batch()  # host work and the transfer overlap the step still running
             global_batch = to_global(batch, batch_shardings)
             state, metrics = step_fn(state, global_batch)
             step += 1
             shapes = batch["input_ids"].shape
             patches = batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]
+            flops = step_flops(
+                model_config, tokens=shapes[0] * shapes[1] * shapes[2] * jax.process_count(), seq_len=shapes[2],
+                sequences=shapes[0] * shapes[1] * jax.process_count(), patches=patches * jax.process_count(),
+                freeze_vision=config.freeze_vision, image_size=config.image_size,
+            )
+            if pending is not None:
+                log_step(pending)  # the previous step's (its hooks may ask to stop: seen just below)
+            # The step's one host collective: the stop flag and every process's row checksums.
+            sigterm, rows = preemption.requested_with(row_checksums(batch))
             batch = None
-            if step % config.log_every == 0 or step == total_steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                dt = (now - last) / config.log_every if step - start > 0 else now - last
-                last = now
-                m["step_time_s"] = dt
-                m["text_tokens_per_s"] = m["text_tokens"] / dt
-                m["image_tokens_per_s"] = m["image_tokens"] / dt
-                flops = step_flops(
-                    model_config, tokens=shapes[0] * shapes[1] * shapes[2] * jax.process_count(), seq_len=shapes[2],
-                    sequences=shapes[0] * shapes[1] * jax.process_count(), patches=patches * jax.process_count(),
-                    freeze_vision=config.freeze_vision, image_size=config.image_size,
-                )
-                m["mfu"] = flops / dt / peak
-                m["data_fingerprint"] = float(fingerprint(global_batch))
-                writer.write(step, m)
-                metrics_out = m
-                for hook in hooks:
-                    hook(step, m)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['text_tokens_per_s']:.0f}",
-                                    img_tok_s=f"{m['image_tokens_per_s']:.0f}")
+            pending = {"step": step, "metrics": metrics, "flops": flops, "fingerprint": fingerprint(rows)}
             if bar is not None:
                 bar.update(1)
-            sigterm = preemption.requested()
             stop = sigterm or step == stop_at_step
-            if step % config.checkpoint_every == 0 or step == total_steps or stop:
+            save = step % config.checkpoint_every == 0 or step == total_steps or stop
+            if save or step == total_steps:
+                log_step(pending)
+                pending = None
+            if save:
                 ckpt.save(step, state, data_iter.get_state(), to_dict(config))
             if stop:
                 log.info("stopping at step %d (%s); checkpoint saved", step, "SIGTERM" if sigterm else "stop_at_step")

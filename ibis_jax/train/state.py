@@ -53,7 +53,14 @@ class ModelDef:
         dtype and sharding, so with LoRA that is the frozen tree itself."""
         return frozen if self.lora_rank else _deep_merge(frozen, params)
 
-    def build(self, params: Any, frozen: Any) -> Qwen25VL:
+    def build(self, params: Any, frozen: Any, *, merged: bool = False) -> Qwen25VL:
+        """The model over (params, frozen). With LoRA the adapters act on the activations
+        (training, scoring); merged=True folds them into the kernels instead (the rollouts'
+        sampler, which reads plain kernels)."""
+        if self.lora_rank and not merged:
+            model = nnx.merge(self.graphdef, nnx.State(frozen))
+            lora_lib.attach(model, params, self.lora_alpha, self.lora_rank)
+            return model
         return nnx.merge(self.graphdef, nnx.State(self.all_params(params, frozen)))
 
 

@@ -1,6 +1,7 @@
 """Run with 8 simulated CPU devices: HF export straight from a state sharded over a
-(2 data, 2 fsdp, 2 tensor) mesh vs `save_hf` of the same parameters on the host, full
-fine-tuning and LoRA; prints one RESULT JSON line (file bytes equal, host memory peaks)."""
+(2 data, 2 fsdp, 2 tensor) mesh vs the same parameters on one device (`save_hf` for full
+fine-tuning, the same export for LoRA: its host-side merge must not depend on the layout); prints
+one RESULT JSON line (file bytes equal, host memory peaks)."""
 
 import dataclasses
 import filecmp
@@ -69,16 +70,20 @@ def main(tmp):
         seconds = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        # the reference: every tensor on the host first, one device, the plain save_hf
-        host = jax.device_get((state.params, state.frozen))
-        model = model_def.build(*jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), host))
+        # the reference: every tensor on one device (no mesh), the same export: the bytes must not
+        # depend on the layout (the LoRA merge runs on the host in numpy either way)
+        # (full fine-tuning: the plain save_hf of the model, an independent writer)
+        one = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), jax.device_get(state))
         tracemalloc.start()
-        save_hf(model, host_dir, max_shard_size=SHARD)
+        if model_def.lora_rank:
+            export_hf(model_def, one, host_dir, max_shard_size=SHARD)
+        else:
+            save_hf(model_def.build(one.params, one.frozen), host_dir, max_shard_size=SHARD)
+            from ibis_jax.agent.settings import HF_DEFAULTS, save_agent_settings
+
+            save_agent_settings(host_dir, HF_DEFAULTS)
         _, host_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        from ibis_jax.agent.settings import HF_DEFAULTS, save_agent_settings
-
-        save_agent_settings(host_dir, HF_DEFAULTS)
         same, shards = compare(sharded_dir, host_dir)
         sizes = [os.path.getsize(os.path.join(sharded_dir, s)) for s in shards]
         out[name] = {"same_bytes": same, "num_shards": len(shards), "max_shard_bytes": max(sizes),

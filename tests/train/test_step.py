@@ -82,7 +82,7 @@ def test_lora_trains_adapters_only_and_merges_on_export(tmp_path, tok_dir):
     got = merged["language_model"]["layers"]["self_attn"]["v_proj"]["kernel"][1]
     np.testing.assert_allclose(got, want, atol=1e-6)
     # export: save_hf of the merged model, load back
-    save_hf(model_def.build(new.params, new.frozen), str(tmp_path / "hf"))
+    save_hf(model_def.build(new.params, new.frozen, merged=True), str(tmp_path / "hf"))
     loaded = load_hf(str(tmp_path / "hf"))
     np.testing.assert_allclose(layer_view(loaded.language_model.layers, 1).self_attn.v_proj.kernel[...], got, atol=0)
     untouched = layer_view(loaded.language_model.layers, 1).self_attn.k_proj.kernel[...]

@@ -25,6 +25,28 @@ def partitioned(init: nnx.Initializer, spec: P) -> nnx.Initializer:
     return nnx.with_partitioning(init, spec, eager_sharding=False)
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear with an optional low-rank adapter applied to the activations: with `lora_a`
+    [d_in, r] and `lora_b` [r, d_out] attached (`attach_adapter`), y = x W + b + s (x A) B, so the
+    frozen W gets no weight gradient (the backward contracts into dA and dB directly)."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        y = super().__call__(inputs, out_sharding=out_sharding)
+        a = getattr(self, "lora_a", None)
+        if a is None:
+            return y
+        low = jnp.einsum("...i,ir->...r", inputs, a[...].astype(inputs.dtype), preferred_element_type=jnp.float32)
+        delta = jnp.einsum("...r,ro->...o", low, self.lora_b[...], preferred_element_type=jnp.float32)
+        return (y.astype(jnp.float32) + self.lora_scale * delta).astype(y.dtype)
+
+
+def attach_adapter(module: nnx.Linear, a: jax.Array, b: jax.Array, scale: float) -> None:
+    """Give a `Linear` (or a stacked one: a, b with its leading layer axis) the adapter (a, b)."""
+    module.lora_a = nnx.Variable(a)
+    module.lora_b = nnx.Variable(b)
+    module.lora_scale = float(scale)
+
+
 def linear(
     d_in: int,
     d_out: int,
@@ -36,9 +58,9 @@ def linear(
     param_dtype: DType,
     rngs: nnx.Rngs,
     std: float = 0.02,
-) -> nnx.Linear:
-    """nnx.Linear (kernel [d_in, d_out]) with sharding metadata on kernel and bias."""
-    return nnx.Linear(
+) -> Linear:
+    """`Linear` (kernel [d_in, d_out]) with sharding metadata on kernel and bias."""
+    return Linear(
         d_in,
         d_out,
         use_bias=bias,

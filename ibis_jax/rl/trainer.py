@@ -62,6 +62,7 @@ from ibis_jax.train.metrics import MetricsWriter
 from ibis_jax.train.optim import make_optimizer
 from ibis_jax.train.sft import image_dtype, to_global, with_vision_layout
 from ibis_jax.train.program import build_program
+from ibis_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,8 @@ def train_grpo(
     start = 0
     restored = ckpt.restore_latest(abstract)  # logs "resumed from step N"
     if restored is not None:
-        state, _, _, start = restored
+        saved, _, _, start = restored
+        state = TrainState(saved.step, saved.params, state.frozen, saved.opt_state)  # the base: init_dir's
     # ---------------------------------------------------------------- the update step
     # The default policy never samples the multimodal placeholders (ModelPolicy); the loss scores
     # rollouts under the same distribution.

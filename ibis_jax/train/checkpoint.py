@@ -41,45 +41,54 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data", "config"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+            # Asynchronous: `save` returns once the arrays are copied to host memory; the files are
+            # written while training goes on (`close` and the next save wait for it).
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
         )
 
     @property
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, data_state: Any, config: dict) -> None:
-        """Collective: every process calls it with its shards of `state`. The data-iterator state
-        is the same on every process (each took the same number of steps from its own slice),
-        so process 0's copy is the one written, and any process count restores from it."""
+    def save(self, step: int, state: TrainState | Any, data_state: Any, config: dict) -> None:
+        """Collective: every process calls it with its shards of `state`. Of a `TrainState` only
+        what training changes is written (step, trainable parameters, optimizer state): the frozen
+        parameters come back from where the run got them (the HF directory, or the seeded init)
+        on resume, so a LoRA checkpoint of a 7B model is megabytes, not 15 GB. The data-iterator
+        state is the same on every process (each took the same number of steps from its own
+        slice), so process 0's copy is the one written, and any process count restores from it."""
         key = "data"
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.StandardSave(_saved(state)),
                 data=ocp.args.JsonSave({key: data_state}),
                 config=ocp.args.JsonSave(config),
             ),
             force=True,
         )
-        self.manager.wait_until_finished()
 
-    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, Any, dict, int]:
+    def restore(self, abstract_state: TrainState | Any, step: int | None = None) -> tuple[Any, Any, dict, int]:
         """abstract_state: ShapeDtypeStructs with shardings (arrays land sharded). Returns
-        (state, data-iterator state, config dict, step)."""
+        (state, data-iterator state, config dict, step); a `TrainState` comes back with
+        `frozen=None`, for the caller to fill from the run's source (`Program.frozen`)."""
         step = self.latest_step if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        self.manager.wait_until_finished()
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=ocp.args.StandardRestore(_saved(abstract_state)),
                 data=ocp.args.JsonRestore(),
                 config=ocp.args.JsonRestore(),
             ),
         )
         data = out.data["data"] if "data" in out.data else out.data[f"data_{jax.process_index()}"]  # older layout
-        return out.state, data, out.config, step
+        state = out.state
+        if isinstance(abstract_state, TrainState):
+            state = TrainState(state["step"], state["params"], None, state["opt_state"])
+        return state, data, out.config, step
 
     def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, Any, dict, int] | None:
         """:meth:`restore` of the newest step that restores, or ``None`` without checkpoints.
@@ -122,8 +131,20 @@ class Checkpointer:
                 log.warning("moved the checkpoint of step %d that does not restore to %s", step, target)
         self.manager.reload()
 
+    def wait(self) -> None:
+        """Block until the asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
     def close(self) -> None:
+        self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _saved(state: Any) -> Any:
+    """What a checkpoint holds of `state`: a TrainState without its frozen parameters."""
+    if isinstance(state, TrainState):
+        return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    return state
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -49,6 +49,19 @@ class Program:
         make = lambda trainable, frozen, key: new_state(self.config, self.tx, trainable, frozen, key)
         return jax.jit(make, out_shardings=self.shardings)(trainable, frozen, key)
 
+    def frozen_params(self, directory: str | None, key: jax.Array) -> Any:
+        """The frozen parameters from where the run got them (a checkpoint holds none): the HF
+        directory, else the seeded random init (deterministic: the same values as at step 0)."""
+        if directory:
+            _, _, frozen, _ = split_model(load_model(self.config, directory, self.mesh), self.config)
+            return jax.device_put(frozen, self.shardings.frozen)
+        init = init_fn_for(self.config, self.model_config, self.tx, platform_of(self.mesh))
+        return jax.jit(lambda k: init(k).frozen, out_shardings=self.shardings.frozen)(key)
+
+    def resume(self, saved: TrainState, directory: str | None, key: jax.Array) -> TrainState:
+        """A restored checkpoint (`frozen=None`) completed with its frozen parameters."""
+        return TrainState(saved.step, saved.params, self.frozen_params(directory, key), saved.opt_state)
+
     # ------------------------------------------------------------------ the steps
     def train_step(self, loss_fn: Callable, batch_shardings: Any):
         """The jitted update `(state, batch) -> (state, metrics)` for `loss_fn` (state donated)."""

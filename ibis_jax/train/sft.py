@@ -200,8 +200,9 @@ def train(
     ckpt = Checkpointer(workdir, config.keep_checkpoints)
     restored = ckpt.restore_latest(program.abstract)  # logs "resumed from step N"
     if restored is not None:
-        state, data_state, _, start = restored
+        saved, data_state, _, start = restored
         data_iter.set_state(data_state)
+        state = program.resume(saved, config.hf_dir, key)  # the frozen base from where it came
     elif config.hf_dir:
         state, start = program.from_hf(config.hf_dir, key), 0
     else:

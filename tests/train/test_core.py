@@ -68,6 +68,7 @@ def test_checkpoints_through_epath_and_remote_workdirs_refused(tmp_path, monkeyp
     state = {"w": jnp.arange(4.0)}
     for step in (1, 2):
         ckpt.save(step, {"w": state["w"] * step}, {"step": step}, {"lr": 1.0})
+    ckpt.wait()  # saves are asynchronous
     for f in (tmp_path / "run" / "checkpoints" / "2").rglob("*"):  # corrupt step 2
         if f.is_file() and f.stat().st_size > 0 and "manifest" not in f.name:
             f.write_bytes(b"x")

@@ -114,8 +114,6 @@ def test_mrope_cos_sin(torch_model, tiny_cfg):
 def test_decoder_layer(torch_model, flax_model, tiny_cfg):
     import jax.numpy as jnp
 
-    from ibis_jax.models.qwen2_5_vl.layers import MASK_VALUE
-
     rng = np.random.default_rng(3)
     b, s, d = 2, 7, tiny_cfg.text.hidden_size
     x = rng.standard_normal((b, s, d)).astype(np.float32)
@@ -128,8 +126,8 @@ def test_decoder_layer(torch_model, flax_model, tiny_cfg):
     with torch.no_grad():
         ref = lm.layers[1](torch.tensor(x), attention_mask=mask4, position_embeddings=(cos, sin)).numpy()
     c, sn = mrope_cos_sin(pos, tiny_cfg.text, jnp.float32)
-    bias = jnp.broadcast_to(jnp.where(causal, 0.0, MASK_VALUE), (b, s, s))
-    out, _ = layer_view(flax_model.language_model.layers, 1)(jnp.asarray(x), c, sn, bias)
+    segments = jnp.ones((b, s), jnp.int32)  # the full forward's mask: causal within segment ids
+    out, _ = layer_view(flax_model.language_model.layers, 1)(jnp.asarray(x), c, sn, segments)
     assert np.abs(np.asarray(out) - ref).max() < 1e-5
 
 

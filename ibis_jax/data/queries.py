@@ -151,4 +151,5 @@ def sample_query(sample, style: str | None = "direct", seed: int = 0) -> str:
 
 def make_refinement(target: str, modality: str, rng: np.random.Generator, *, style: str | None = None) -> Query:
     """The nudge of a refinement turn (the user turn after a mask is shown)."""
-    return _drawn(_REFINEMENT, REFINEMENT_STYLES, style, "refinement style", REFINEMENT_STYLES, target, modality, rng)
+    return _drawn(_REFINEMENT, REFINEMENT_STYLES, style, "refinement style", REFINEMENT_STYLES, target, modality,
+                  rng)

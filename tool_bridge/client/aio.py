@@ -105,7 +105,8 @@ class AsyncBridgeClient:
 
     # ---- episodes (both kinds) -------------------------------------------------------------
 
-    async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]], episode: ClientEpisode | None = None) -> T:
+    async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]],
+                     episode: ClientEpisode | None = None) -> T:
         return await self.retry.run(
             what, attempt, lambda code: after_failure(code, episode, len(self.addresses)),
             lambda: self.addresses if episode is None else self.addresses[episode.address])

@@ -34,7 +34,8 @@ def _volume_mask(reply: pb.VolumeStepReply, shape: tuple[int, int, int], what: s
     if len(reply.slices) != d or any(list(rle.size) != [h, w] for rle in reply.slices):
         raise ToolError(f"tool bridge: {what}: the server answered {len(reply.slices)} slices for a {d}x{h}x{w} "
                         "volume (a server of another version?)")
-    return np.stack([decode_rle({"size": list(rle.size), "counts": rle.counts}) for rle in reply.slices]).astype(bool)
+    planes = [decode_rle({"size": list(rle.size), "counts": rle.counts}) for rle in reply.slices]
+    return np.stack(planes).astype(bool)
 
 
 def _array(msg: pb.Array, shape: tuple[int, int, int], what: str) -> np.ndarray:
@@ -82,7 +83,8 @@ class VolumeEpisodes:
         """Opens the volume episode on ``address`` and replays the steps that server does not hold."""
         client = self.client
         kwargs = client.channels.call_kwargs()
-        reply = await stub.OpenVolume(pb.OpenVolumeRequest(episode_id=episode.server_id, volume=episode.volume), **kwargs)
+        request = pb.OpenVolumeRequest(episode_id=episode.server_id, volume=episode.volume)
+        reply = await stub.OpenVolume(request, **kwargs)
         if (reply.depth, reply.height, reply.width) != episode.shape:
             raise ToolError(f"tool bridge: {address} opened episode {episode.episode_id!r} as "
                             f"{reply.depth}x{reply.height}x{reply.width}, sent {'x'.join(map(str, episode.shape))}")

@@ -17,7 +17,8 @@ from ibis_jax.tools.protocol import ToolError
 from tool_bridge.backends.base import Encoded
 from tool_bridge.backends.volume import VolumeBackend
 from tool_bridge.proto import tool_bridge_pb2 as pb
-from tool_bridge.server.episodes import Episode, StepRecord, VolumeEpisode, answered_step, image_digest, prompt_digest
+from tool_bridge.server.episodes import (Episode, StepRecord, VolumeEpisode, answered_step, image_digest,
+                                         prompt_digest)
 from tool_bridge.server.host import EpisodeHost
 from tool_bridge.server.requests import RequestParser, rle_message
 from tool_bridge.server.status import Abort, invalid

@@ -126,6 +126,7 @@ class DicomSource:
         except WindowError as e:
             raise SourceError(dicom_path, "nan_values", str(e).split(": ", 1)[-1]) from None
         image = to_rgb_uint8(gray, where=dicom_path)
-        rescale = [float(getattr(ds, "RescaleSlope", 1.0) or 1.0), float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)]
+        rescale = [float(getattr(ds, "RescaleSlope", 1.0) or 1.0),
+                   float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)]
         yield sample_with_mask_file(self.name, item, image, mask_path, label, target, modality, {
             "dicom": dicom_path, "mask": mask_path, "window": window.describe(), "rescale": rescale})

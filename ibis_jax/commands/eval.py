@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace, policy_name: str, shown: str) -> int:
     from ibis_jax.data.sources import SourceError
     from ibis_jax.eval import EvalConfig, PolicyUnavailable, evaluate, load_policy
     from ibis_jax.eval.report import comparison_markdown, interactive_markdown
-    from ibis_jax.tools import make_tool
+    from tool_bridge.factory import make_tool
 
     try:
         if (args.vqa is None) == (args.source is None):

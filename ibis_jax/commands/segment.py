@@ -333,7 +333,7 @@ def _run(args: argparse.Namespace) -> int:
     from ibis_jax.data.sources import SourceError
     from ibis_jax.data.windowing import WindowError
     from ibis_jax.eval.policies import PolicyUnavailable, is_oracle, load_policy
-    from ibis_jax.tools import make_tool
+    from tool_bridge.factory import make_tool
 
     if getattr(args, "volume", None):
         from ibis_jax.commands.segment_volume import run_volume_command

@@ -47,10 +47,10 @@ def load_volume_input(path: str | Path, *, axis: str = "axial", window: str | No
 
 
 def make_volume_tool(spec: str, target: str = "", *, slice_rule: str = "changed"):
-    """``--tool`` for a volume (``ibis_jax.tools.make_tool(spec, volumes=True)``, see its
+    """``--tool`` for a volume (``tool_bridge.factory.make_tool(spec, volumes=True)``, see its
     ``VOLUME_TOOLS``); ``auto`` takes the classical preset the query's target needs, as in 2D
     (white matter, nuclei: the tissue preset)."""
-    from ibis_jax.tools import make_tool
+    from tool_bridge.factory import make_tool
     from ibis_jax.tools.auto import classical_preset
 
     return make_tool(classical_preset("", target) if spec == "auto" else spec, volumes=True, slice_rule=slice_rule)

@@ -11,13 +11,12 @@ is written under a temporary name and renamed, so a failure leaves no half-writt
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ibis_jax.data.volumes import Volume, VolumeInputError
+from ibis_jax.fileio import atomic_file
 
 INSTALL_HINT = 'pip install "highdicom==0.28.2" (or pip install -e ".[dicom-seg]")'
 
@@ -103,12 +102,6 @@ def write_dicom_seg(volume: Volume, mask: np.ndarray, path: str | Path, *, label
                          f"{type(error).__name__}: {error}; write a NIfTI mask (--out-format nifti)") from error
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -115,6 +115,18 @@ def _fill(template: str, target: str, modality: str) -> str:
     )
 
 
+def _drawn(table: dict[str, tuple[str, ...]], styles: tuple[str, ...], style: str | None, what: str,
+           known: tuple[str, ...], target: str, modality: str, rng: np.random.Generator) -> Query:
+    """``style`` (drawn from ``styles`` when ``None``; ``known`` names the valid ones), then one of
+    its templates in ``table``, drawn and filled."""
+    if style is None:
+        style = styles[int(rng.integers(len(styles)))]
+    if style not in table:
+        raise ValueError(f"unknown {what} {style!r}; choose one of {known}")
+    templates = table[style]
+    return Query(_fill(templates[int(rng.integers(len(templates)))], target, modality), style)
+
+
 def make_query(
     target: str,
     modality: str,
@@ -127,12 +139,7 @@ def make_query(
     """A first-turn query for ``target``; ``style`` fixed or drawn uniformly from ``styles``."""
     if absent:
         style = "question"
-    if style is None:
-        style = styles[int(rng.integers(len(styles)))]
-    if style not in _FIRST_TURN:
-        raise ValueError(f"unknown query style {style!r}; choose one of {QUERY_STYLES}")
-    templates = _FIRST_TURN[style]
-    return Query(_fill(templates[int(rng.integers(len(templates)))], target, modality), style)
+    return _drawn(_FIRST_TURN, styles, style, "query style", QUERY_STYLES, target, modality, rng)
 
 
 def sample_query(sample, style: str | None = "direct", seed: int = 0) -> str:
@@ -144,9 +151,5 @@ def sample_query(sample, style: str | None = "direct", seed: int = 0) -> str:
 
 def make_refinement(target: str, modality: str, rng: np.random.Generator, *, style: str | None = None) -> Query:
     """The nudge of a refinement turn (the user turn after a mask is shown)."""
-    if style is None:
-        style = REFINEMENT_STYLES[int(rng.integers(len(REFINEMENT_STYLES)))]
-    if style not in _REFINEMENT:
-        raise ValueError(f"unknown refinement style {style!r}; choose one of {REFINEMENT_STYLES}")
-    templates = _REFINEMENT[style]
-    return Query(_fill(templates[int(rng.integers(len(templates)))], target, modality), style)
+    return _drawn(_REFINEMENT, REFINEMENT_STYLES, style, "refinement style", REFINEMENT_STYLES, target, modality,
+                  rng)

@@ -152,6 +152,11 @@ def _coverage_words(facts: StepFacts) -> str:
     return "only a small part" if c < 0.3 else "roughly half" if c < 0.6 else "most" if c < 0.85 else "nearly all"
 
 
+def _if_dominant(error: float, other: float, sentence: str) -> str:
+    """``sentence`` when ``error`` is more than twice the ``other`` error, else nothing."""
+    return sentence if error > 2 * other else ""
+
+
 def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
@@ -217,9 +222,8 @@ def template_reasoning(facts: StepFacts, rng: np.random.Generator) -> str:
     where, size = _in_the(facts.region_location), _size_of_region(facts)
     cover = _coverage_words(facts)
     if facts.action == "positive":
-        dominance = (
-            " The missing area is a bigger problem than any excess." if facts.missed_area > 2 * facts.excess_area else ""
-        )
+        dominance = _if_dominant(facts.missed_area, facts.excess_area,
+                                 " The missing area is a bigger problem than any excess.")
         return _pick(rng, (
             f"The green mask covers {cover} of the {t}, but a {size} part {where} is still not covered.{dominance} "
             "I add a positive point in the middle of that missed part.",
@@ -228,9 +232,7 @@ def template_reasoning(facts: StepFacts, rng: np.random.Generator) -> str:
             f"Part of the {t} {where} is outside the mask; the gap is {size}. "
             "I place a positive point inside the gap.",
         ))
-    dominance = (
-        " The spill-over is now the main error." if facts.excess_area > 2 * facts.missed_area else ""
-    )
+    dominance = _if_dominant(facts.excess_area, facts.missed_area, " The spill-over is now the main error.")
     return _pick(rng, (
         f"The green mask spreads beyond the {t}: a {size} region {where} is covered but is not part of it.{dominance} "
         "I place a negative point there to remove it.",

@@ -17,8 +17,6 @@ a DICOM series with mixed series, missing or duplicated slices, or uneven spacin
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import numpy as np
 
 from ibis_jax.data.sources.base import SourceError
 from ibis_jax.data.windowing import Window, WindowError, default_window, parse_window
+from ibis_jax.fileio import atomic_file
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
@@ -181,20 +180,14 @@ def load_label_volume(path: str | Path, volume: Volume, label: int | None = None
 
 def save_nifti_atomic(image, path: str | Path) -> Path:
     """Writes a NIfTI under a temporary name in the same folder, then renames it into place, so a
-    failure never leaves a half-written mask at ``path``."""
+    failure never leaves a half-written mask at ``path`` (:func:`ibis_jax.fileio.atomic_file`)."""
     import nibabel as nib
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=suffix) as tmp:  # nibabel picks the format by the extension
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -35,8 +35,8 @@ from ibis_jax.plugins import load_object
 from ibis_jax.report.examples import write_examples as write_example_pictures
 from ibis_jax.report.synth_stats import aggregate_stats, format_table
 from ibis_jax.synth.trajectory import SynthConfig, synthesize_trajectory
-from ibis_jax.tools import make_tool
 from ibis_jax.tools.protocol import SegmentationTool, ToolError
+from tool_bridge.factory import make_tool
 
 log = logging.getLogger(__name__)
 

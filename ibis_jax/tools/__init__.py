@@ -1,83 +1,20 @@
-"""Segmentation tools: the protocol every tool implements and the weight-free classical tool."""
+"""Segmentation tools: the protocol every tool implements and the weight-free classical tool.
+
+This package never imports ``tool_bridge`` (the bridge imports it). Tools by name (``--tool
+SPEC``: ``auto``, ``classical``, ``HOST:PORT``, ``module:factory``) come from
+``tool_bridge.factory.make_tool``, the layer above both.
+"""
 
 from ibis_jax.tools.protocol import SegmentationTool, SegmentResult, ToolError, tool_session
 
 __all__ = ["SegmentResult", "SegmentationTool", "ToolError", "tool_session"]
 
 
-def bridge_addresses(spec: str) -> list[str] | None:
-    """``HOST:PORT[,HOST:PORT...]`` (each optionally ``grpc://``-prefixed) as a list; ``None`` when
-    ``spec`` is not a list of bridge addresses (e.g. ``module:factory``)."""
-    addresses = [a.removeprefix("grpc://") for a in spec.split(",")]
-    if ":" in spec and all(a.rsplit(":", 1)[-1].isdigit() for a in addresses):
-        return addresses
-    return None
+def __getattr__(name: str):
+    # Transitional, for ibis_jax/commands/grpo.py only (being rewritten elsewhere; it still says
+    # ``from ibis_jax.tools import make_tool``). Delete once it imports tool_bridge.factory.
+    if name == "make_tool":
+        from tool_bridge.factory import make_tool
 
-
-def make_tool(spec: str, *, volumes: bool = False, slice_rule: str = "changed") -> SegmentationTool:
-    """A tool by name, as the command lines take it.
-
-    - ``auto``: the classical tool with its preset chosen per episode from the target
-      (``tools/auto.py``; the default of the commands);
-    - ``classical``: the weight-free random-walker tool, in process, for objects with boundaries;
-      ``classical-tissue``: the same with the seeds' colour model, for tissue-class targets;
-    - ``HOST:PORT[,HOST:PORT...]`` (optionally ``grpc://``-prefixed): a ``tool_bridge`` server, or
-      several for load balancing, through the replaying bridge client;
-    - ``module:factory``: any zero-argument callable returning a ``SegmentationTool``.
-
-    ``volumes``: a ``VolumeSegmentationTool`` for volume episodes instead (:data:`VOLUME_TOOLS`);
-    a bridge volume tool brings back the tool's probability (``uint8``) only for the ``uncertain``
-    ``slice_rule``, its one reader.
-    """
-    if spec == "auto":
-        from ibis_jax.tools.auto import AutoTool
-
-        return AutoTool()
-    if volumes:
-        return _volume_tool(spec, slice_rule)
-    if spec in ("classical", "classical-tissue"):
-        from ibis_jax.tools.classical import TISSUE, ClassicalTool, ClassicalToolConfig
-
-        return ClassicalTool(TISSUE if spec == "classical-tissue" else ClassicalToolConfig())
-    addresses = bridge_addresses(spec)
-    if addresses:
-        from tool_bridge.client import BridgeClient
-
-        return BridgeClient(addresses)
-    if ":" in spec:
-        from ibis_jax.plugins import load_object
-
-        try:
-            factory = load_object(spec, what="--tool")
-        except (ImportError, AttributeError, FileNotFoundError) as e:
-            raise ValueError(f"{e}; give 'auto', 'classical', a bridge address HOST:PORT, or an importable "
-                             "module:factory") from None
-        return factory()
-    raise ValueError(
-        f"unknown tool {spec!r}: use 'auto', 'classical', 'classical-tissue', a bridge address HOST:PORT, or 'module:factory'"
-    )
-
-
-VOLUME_TOOLS = ("'auto' (the classical preset the target needs; default), 'classical' (3D random walker), "
-                "'classical-tissue' (with the intensity prior, for tissue classes such as white matter), "
-                "'medsam2-3d:CHECKPOINT' (sam2's video predictor, in process) or a tool server HOST:PORT "
-                "(its volume backend)")
-
-
-def _volume_tool(spec: str, slice_rule: str):
-    from ibis_jax.tools.volume import TISSUE_3D, ClassicalVolumeTool
-
-    if spec == "classical":
-        return ClassicalVolumeTool()
-    if spec == "classical-tissue":
-        return ClassicalVolumeTool(TISSUE_3D)
-    if spec.startswith("medsam2-3d:"):
-        from tool_bridge.backends.medsam2_video import MedSAM2VolumeTool
-
-        return MedSAM2VolumeTool(spec.split(":", 1)[1])
-    addresses = bridge_addresses(spec)
-    if addresses:
-        from tool_bridge.client import BridgeVolumeTool
-
-        return BridgeVolumeTool(addresses, volume_probability="uint8" if slice_rule == "uncertain" else "none")
-    raise ValueError(f"--tool {spec!r} for a volume: use {VOLUME_TOOLS}")
+        return make_tool
+    raise AttributeError(f"module 'ibis_jax.tools' has no attribute {name!r}")

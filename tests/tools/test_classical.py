@@ -3,8 +3,9 @@ import pytest
 
 from ibis_jax.agent.oracle import run_oracle
 from ibis_jax.data.shapes import synthetic_shapes
-from ibis_jax.tools import SegmentationTool, ToolError, make_tool
+from ibis_jax.tools import SegmentationTool, ToolError
 from ibis_jax.tools.classical import ClassicalTool
+from tool_bridge.factory import make_tool
 
 
 def test_classical_tool_implements_the_protocol():

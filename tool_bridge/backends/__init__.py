@@ -34,9 +34,9 @@ def make_backend(
     raise ToolError(f"--backend {name!r} is unknown; choose one of {list(BACKENDS)}")
 
 
-def make_tool(name: str, **kwargs) -> InProcessTool:
+def make_in_process_tool(name: str, **kwargs) -> InProcessTool:
     """An in-process ``SegmentationTool`` over ``make_backend(name, **kwargs)``."""
     return InProcessTool(make_backend(name, **kwargs))
 
 
-__all__ = ["BACKENDS", "Backend", "DecodeRequest", "Encoded", "InProcessTool", "make_backend", "make_tool"]
+__all__ = ["BACKENDS", "Backend", "DecodeRequest", "Encoded", "InProcessTool", "make_backend", "make_in_process_tool"]

@@ -187,6 +187,16 @@ def mask_from_array(
         raise SourceError(path, "bad_mask", str(e).split(": ", 1)[-1]) from None
 
 
+def sample_with_mask_file(source: str, item: Item, image: np.ndarray, mask_path: str, label: int | None,
+                          target: str, modality: str, provenance: dict[str, Any]) -> Sample:
+    """A 2D sample whose mask is the file ``mask_path`` (``label``: the value that marks the target
+    in a label map, ``None``: a binary mask), checked against ``image``; ``provenance`` gets the
+    label when there is one."""
+    mask = mask_from_array(read_image_file(mask_path), image.shape, mask_path, label)
+    return Sample(image=image, mask=mask, target=target, modality=modality, sample_id=item.item_id, source=source,
+                  provenance={**provenance, **({"label": label} if label is not None else {})})
+
+
 def parse_target_labels(specs: tuple[str, ...] | list[str] | None) -> tuple[tuple[str, int], ...]:
     """``["liver=1", "tumor=2"]`` -> ``(("liver", 1), ("tumor", 2))``; names may contain spaces."""
     out = []

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ibis_jax.data.images import to_rgb_uint8
-from ibis_jax.data.sources.base import Item, Sample, SourceError, mask_from_array, read_image_file
+from ibis_jax.data.sources.base import Item, Sample, SourceError, sample_with_mask_file
 from ibis_jax.data.sources.folder import IMAGE_SUFFIXES
 from ibis_jax.data.windowing import CT_PRESETS, Window, WindowError, parse_window
 
@@ -126,17 +126,7 @@ class DicomSource:
         except WindowError as e:
             raise SourceError(dicom_path, "nan_values", str(e).split(": ", 1)[-1]) from None
         image = to_rgb_uint8(gray, where=dicom_path)
-        mask = mask_from_array(read_image_file(mask_path), image.shape, mask_path, label)
-        yield Sample(
-            image=image,
-            mask=mask,
-            target=target,
-            modality=modality,
-            sample_id=item.item_id,
-            source=self.name,
-            provenance={
-                "dicom": dicom_path, "mask": mask_path, "window": window.describe(),
-                "rescale": [float(getattr(ds, "RescaleSlope", 1.0) or 1.0), float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)],
-                **({"label": label} if label is not None else {}),
-            },
-        )
+        rescale = [float(getattr(ds, "RescaleSlope", 1.0) or 1.0),
+                   float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)]
+        yield sample_with_mask_file(self.name, item, image, mask_path, label, target, modality, {
+            "dicom": dicom_path, "mask": mask_path, "window": window.describe(), "rescale": rescale})

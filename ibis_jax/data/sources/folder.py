@@ -28,8 +28,8 @@ from ibis_jax.data.sources.base import (
     Sample,
     SourceError,
     image_to_rgb,
-    mask_from_array,
     read_image_file,
+    sample_with_mask_file,
 )
 from ibis_jax.data.windowing import parse_window
 
@@ -160,13 +160,5 @@ class FolderSource:
             raise SourceError(mask_path, "missing_file", "no image in the image folder matches this mask's name")
         window = parse_window(self.window) if self.window else None
         image = image_to_rgb(read_image_file(image_path), image_path, window)
-        mask = mask_from_array(read_image_file(mask_path), image.shape, mask_path, label)
-        yield Sample(
-            image=image,
-            mask=mask,
-            target=target,
-            modality=modality,
-            sample_id=item.item_id,
-            source=self.name,
-            provenance={"image": image_path, "mask": mask_path, **({"label": label} if label is not None else {})},
-        )
+        yield sample_with_mask_file(self.name, item, image, mask_path, label, target, modality,
+                                    {"image": image_path, "mask": mask_path})

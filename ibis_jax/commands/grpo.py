@@ -69,7 +69,7 @@ def rl_config_from(overrides: list[str], config_path: str | None = None):
 
 def run(args: argparse.Namespace) -> int:
     from ibis_jax.rl.trainer import train_grpo
-    from ibis_jax.tools import make_tool
+    from tool_bridge.factory import make_tool
     from ibis_jax.train.config import load_config
 
     from ibis_jax.train import core

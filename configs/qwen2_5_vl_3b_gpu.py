@@ -29,6 +29,7 @@ def get_config() -> TrainConfig:
         param_dtype="float32",
         compute_dtype="bfloat16",
         remat=True,
+        mlp_chunk=256,  # the MLP over 256 positions at a time: one layer's backward holds [rows, 256, F]
         freeze_vision=True,
         mesh_shape=(1, -1, 1),
         image_size=504,  # 324 visual tokens (docs/design.md section 5: images capped at 512 px)

@@ -37,6 +37,7 @@ def get_config() -> TrainConfig:
         param_dtype="bfloat16",
         compute_dtype="bfloat16",
         remat=True,
+        mlp_chunk=256,  # the MLP over 256 positions at a time: one layer's backward holds [rows, 256, F]
         freeze_vision=True,
         lora_rank=8,
         lora_alpha=16.0,

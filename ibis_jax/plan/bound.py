@@ -36,7 +36,8 @@ class Bound:
 
 def train_step_bound(cfg: Qwen25VLConfig, *, resident: int, gradients: int, tokens: int,
                      rows: int, seq: int, batch_ways: int, images: int, image_size: int, compute_bytes: int,
-                     fused_attention: bool, freeze_vision: bool, logprob_chunk: int = LOGPROB_CHUNK) -> Bound:
+                     fused_attention: bool, freeze_vision: bool, mlp_chunk: int = 0, images_at_once: int = 8,
+                     logprob_chunk: int = LOGPROB_CHUNK) -> Bound:
     """Bytes per chip. tokens / rows / images: one micro-batch's, over all chips (split over
     `batch_ways`); gradients: the fp32 bytes per chip of one copy of what trains (the step holds
     two: the accumulator and a micro-batch's)."""
@@ -47,15 +48,18 @@ def train_step_bound(cfg: Qwen25VLConfig, *, resident: int, gradients: int, toke
     grads = 2 * gradients
     carries = t.num_hidden_layers * tok * d * compute_bytes
     # One layer's backward: norms and residual (2 D), q / k / v / attention output (2 heads*dh +
-    # 2 kv*dh), the MLP's gate / up / activation (3 F), each with its gradient (x 2).
-    layer = 2 * tok * (2 * d + 2 * heads * dh + 2 * kv * dh + 3 * f) * compute_bytes
+    # 2 kv*dh), the MLP's gate / up / activation (3 F; over mlp_chunk positions at a time when
+    # chunked), each with its gradient (x 2).
+    mlp_share = min(1.0, mlp_chunk / seq) if mlp_chunk else 1.0
+    layer = 2 * tok * (2 * d + 2 * heads * dh + 2 * kv * dh + 3 * f * mlp_share) * compute_bytes
     if not fused_attention:  # fp32 scores and probabilities [rows, heads, S, S]
         layer += 2 * (rows / batch_ways) * heads * seq * seq * 4
     head = 3 * logprob_chunk * t.vocab_size * 4
     patches = (image_size // v.patch_size) ** 2
     imgs = images / batch_ways
+    at_once = min(imgs, images_at_once)  # the tower encodes a chip's images a few at a time
     e, fv = v.hidden_size, v.intermediate_size
-    vision = imgs * patches * (3 * e + 3 * fv) * compute_bytes + imgs * v.num_heads * patches**2 * 4 * 2
+    vision = at_once * patches * (3 * e + 3 * fv) * compute_bytes + at_once * v.num_heads * patches**2 * 4 * 2
     if not freeze_vision:
         vision += v.depth * imgs * patches * e * compute_bytes
     return Bound({"state": int(resident), "gradients": int(grads), "layer carries": int(carries),

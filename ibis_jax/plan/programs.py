@@ -219,6 +219,7 @@ def train_setup(config: TrainConfig, model_config: Qwen25VLConfig, mesh, rl=None
 def _bound(setup: TrainSetup, config: TrainConfig, model_config: Qwen25VLConfig, mesh, *, tokens: int, rows: int,
            seq: int, images: int) -> dict[str, int]:
     from ibis_jax.models.attention import resolve_backend
+    from ibis_jax.models.qwen2_5_vl.vision import VisionTransformer
     from ibis_jax.plan.bound import batch_ways, train_step_bound
     from ibis_jax.train.state import platform_of
 
@@ -230,7 +231,8 @@ def _bound(setup: TrainSetup, config: TrainConfig, model_config: Qwen25VLConfig,
         model_config, resident=trainable + frozen + opt, gradients=grads, tokens=tokens, rows=rows, seq=seq,
         batch_ways=batch_ways(dict(mesh.shape)), images=images, image_size=config.image_size,
         compute_bytes=jnp.dtype(config.compute_dtype).itemsize, fused_attention=backend != "xla",
-        freeze_vision=config.freeze_vision).parts
+        freeze_vision=config.freeze_vision, mlp_chunk=config.mlp_chunk,
+        images_at_once=VisionTransformer.IMAGES_AT_ONCE).parts
 
 
 def _sharded_batch(batch: dict, mesh) -> tuple[dict, Any]:

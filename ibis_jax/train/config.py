@@ -32,6 +32,7 @@ class TrainConfig:
     remat_policy: str = "full"  # with remat: full | dots_saveable | dots_with_no_batch_dims_saveable
     scan_layers: bool = True  # decoder layers and vision blocks as lax.scans (False: unrolled, debugging)
     attention: str = "auto"  # auto (splash on TPU, dot_product on GPU, xla on CPU) | xla | dot_product | splash
+    mlp_chunk: int = 0  # > 0: the MLP runs over this many sequence positions at a time (rematerialised)
     freeze_vision: bool = True  # docs/design.md section 5: vision tower frozen, merger trains
     lora_rank: int = 0  # 0 = full fine-tuning of the trainable params
     lora_alpha: float = 16.0

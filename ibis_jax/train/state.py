@@ -91,7 +91,8 @@ def model_options(config: TrainConfig, platform: str = "cpu") -> dict[str, Any]:
 
     return dict(dtype=_dtype(config.compute_dtype), param_dtype=_dtype(config.param_dtype),
                 sharding=ShardingConfig.fsdp_tensor(), remat=config.remat_name, scan_layers=config.scan_layers,
-                attention=resolve_backend(config.attention, platform), freeze_vision=config.freeze_vision)
+                attention=resolve_backend(config.attention, platform), mlp_chunk=config.mlp_chunk,
+                freeze_vision=config.freeze_vision)
 
 
 def make_model(config: TrainConfig, model_config: Qwen25VLConfig, key: jax.Array, platform: str = "cpu") -> Qwen25VL:

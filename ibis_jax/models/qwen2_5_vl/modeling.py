@@ -107,6 +107,7 @@ class Qwen25VL(nnx.Module):
         remat: bool | str = False,
         scan_layers: bool = True,
         attention: str = "xla",
+        mlp_chunk: int = 0,
         freeze_vision: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -115,7 +116,7 @@ class Qwen25VL(nnx.Module):
         policy = check_remat_policy({True: "full", False: "none"}.get(remat, remat))
         kw = dict(dtype=dtype, param_dtype=param_dtype, remat=policy, scan_layers=scan_layers, rngs=rngs)
         self.visual = VisionTransformer(config.vision, sharding, **kw)
-        self.language_model = TextModel(config.text, sharding, attention=attention, **kw)
+        self.language_model = TextModel(config.text, sharding, attention=attention, mlp_chunk=mlp_chunk, **kw)
         if not config.tie_word_embeddings:
             t = config.text
             self.lm_head = nnx.Param(

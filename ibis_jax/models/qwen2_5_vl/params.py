@@ -235,6 +235,7 @@ def load_hf(
     remat: bool | str = False,
     scan_layers: bool = True,
     attention: str = "xla",
+    mlp_chunk: int = 0,
     freeze_vision: bool = False,
 ) -> Qwen25VL:
     """Load a Hugging Face Qwen2.5-VL directory (config.json + safetensors) into `Qwen25VL`.
@@ -248,7 +249,7 @@ def load_hf(
     directory = os.fspath(directory)
     return load_hf_model(directory, Qwen25VLConfig.from_hf_config(directory), Qwen25VL, dtype, mesh,
                          compute_dtype=compute_dtype, sharding=sharding, remat=remat, scan_layers=scan_layers,
-                         attention=attention, freeze_vision=freeze_vision)
+                         attention=attention, mlp_chunk=mlp_chunk, freeze_vision=freeze_vision)
 
 
 def load_hf_model(
@@ -263,6 +264,7 @@ def load_hf_model(
     remat: bool | str = False,
     scan_layers: bool = True,
     attention: str = "xla",
+    mlp_chunk: int = 0,
     freeze_vision: bool = False,
 ) -> nnx.Module:
     """`load_hf` for any family with a table in `RULES_BY_CONFIG`: `model_cls(config, ...)`
@@ -279,6 +281,7 @@ def load_hf_model(
             remat=remat,
             scan_layers=scan_layers,
             attention=attention,
+            mlp_chunk=mlp_chunk,
             freeze_vision=freeze_vision,
             rngs=nnx.Rngs(0),
         )

@@ -273,22 +273,51 @@ class VisionTransformer(nnx.Module):
             one = jax.tree.map(lambda x: x[0], layout)
             images = pixel_values.reshape(-1, one.rope_hw.shape[0], pixel_values.shape[-1])
             images = self._constrain_images(images)
-            out = jax.vmap(lambda pv: self._encode_packed(pv, one))(images)
+            encode = jax.vmap(lambda pv: self._encode_packed(pv, one))
+            groups = self._image_groups(images.shape[0])
+            if groups == 1:
+                out = encode(images)
+            else:
+                # A few images per chip at a time (their full-attention scores are the tower's
+                # peak): [groups, images / groups] with the second axis still each chip's own.
+                n = images.shape[0]
+                split = images.reshape(n // groups, groups, *images.shape[1:]).swapaxes(0, 1)
+                out = jax.lax.map(lambda g: encode(self._constrain_images(g, axis=0)), split)
+                out = out.swapaxes(0, 1).reshape(n, *out.shape[2:])
             return self._constrain_images(out).reshape(-1, out.shape[-1])
         return self._encode_packed(pixel_values, layout)
 
-    def _constrain_images(self, x: jax.Array) -> jax.Array:
-        """[images, patches, ...] laid out over the mesh's batch axes where they divide the images."""
-        batch = self.batch_axes
-        if batch is None:
-            return x
+    # Images each chip encodes at once (`_image_groups`): the tower's peak is one block's
+    # full-attention scores over them, [images, heads, patches, patches] in fp32.
+    IMAGES_AT_ONCE = 8
+
+    def _batch_ways(self) -> int:
+        """How many ways the mesh's batch axes split a batch (1 without a mesh)."""
+        if self.batch_axes is None:
+            return 1
         mesh = jax.sharding.get_abstract_mesh()
         sizes = dict(mesh.shape) if mesh is not None and mesh.shape else {}
-        names = batch if isinstance(batch, tuple) else (batch,)
-        ways = int(np.prod([sizes.get(a, 1) for a in names]))
-        if not sizes or ways == 1 or x.shape[0] % ways:
+        names = self.batch_axes if isinstance(self.batch_axes, tuple) else (self.batch_axes,)
+        return int(np.prod([sizes.get(a, 1) for a in names])) if sizes else 1
+
+    def _image_groups(self, images: int) -> int:
+        """Into how many sequential groups `images` are cut: the fewest that leave each chip at
+        most IMAGES_AT_ONCE images at a time, dividing every chip's share evenly."""
+        ways = self._batch_ways()
+        per_chip = images // ways if images % ways == 0 else images
+        for groups in range(1, per_chip + 1):
+            if per_chip % groups == 0 and per_chip // groups <= self.IMAGES_AT_ONCE:
+                return groups
+        return 1
+
+    def _constrain_images(self, x: jax.Array, axis: int = 0) -> jax.Array:
+        """[images, patches, ...] laid out over the mesh's batch axes where they divide the images."""
+        ways = self._batch_ways()
+        if ways == 1 or x.shape[axis] % ways:
             return x
-        return jax.lax.with_sharding_constraint(x, P(batch, *(None,) * (x.ndim - 1)))
+        spec = [None] * x.ndim
+        spec[axis] = self.batch_axes
+        return jax.lax.with_sharding_constraint(x, P(*spec))
 
     def _encode_packed(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
         m2 = self.cfg.spatial_merge_size**2

@@ -89,6 +89,7 @@ def load_hf(
     remat: bool | str = False,
     scan_layers: bool = True,
     attention: str = "xla",
+    mlp_chunk: int = 0,
     freeze_vision: bool = False,
 ) -> Qwen3VL:
     """Load a Hugging Face Qwen3-VL directory (config.json + safetensors) into `Qwen3VL`.
@@ -99,7 +100,7 @@ def load_hf(
     directory = os.fspath(directory)
     return _base.load_hf_model(directory, Qwen3VLConfig.from_hf_config(directory), Qwen3VL, dtype, mesh,
                                compute_dtype=compute_dtype, sharding=sharding, remat=remat,
-                               scan_layers=scan_layers, attention=attention, freeze_vision=freeze_vision)
+                               scan_layers=scan_layers, attention=attention, mlp_chunk=mlp_chunk, freeze_vision=freeze_vision)
 
 
 def save_hf(

@@ -166,134 +166,172 @@ def run_agent(
     batch) and closed when it ends (also on error). Generation time is shared out equally among
     the episodes of a batched call.
     """
-    t_start = time.perf_counter()
-    traces = [EpisodeTrace() for _ in episodes]
     settings = getattr(policy, "settings", HF_DEFAULTS)
-    history = history or settings.history
-    system_prompt = system_prompt if system_prompt is not None else settings.system_text
-    reads_messages = getattr(policy, "reads_messages", True)
     rows = len(episodes) if max_rows is None else max_rows
     if rows < 1:
         if not episodes:
-            return traces
+            return []
         raise ValueError(f"run_agent: max_rows must be >= 1, got {max_rows}")
-    stats = AgentStats() if stats is None else stats
-    stats.rows = rows
-    cohorts = 2 if overlap and rows > 1 else 1
-    slots: list[int | None] = [None] * rows  # episode index per row
-    waiting = list(range(len(episodes)))[::-1]  # pop() takes the next in order
-    pending: dict[int, concurrent.futures.Future] = {}  # cohort -> its tool stage
-    # The tool calls' threads, and (overlap) one thread per cohort running its tool stage; kept
-    # apart, so a stage waiting on its calls never holds a thread the calls need.
-    pool = concurrent.futures.ThreadPoolExecutor(tool_workers, thread_name_prefix="agent-tool") if tool_workers > 1 else None
-    stages = concurrent.futures.ThreadPoolExecutor(cohorts, thread_name_prefix="agent-cohort") if cohorts > 1 else None
-    opened: list[Episode] = []
-    opening: dict[int, concurrent.futures.Future] = {}  # episode -> its open in flight (tool_workers > 1)
-    interval_lock = threading.Lock()
+    run = _AgentRun(policy, tool, episodes, settings, history=history or settings.history,
+                    system_prompt=system_prompt if system_prompt is not None else settings.system_text,
+                    rows=rows, cohorts=2 if overlap and rows > 1 else 1, tool_workers=tool_workers,
+                    stats=AgentStats() if stats is None else stats)
+    return run.run(static=max_rows is None)
 
-    def timed(fn, *args) -> None:
+
+class _AgentRun:
+    """One `run_agent` call: admission (rows take waiting episodes, the tool opens them),
+    sampling (one batched policy call per round of a cohort), tool calls (each turn applied to its
+    episode, on worker threads when there are some) and bookkeeping (`AgentStats`)."""
+
+    def __init__(self, policy: Policy, tool: SegmentationTool, episodes: Sequence[Episode], settings, *,
+                 history: HistoryMode, system_prompt: str, rows: int, cohorts: int, tool_workers: int,
+                 stats: AgentStats):
+        self.policy, self.tool, self.episodes, self.settings = policy, tool, episodes, settings
+        self.history, self.system_prompt = history, system_prompt
+        self.reads_messages = getattr(policy, "reads_messages", True)
+        self.rows, self.cohorts, self.stats = rows, cohorts, stats
+        stats.rows = rows
+        self.traces = [EpisodeTrace() for _ in episodes]
+        self.slots: list[int | None] = [None] * rows  # episode index per row
+        self.waiting = list(range(len(episodes)))[::-1]  # pop() takes the next in order
+        self.pending: dict[int, concurrent.futures.Future] = {}  # cohort -> its tool stage
+        # The tool calls' threads, and (overlap) one thread per cohort running its tool stage; kept
+        # apart, so a stage waiting on its calls never holds a thread the calls need.
+        self.pool = (concurrent.futures.ThreadPoolExecutor(tool_workers, thread_name_prefix="agent-tool")
+                     if tool_workers > 1 else None)
+        self.stages = (concurrent.futures.ThreadPoolExecutor(cohorts, thread_name_prefix="agent-cohort")
+                       if cohorts > 1 else None)
+        self.opened: list[Episode] = []
+        self.opening: dict[int, concurrent.futures.Future] = {}  # episode -> its open in flight (workers)
+        self.interval_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, static: bool) -> list[EpisodeTrace]:
+        t_start = time.perf_counter()
+        try:
+            if static:  # every episode open from the start
+                self.admit(list(range(self.rows)))
+            cohort = 0
+            while True:
+                mine = [s for s in range(self.rows) if s % self.cohorts == cohort]
+                live = self.refill(cohort, mine)
+                if not live:
+                    if self.finished():
+                        break
+                else:
+                    items = list(zip(live, self.sample(live, mine)))
+                    if self.cohorts > 1:
+                        self.pending[cohort] = self.stages.submit(self.tool_stage, items)
+                    else:
+                        self.tool_stage(items)
+                cohort = (cohort + 1) % self.cohorts
+        finally:
+            self.close()
+            self.stats._finish(time.perf_counter() - t_start)
+        return self.traces
+
+    def finished(self) -> bool:
+        return (not self.pending and not self.waiting
+                and all(x is None or self.episodes[x].done for x in self.slots))
+
+    # ------------------------------------------------------------------ admission
+    def refill(self, cohort: int, mine: list[int]) -> list[int]:
+        """After the cohort's last tool stage: free the rows whose episode ended, give them the
+        next waiting episodes; returns the cohort's live episodes."""
+        if cohort in self.pending:
+            self.pending.pop(cohort).result()
+        for s in mine:
+            if self.slots[s] is not None and self.episodes[self.slots[s]].done:
+                self.slots[s] = None
+        self.admit([s for s in mine if self.slots[s] is None])
+        return [self.slots[s] for s in mine if self.slots[s] is not None and not self.episodes[self.slots[s]].done]
+
+    def admit(self, free: list[int]) -> None:
+        """Opens the next waiting episodes on the tool (together when there are workers) into `free` rows."""
+        new = [self.waiting.pop() for _ in free[:len(self.waiting)]]
+        for i in new:
+            if self.pool is not None:
+                # In the background: the policy's next call runs while the tool encodes. The pool
+                # runs its tasks in order, so an open starts before any step submitted after it (a
+                # step waiting on its open never holds a thread the open needs).
+                self.opening[i] = self.pool.submit(self.timed, self.episodes[i].open_tool, self.tool)
+            else:
+                self.timed(self.episodes[i].open_tool, self.tool)
+            self.opened.append(self.episodes[i])  # closed in the end (also when its open failed)
+        for slot, i in zip(free, new):
+            self.slots[slot] = i
+
+    def wait_open(self, i: int) -> None:
+        f = self.opening.pop(i, None)
+        if f is not None:
+            f.result()
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, live: list[int], mine: list[int]) -> list[PolicyTurn]:
+        """One batched policy call for the live episodes of a cohort (their observations drawn)."""
+        requests = []
+        for i in live:
+            episode, trace = self.episodes[i], self.traces[i]
+            if not self.reads_messages:
+                requests.append(TurnRequest([], episode))
+                continue
+            trace.observations.append(episode.observation(self.settings.overlay_color, self.settings.overlay_alpha))
+            requests.append(TurnRequest(episode_messages(episode, trace, len(episode.steps), history=self.history,
+                                                         system_prompt=self.system_prompt), episode))
+        start = time.perf_counter()
+        turns = self.policy.generate(requests)
+        elapsed = time.perf_counter() - start
+        if len(turns) != len(live):
+            raise RuntimeError(f"policy returned {len(turns)} turns for {len(live)} requests")
+        stats = self.stats
+        stats.policy_calls += 1
+        stats.rows_busy += len(live)
+        stats.rows_available += len(mine)
+        stats.generate_s += elapsed
+        for i, turn in zip(live, turns):
+            self.traces[i].turns.append(turn)
+            self.traces[i].generate_seconds += elapsed / len(live)
+        return turns
+
+    # ------------------------------------------------------------------ tool calls
+    def timed(self, fn, *args) -> None:
         t0 = time.perf_counter()
         try:
             fn(*args)
         finally:
-            with interval_lock:
-                stats.tool_intervals.append((t0, time.perf_counter()))
+            with self.interval_lock:
+                self.stats.tool_intervals.append((t0, time.perf_counter()))
 
-    def admit(free: list[int]) -> None:
-        """Opens the next waiting episodes on the tool (together when there are workers) into `free` rows."""
-        new = [waiting.pop() for _ in free[:len(waiting)]]
-        if pool is not None:
-            # In the background: the policy's next call runs while the tool encodes. The pool runs
-            # its tasks in order, so an open starts before any step submitted after it (a step
-            # waiting on its open never holds a thread the open needs).
-            for i in new:
-                opening[i] = pool.submit(timed, episodes[i].open_tool, tool)
-                opened.append(episodes[i])  # closed in the end (also when its open failed)
-        else:
-            for i in new:
-                timed(episodes[i].open_tool, tool)
-                opened.append(episodes[i])
-        for slot, i in zip(free, new):
-            slots[slot] = i
+    def step(self, i: int, turn: PolicyTurn) -> None:
+        episode = self.episodes[i]
+        episode.step_text(turn.text, self.tool, loss_weight=turn.loss_weight)
+        if episode.done:
+            self.tool.close(episode.episode_id)
 
-    def wait_open(i: int) -> None:
-        f = opening.pop(i, None)
-        if f is not None:
-            f.result()
+    def apply(self, i: int, turn: PolicyTurn) -> None:
+        self.wait_open(i)  # not inside the step's tool interval
+        self.timed(self.step, i, turn)
 
-    def step(i: int, turn: PolicyTurn) -> None:
-        episodes[i].step_text(turn.text, tool, loss_weight=turn.loss_weight)
-        if episodes[i].done:
-            tool.close(episodes[i].episode_id)
-
-    def apply(i: int, turn: PolicyTurn) -> None:
-        wait_open(i)  # not inside the step's tool interval
-        timed(step, i, turn)
-
-    def tool_stage(items: list[tuple[int, PolicyTurn]]) -> None:
-        if pool is None or len(items) == 1:
+    def tool_stage(self, items: list[tuple[int, PolicyTurn]]) -> None:
+        if self.pool is None or len(items) == 1:
             for i, turn in items:
-                apply(i, turn)
+                self.apply(i, turn)
             return
-        for f in [pool.submit(apply, i, turn) for i, turn in items]:
+        for f in [self.pool.submit(self.apply, i, turn) for i, turn in items]:
             f.result()
 
-    try:
-        if max_rows is None:  # the static batch: every episode open from the start
-            admit(list(range(rows)))
-        cohort = 0
-        while True:
-            mine = [s for s in range(rows) if s % cohorts == cohort]
-            if cohort in pending:
-                pending.pop(cohort).result()
-            for s in mine:
-                if slots[s] is not None and episodes[slots[s]].done:
-                    slots[s] = None
-            admit([s for s in mine if slots[s] is None])
-            live = [slots[s] for s in mine if slots[s] is not None and not episodes[slots[s]].done]
-            if not live:
-                if not pending and not waiting and all(x is None or episodes[x].done for x in slots):
-                    break
-                cohort = (cohort + 1) % cohorts
-                continue
-            requests = []
-            for i in live:
-                episode, trace = episodes[i], traces[i]
-                if not reads_messages:
-                    requests.append(TurnRequest([], episode))
-                    continue
-                trace.observations.append(episode.observation(settings.overlay_color, settings.overlay_alpha))
-                requests.append(TurnRequest(episode_messages(episode, trace, len(episode.steps), history=history,
-                                                             system_prompt=system_prompt), episode))
-            start = time.perf_counter()
-            turns = policy.generate(requests)
-            elapsed = time.perf_counter() - start
-            if len(turns) != len(live):
-                raise RuntimeError(f"policy returned {len(turns)} turns for {len(live)} requests")
-            stats.policy_calls += 1
-            stats.rows_busy += len(live)
-            stats.rows_available += len(mine)
-            stats.generate_s += elapsed
-            for i, turn in zip(live, turns):
-                traces[i].turns.append(turn)
-                traces[i].generate_seconds += elapsed / len(live)
-            items = list(zip(live, turns))
-            if cohorts > 1:
-                pending[cohort] = stages.submit(tool_stage, items)
-            else:
-                tool_stage(items)
-            cohort = (cohort + 1) % cohorts
-    finally:
-        for f in list(pending.values()) + list(opening.values()):
+    # ------------------------------------------------------------------ bookkeeping
+    def close(self) -> None:
+        """Wait for what is in flight, stop the threads, close the episodes left open."""
+        for f in list(self.pending.values()) + list(self.opening.values()):
             try:
                 f.result()
             except Exception:  # the first error is already propagating (or is raised below)
                 pass
-        for executor in (stages, pool):
+        for executor in (self.stages, self.pool):
             if executor is not None:
                 executor.shutdown(wait=True)
-        for episode in opened:
+        for episode in self.opened:
             if not episode.done:
-                tool.close(episode.episode_id)
-        stats._finish(time.perf_counter() - t_start)
-    return traces
+                self.tool.close(episode.episode_id)

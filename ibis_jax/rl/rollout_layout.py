@@ -107,14 +107,15 @@ def decode_policy_params(model_def, params: Any, frozen: Any, param_shardings: A
     return reshard_for_decode(merged, specs, mesh, dtype)
 
 
-def chip_budget(resident_bytes: int, fraction: float = 0.6) -> int | None:
-    """Bytes a chip may give the decode copy: `fraction` of its HBM beyond the resident training
-    state (the rest is the KV cache and temporaries); None where the backend reports no limit."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    limit = stats.get("bytes_limit")
-    if not limit:
+def chip_budget(resident_bytes: int, hbm_bytes: int | None = None, fraction: float = 0.6) -> int | None:
+    """Bytes a chip may give the decode copy: `fraction` of its HBM (`hbm_bytes`, default what the
+    local device reports) beyond the resident training state (the rest is the KV cache and
+    temporaries); None where the backend reports no limit (a CPU)."""
+    if hbm_bytes is None:
+        hbm_bytes = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if not hbm_bytes:
         return None
-    return int((int(limit) - resident_bytes) * fraction)
+    return max(0, int((int(hbm_bytes) - resident_bytes) * fraction))
 
 
 __all__ = ["LAYOUTS", "chip_budget", "decode_mesh", "decode_policy_params", "decode_specs", "reshard_for_decode",

@@ -61,8 +61,14 @@ def resolve_layout(layout: str, devices: int, kv_heads: int, param_bytes: int,
         layout = "replicated" if budget_bytes is None or param_bytes <= budget_bytes else "tensor"
     if layout == "replicated":
         return layout, 1
-    # Named outright with no budget: as many ways as divide (the smallest weights per chip).
-    t = tensor_ways(devices, kv_heads, param_bytes, budget_bytes if budget_bytes is not None else 0)
+    # Named outright: at least two ways (the fewest that fit the budget; with none known, as
+    # many as divide: the smallest weights per chip).
+    if budget_bytes is None:
+        t = tensor_ways(devices, kv_heads, param_bytes, 0)
+    else:
+        t = tensor_ways(devices, kv_heads, param_bytes, budget_bytes)
+        if t == 1:
+            t = min([w for w in range(2, devices + 1) if devices % w == 0 and kv_heads % w == 0], default=1)
     return layout, t
 
 

@@ -181,6 +181,10 @@ def run(args: argparse.Namespace) -> int:
               f"{report.gib(r.bytes['temp'])} temp), {'fits' if r.fits else 'does NOT fit'}, "
               f"{r.flops_per_step / 1e12:.1f} TFLOP, {report.fmt_seconds(r.step_seconds)} at MFU {args.mfu:.0%}",
               flush=True)
+        if r.decode_collective_bytes is not None:
+            print(f"    decode on mesh {r.decode_mesh}: {r.decode_collective_bytes:,} collective bytes per token per chip "
+                  f"({', '.join(f'{k} {v:,} B' for k, v in (r.decode_collectives or {}).items()) or 'none'}); {r.decode_roofline_seconds * 1e3:.2f} ms "
+                  f"per decode step at the HBM roofline", flush=True)
         if r.bound:
             print(f"    analytic bound {report.gib(r.bound_total)} GiB per chip ({report.gib_parts(r.bound)}); "
                   f"compiled / bound = {r.bytes['total'] / r.bound_total:.2f}", flush=True)

@@ -64,6 +64,12 @@ class StageResult:
     shapes: str = ""  # the batch the stage was compiled at, in words
     note: str = ""
     bound: dict[str, int] | None = None  # train stages: the analytic bound's parts (`plan.bound`), bytes per chip
+    # rollout: the decode layout's mesh, the collective operand bytes per decoded token (per chip,
+    # from the compiled decode loop) and the decode step at the HBM roofline (bytes read / bandwidth)
+    decode_mesh: dict[str, int] | None = None
+    decode_collective_bytes: int | None = None
+    decode_collectives: dict[str, int] | None = None
+    decode_roofline_seconds: float | None = None
 
     @property
     def bound_total(self) -> int | None:
@@ -75,7 +81,10 @@ class StageResult:
                 "compile_seconds": round(self.compile_seconds, 2), "step_seconds": self.step_seconds,
                 "xla_flops_per_device": self.xla_flops_per_device, "shapes": self.shapes, "note": self.note,
                 "analytic_bound_bytes": self.bound_total, "analytic_bound_parts": self.bound,
-                "bound_ratio": None if not self.bound else round(self.bytes["total"] / self.bound_total, 3)}
+                "bound_ratio": None if not self.bound else round(self.bytes["total"] / self.bound_total, 3),
+                "decode_mesh": self.decode_mesh, "decode_collective_bytes": self.decode_collective_bytes,
+                "decode_collectives": self.decode_collectives,
+                "decode_roofline_seconds": self.decode_roofline_seconds}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -375,37 +384,58 @@ def rollout_shapes(rl) -> tuple[int, int, int]:
     return b, chunk, bucket(chunk + rl.max_new_tokens, sc.cache_buckets)
 
 
+def decode_program(program: Program, rl, hbm: int | None = None):
+    """(decode mesh, abstract merged parameters on it): the layout the GRPO trainer reshards its
+    policy into before a step's rollouts (`rl.rollout_layout`, `rl.rollout_layout` module),
+    from the program's abstract state; hbm: the chip's (None: unknown, `auto` is replicated)."""
+    from ibis_jax.rl import rollout_layout
+
+    config, model_def, state = program.config, program.model_def, program.abstract
+    compute = jnp.dtype(config.compute_dtype)
+    merged = model_def.abstract_params(state.params, state.frozen)
+    resident = shard_bytes(state)
+    budget = None if hbm is None else rollout_layout.chip_budget(resident, hbm)
+    dmesh = rollout_layout.decode_mesh(program.mesh, rl.rollout_layout, model_def.config.text.num_key_value_heads,
+                                       rollout_layout.tree_bytes(merged, compute), budget)
+    specs = rollout_layout.decode_specs(model_def.abstract_params(program.shardings.params, program.shardings.frozen))
+    cast = lambda a: compute if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, cast(a), sharding=NamedSharding(dmesh, s)),
+                          merged, specs)
+    return dmesh, nnx.State(params)
+
+
 def rollout_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float,
                   hbm_bandwidth: float) -> StageResult:
     from ibis_jax.generate import sampler as sampler_lib
+    from ibis_jax.plan.hlo import loop_collectives
 
     setup = train_setup(config, model_config, mesh, rl)  # resident during rollouts
     program = setup.program
     key = jax.random.key(config.seed)
-    # The policy the trainer samples with: the model def's graph over the merged parameters.
+    # The policy the trainer samples with: the merged parameters resharded into the decode layout.
     graphdef = program.model_def.graphdef
-    params = nnx.State(program.model_def.abstract_params(setup.state.params, setup.state.frozen))
+    dmesh, params = decode_program(program, rl, hbm)
     t = model_config.text
     b, chunk, slots = rollout_shapes(rl)
-    spec = sampler_lib.cache_spec(mesh, t.num_key_value_heads, b)
-    rep = NamedSharding(mesh, P())
+    spec = sampler_lib.cache_spec(dmesh, t.num_key_value_heads, b)
+    rep = NamedSharding(dmesh, P())
     compute = jnp.dtype(config.compute_dtype)
     # On a TPU / GPU the sampler decodes with the model's own (stacked) kernels and a cache
     # stacked like them; the packed-weight path is the CPU's (`Sampler.stacked_cache`).
-    decode_state = sampler_lib.empty_decode_state(t, compute, b, slots, stacked=config.scan_layers, mesh=mesh,
+    decode_state = sampler_lib.empty_decode_state(t, compute, b, slots, stacked=config.scan_layers, mesh=dmesh,
                                                   spec=spec, abstract=True)
     rs = lambda shape, dt: jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=rep)
     # 1. the vision tower on every episode's observation
     layout, patches = _images_layout(model_config, b, config.image_size, None)
     layout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), layout)
     enc, enc_s = compile_program("rollout (vision)", sampler_lib._encode_images, (graphdef, params,
-                                 rs((patches, model_config.vision.patch_dim), jnp.float32), layout), mesh)
+                                 rs((patches, model_config.vision.patch_dim), jnp.float32), layout), dmesh)
     feats = sampler_lib.bucket(patches // model_config.vision.spatial_merge_size**2, sampler_lib.SamplerConfig().visual_buckets)
     # 2. prefill: the prompt chunk into the cache
     pre, pre_s = compile_program(
         "rollout (prefill)", sampler_lib._extend,
         (graphdef, params, None, decode_state, rs((b, chunk), jnp.int32), rs((b, chunk), jnp.bool_),
-         rs((3, b, chunk), jnp.int32), rs((b,), jnp.int32), rs((feats, t.hidden_size), compute)), mesh,
+         rs((3, b, chunk), jnp.int32), rs((b,), jnp.int32), rs((feats, t.hidden_size), compute)), dmesh,
         cache_spec=spec)
     # 3. decode: the sampler's while loop (its body is one token step)
     cfg = sampler_lib.SamplerConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
@@ -414,13 +444,13 @@ def rollout_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, h
     dec, dec_s = compile_program(
         "rollout (decode)", sampler_lib._decode,
         (graphdef, params, None, decode_state, key_struct, rs((b,), jnp.bool_), rs((16, t.vocab_size), jnp.int32),
-         rs((2,), jnp.int32)), mesh, cfg=cfg, cache_spec=spec)
+         rs((2,), jnp.int32)), dmesh, cfg=cfg, cache_spec=spec)
+    moved = loop_collectives(dec.as_text())  # per decoded token, per chip
     mems = [memory(c) for c in (enc, pre, dec)]
     param_bytes, cache_bytes = shard_bytes(params), shard_bytes(decode_state.k) * 2
     trainable, frozen, opt = setup.bytes()
-    # Resident besides the sampler's arguments: the optimizer state, and with LoRA the train
-    # state's frozen base + adapters (the sampler gets a merged copy).
-    extra_params = trainable + frozen if config.lora_rank else 0
+    # Resident besides the sampler's arguments: the train state (the sampler reads a resharded copy).
+    extra_params = trainable + frozen
     peak_prog = max(m["peak"] for m in mems)
     total = peak_prog + opt + extra_params
     prefill = forward_flops(model_config, tokens=b * chunk, seq_len=chunk, sequences=b, patches=patches,
@@ -429,8 +459,9 @@ def rollout_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, h
     per_layer = d * hq * 2 + d * t.num_key_value_heads * t.head_dim * 2 + 3 * d * t.intermediate_size
     per_token = 2 * (t.num_hidden_layers * per_layer + d * t.vocab_size) * b + 4 * t.num_hidden_layers * hq * slots * b
     flops = prefill + rl.max_new_tokens * per_token
-    token_s = max(per_token / (mesh.size * peak * mfu), (param_bytes + cache_bytes) / hbm_bandwidth)
-    seconds = prefill / (mesh.size * peak * mfu) + rl.max_new_tokens * token_s
+    roofline = (param_bytes + cache_bytes) / hbm_bandwidth  # a decode step reads every weight and the cache
+    token_s = max(per_token / (dmesh.size * peak * mfu), roofline)
+    seconds = prefill / (dmesh.size * peak * mfu) + rl.max_new_tokens * token_s
     xf = [xla_flops(c) for c in (enc, pre, dec)]
     return StageResult(
         "rollout", mesh.size, dict(mesh.shape),
@@ -438,8 +469,11 @@ def rollout_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, h
          "temp": max(m["temp"] for m in mems), "total": total},
         hbm, flops, enc_s + pre_s + dec_s, total <= hbm, seconds, None if None in xf else sum(xf),
         f"{b} episodes, prefill chunk {chunk}, cache {slots} slots, {rl.max_new_tokens} new tokens (one turn)",
-        "one turn: vision + prefill at the MFU, decode tokens at max(MFU, HBM roofline of params + cache); "
-        "FSDP all-gathers of the weights per token are not counted",
+        f"one turn on the decode mesh {dict(dmesh.shape)} (rl.rollout_layout={rl.rollout_layout}): vision + "
+        "prefill at the MFU, decode tokens at max(MFU, HBM roofline of params + cache); the train state stays "
+        "resident beside the decode copy",
+        decode_mesh=dict(dmesh.shape), decode_collective_bytes=moved.total_bytes, decode_collectives=moved.bytes,
+        decode_roofline_seconds=roofline,
     )
 
 
@@ -448,4 +482,4 @@ def lora_or_full(config: TrainConfig) -> str:
 
 
 __all__ = ["DoesNotFit", "StageResult", "sft_stage", "grpo_stage", "rollout_stage", "analytic_param_count",
-           "parse_exhausted", "rollout_shapes", "grpo_rows"]
+           "parse_exhausted", "rollout_shapes", "grpo_rows", "decode_program"]

@@ -39,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ibis_jax.agent.settings import AGENT_FILE, AgentSettings, load_agent_settings
 from ibis_jax.compilation import CompileCounter
@@ -51,6 +52,7 @@ from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor, eos_token_id
 from ibis_jax.rl.batch import TurnExample, build_grpo_batch, row_bucket, row_multiple, trajectory_tokens
 from ibis_jax.rl.grpo import GRPOConfig, compute_advantages, minibatch_indices, nonzero_variance_groups
 from ibis_jax.rl.loss import make_grpo_loss, make_token_logprobs
+from ibis_jax.rl import rollout_layout
 from ibis_jax.rl.rewards import PAPER_REWARDS, RewardConfig, RewardContext, score_episode
 from ibis_jax.tools.auto import assign_episode
 from ibis_jax.tools.protocol import SegmentationTool
@@ -91,6 +93,18 @@ class RLConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     export_every: int = 0  # > 0: also export the policy every N steps to WORKDIR/exports/step_N
+    # Rollouts decode on a copy of the merged policy resharded once per step (`rl.rollout_layout`):
+    # "replicated" (episodes data-parallel over the chips), "tensor" (KV heads over chips where it
+    # does not fit), "auto" (replicated when it fits the chip's free HBM).
+    rollout_layout: str = "auto"
+    prefix_cache: bool = True  # the system turn encoded once per step's policy, not per row and turn
+    max_rows: int | None = None  # continuous batching: rows of the agent loop (None: one per episode)
+
+    def __post_init__(self):
+        if self.rollout_layout not in rollout_layout.LAYOUTS:
+            raise ValueError(f"rl.rollout_layout={self.rollout_layout!r}: use one of {', '.join(rollout_layout.LAYOUTS)}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"rl.max_rows={self.max_rows}: use a row count >= 1, or None for one row per episode")
 
 
 def grpo_schedule(config: TrainConfig, rl: RLConfig, total_updates: int | None = None):
@@ -115,8 +129,11 @@ def grpo_optimizer(config: TrainConfig, rl: RLConfig):
 def default_policy_factory(model, processor, rl: RLConfig, seed: int, settings: AgentSettings) -> Policy:
     from ibis_jax.generate.policy import ModelPolicy  # the KV-cache sampler (issue 5)
 
-    return ModelPolicy.for_rollouts(model, processor, temperature=rl.temperature,
-                                    max_new_tokens=rl.max_new_tokens, seed=seed, settings=settings)
+    # The decode mesh the trainer set (`rl.rollout_layout`): the sampler shards its cache on it.
+    mesh = jax.sharding.get_mesh()
+    mesh = None if mesh.empty or mesh.size == 1 else mesh
+    return ModelPolicy.for_rollouts(model, processor, temperature=rl.temperature, max_new_tokens=rl.max_new_tokens,
+                                    seed=seed, settings=settings, mesh=mesh, prefix_cache=rl.prefix_cache)
 
 
 def rollout_seed(rl: RLConfig, step: int, process: int = 0) -> int:
@@ -257,6 +274,16 @@ def train_grpo(
     rollout_mesh = mesh_lib.local_mesh(mesh)
     # The frozen parameters never change: copied once (alone the update's outputs are used: it donates its inputs).
     rollout_frozen = core.local_replica(state.frozen, shardings.frozen, rollout_mesh) if processes > 1 else None
+    # The decode layout (`rollout_layout`): over this process's devices, decided once from the
+    # merged policy's size in the compute dtype and what a chip has left beside the train state.
+    decode_bytes = rollout_layout.tree_bytes(model_def.abstract_params(abstract.params, abstract.frozen),
+                                             config.compute_dtype)
+    resident = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                   for x in jax.tree.leaves(abstract))
+    decode_mesh = rollout_layout.decode_mesh(rollout_mesh, rl.rollout_layout, model_def.config.text.num_key_value_heads,
+                                             decode_bytes, rollout_layout.chip_budget(resident))
+    log.info("rollouts decode on mesh %s (rl.rollout_layout=%s, policy %.2f GiB)", dict(decode_mesh.shape),
+             rl.rollout_layout, decode_bytes / 2**30)
 
     def export(state, directory: str) -> None:
         """The policy as an HF directory with the agent settings SFT writes (``ibis_agent.json``)."""
@@ -292,11 +319,17 @@ def train_grpo(
                     assign_episode(tool, episode.episode_id, picked[i].modality, picked[i].target)  # `auto`: its preset
                 rollout_params = core.local_replica(state.params, shardings.params, rollout_mesh)
                 frozen = state.frozen if rollout_frozen is None else rollout_frozen
-                with jax.set_mesh(rollout_mesh):  # this process's devices alone on several
-                    policy = policy_factory(model_def.build(rollout_params, frozen, merged=True), processor, rl,
+                # The merged policy (LoRA folded in, compute dtype) resharded on device into the
+                # decode layout: no weight is gathered per decoded token.
+                decode_params = rollout_layout.decode_policy_params(
+                    model_def, rollout_params, frozen, shardings.params, shardings.frozen, decode_mesh,
+                    config.compute_dtype)
+                with jax.set_mesh(decode_mesh):  # this process's devices alone on several
+                    policy = policy_factory(nnx.merge(model_def.graphdef, nnx.State(decode_params)), processor, rl,
                                             rollout_seed(rl, step, jax.process_index()), settings)
-                    traces = run_agent(policy, tool, episodes, history=rl.history, system_prompt=prompt_text)
-                del policy, rollout_params
+                    traces = run_agent(policy, tool, episodes, history=rl.history, system_prompt=prompt_text,
+                                       max_rows=rl.max_rows)
+                del policy, rollout_params, decode_params
                 times["time/rollout_s"] = time.perf_counter() - t0
                 times["time/generation_s"] = sum(t.generate_seconds for t in traces)
                 times["time/tool_s"] = sum(s.tool_seconds for e in episodes for s in e.steps)

@@ -387,16 +387,17 @@ def train_grpo(
                             step_fns[shape_key] = (program.train_step(grpo_loss_fn, step_shardings), lp_fn,
                                                    batch_shardings)
                         step_fn, lp_fn, batch_shardings = step_fns[shape_key]
-                        global_batch = to_global(arrays, batch_shardings)
+                        inputs = to_global(arrays, batch_shardings)  # what the log-prob passes take
+                        global_batch = dict(inputs)
                         sampler_global = to_global(sampler_lp, batch_shardings["targets"])
                         if fused_old:
                             global_batch["sampler_logprobs"] = sampler_global
                         else:
-                            global_batch["old_logprobs"] = lp_fn(state.params, state.frozen, global_batch)
+                            global_batch["old_logprobs"] = lp_fn(state.params, state.frozen, inputs)
                             drift = max(drift, float(drift_fn(global_batch["old_logprobs"], sampler_global,
                                                               global_batch["loss_mask"])))
                         if ref_params is not None:
-                            global_batch["ref_logprobs"] = lp_fn(ref_params, state.frozen, global_batch)
+                            global_batch["ref_logprobs"] = lp_fn(ref_params, state.frozen, inputs)
                         minis.append((step_fn, global_batch, int(arrays["input_ids"].shape[0])))
                     times["time/old_logprobs_s"] = time.perf_counter() - t1
                     t2 = time.perf_counter()

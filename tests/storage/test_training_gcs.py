@@ -1,6 +1,7 @@
-"""Training from and to gs:// against the emulator (slow): a SIGKILL mid-run and a resume give the
-weights of an uninterrupted run; 2 processes on one gs:// workdir equal 1; GRPO from a gs:// SFT
-export to a gs:// workdir, evaluated from gs://, its export loading with transformers."""
+"""Training from and to gs:// against the emulator (in CI, a few minutes together): a SIGKILL
+mid-run and a resume give the weights of an uninterrupted run; 2 processes on one gs:// workdir
+equal 1; GRPO from a gs:// SFT export to a gs:// workdir, evaluated from gs://, its export loading
+with transformers."""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from multiprocess import launch  # noqa: E402  (tests/train/multiprocess.py)
 
 from test_commands_gcs import GRPO_TINY, SHAPES, SFT_SMALL, TINY, cli, no_local_url_folder, ok  # noqa: E402
-
-pytestmark = pytest.mark.slow
 
 KILL_AFTER_SAVE = textwrap.dedent("""
     import os, signal, sys

@@ -57,16 +57,25 @@ class ModelPolicy:
 
         dtype: parameters and compute ("bfloat16" halves the memory); mesh_shape: (data, fsdp,
         tensor) over this process's devices (e.g. (1, 1, 4): tensor-parallel), each tensor loaded
-        into its shard; None: one device. Built by the trainers' own builder (`train.state`)."""
-        from ibis_jax.train.config import TrainConfig
-        from ibis_jax.train.mesh import make_mesh
-        from ibis_jax.train.state import load_model
+        into its shard; None: one device."""
+        from jax.sharding import Mesh
 
-        mesh = make_mesh(mesh_shape, jax.local_devices()) if mesh_shape else None
-        config = TrainConfig(param_dtype=dtype, compute_dtype=dtype, freeze_vision=False)
+        from ibis_jax.models.attention import resolve_backend
+        from ibis_jax.models.qwen2_5_vl import ShardingConfig, load_hf
+
+        mesh = None
+        if mesh_shape:
+            devices = jax.local_devices()
+            if int(np.prod(mesh_shape)) != len(devices):
+                raise ValueError(f"mesh_shape {tuple(mesh_shape)} needs {int(np.prod(mesh_shape))} devices, this process "
+                                 f"has {len(devices)}")
+            mesh = Mesh(np.asarray(devices).reshape(mesh_shape), ("data", "fsdp", "tensor"))
+        jdtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}[dtype]
+        platform = devices[0].platform if mesh is not None else jax.default_backend()
+        model = load_hf(directory, jdtype, mesh, compute_dtype=jdtype, attention=resolve_backend("auto", platform),
+                        sharding=ShardingConfig.fsdp_tensor() if mesh is not None else ShardingConfig.no_sharding())
         kwargs.setdefault("settings", load_agent_settings(directory))
-        return cls(load_model(config, directory, mesh), Qwen25VLProcessor(directory), sampler_config or SamplerConfig(),
-                   mesh=mesh, **kwargs)
+        return cls(model, Qwen25VLProcessor(directory), sampler_config or SamplerConfig(), mesh=mesh, **kwargs)
 
     @classmethod
     def for_rollouts(cls, model, processor: Qwen25VLProcessor, *, temperature: float = 1.0,

@@ -26,7 +26,8 @@ KILL_AFTER_SAVE = textwrap.dedent("""
     def save(self, step, *args, **kwargs):
         original(self, step, *args, **kwargs)
         if step == int(sys.argv[1]):
-            os.kill(os.getpid(), signal.SIGKILL)  # after the checkpoint is in the bucket, mid-run
+            self.wait()  # saves are asynchronous: the checkpoint is in the bucket once this returns
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-run
     checkpoint.Checkpointer.save = save
     from ibis_jax.cli import main
     sys.exit(main(sys.argv[2:]))

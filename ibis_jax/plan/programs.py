@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, vision_layout
 from ibis_jax.train import mesh as mesh_lib
+from ibis_jax.train.mesh import with_shardings
 from ibis_jax.train.config import TrainConfig
 from ibis_jax.train.metrics import step_flops
 from ibis_jax.train.optim import make_optimizer
@@ -88,10 +89,6 @@ class StageResult:
 
 
 # ---------------------------------------------------------------------------- helpers
-def with_shardings(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def shard_bytes(tree: Any) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
     total = 0

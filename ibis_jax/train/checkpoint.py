@@ -147,10 +147,6 @@ def _saved(state: Any) -> Any:
     return state
 
 
-def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-
-
 def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir: str | None = None,
               settings=None, max_shard_size: int | str = "5GB") -> None:
     """Write the trained model as an HF directory straight from the (sharded, possibly multi-host)
@@ -159,23 +155,22 @@ def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir
     into place when complete; with the agent settings it was trained with
     (`agent.settings.AGENT_FILE`; None: the defaults). Every process must call it."""
     from ibis_jax.agent.settings import AGENT_FILE, HF_DEFAULTS, settings_json
-    from ibis_jax.models.qwen2_5_vl.params import save_hf_params
+    from ibis_jax.models.qwen2_5_vl.params import host_tensor, save_hf_params
     from ibis_jax.train import lora as lora_lib
 
-    from ibis_jax.models.qwen2_5_vl.params import host_tensor
+    adapters = state.params
+    scale = model_def.lora_alpha / max(model_def.lora_rank, 1)
 
-    transform = None
+    def merge(entry, w):  # on the host, in numpy: the same bytes on every mesh
+        ab = adapters.get(lora_lib.key_of(entry.path))
+        if ab is None:
+            return w
+        return lora_lib.merge_host(w, host_tensor(entry, ab["a"]), host_tensor(entry, ab["b"]), scale)
+
     if model_def.lora_rank:
-        params, adapters = state.frozen, state.params
-        scale = model_def.lora_alpha / model_def.lora_rank
-
-        def transform(entry, w):  # on the host, in numpy: the same bytes on every mesh
-            ab = adapters.get(lora_lib.key_of(entry.path))
-            if ab is None:
-                return w
-            return lora_lib.merge_host(w, host_tensor(entry, ab["a"]), host_tensor(entry, ab["b"]), scale)
+        params, transform = state.frozen, merge
     else:
-        params = model_def.all_params(state.params, state.frozen)  # a dict merge: no array is copied
+        params, transform = model_def.all_params(state.params, state.frozen), None  # a dict merge: no copy
     save_hf_params(params, model_def.config, directory, source_dir=source_dir, max_shard_size=max_shard_size,
                    transform=transform, extra_files={AGENT_FILE: settings_json(settings or HF_DEFAULTS)})
     if jax.process_index() == 0:

@@ -117,3 +117,9 @@ def batch_specs(batch: dict[str, Any], mesh: Mesh, processes: int = 1) -> dict[s
         else:
             specs[k] = P(None, BATCH_AXES, *([None] * (len(shape) - 2)))
     return specs
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (abstract state or batches for
+    jit, restore and compile-only targets)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)

@@ -83,7 +83,7 @@ def build_program(config: TrainConfig, model_config: Qwen25VLConfig, mesh: jax.s
     model_def, abstract, specs = abstract_train_state(config, model_config, tx, jax.random.key(config.seed),
                                                       platform_of(mesh))
     shardings = mesh_lib.named(mesh, specs)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    abstract = mesh_lib.with_shardings(abstract, shardings)
     return Program(config, model_config, mesh, tx, schedule, model_def, abstract, shardings)
 
 

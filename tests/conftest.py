@@ -1,5 +1,6 @@
-"""Session fixtures shared by the model, sampler and training tests: a local tokenizer dir, a tiny
-random HF Qwen2.5-VL saved by transformers, its Flax load and the processor (built once per run)."""
+"""Session fixtures shared by the model, sampler and training tests: a local tokenizer dir, tiny
+random HF Qwen2.5-VL and Qwen3-VL models saved by transformers, their Flax loads and the processor
+(built once per run)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,27 @@ def processor(hf_dir_and_model):
     from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
 
     return Qwen25VLProcessor(hf_dir_and_model[0])
+
+
+@pytest.fixture(scope="session")
+def q3_cfg(tok_dir):
+    from ibis_jax.models import preset_config
+
+    return preset_config("tiny_qwen3_vl", tok_dir)
+
+
+@pytest.fixture(scope="session")
+def q3_hf(tmp_path_factory, q3_cfg, tok_dir):
+    """(directory written by transformers' save_pretrained, the torch Qwen3-VL model)."""
+    pytest.importorskip("torch")
+    from ibis_jax.models.qwen3_vl.testing import make_hf_model_dir
+
+    d = str(tmp_path_factory.mktemp("qwen3_hf"))
+    return d, make_hf_model_dir(d, q3_cfg, tokenizer_dir=tok_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def q3_model(q3_hf):
+    from ibis_jax.models.qwen3_vl import load_hf
+
+    return load_hf(q3_hf[0])

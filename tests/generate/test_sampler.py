@@ -55,6 +55,21 @@ def test_greedy_image_batched_matches_transformers(flax_model, torch_model, proc
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "model-kernels"])
+def test_qwen3_vl_greedy_on_image_prompts_matches_transformers(q3_model, q3_hf, processor, packed):
+    """Qwen3-VL (DeepStack on, interleaved mRoPE, q/k norms): greedy tokens equal transformers'
+    `generate` on a batch of image prompts of two sizes (left-padded together) and a text one."""
+    torch_model = q3_hf[1]
+    prompts, pv, grid = _image_batch(q3_model.config)
+    cfg = dataclasses.replace(PLAIN, packed_weights=packed)
+    out = Sampler(q3_model, processor.tokenizer, cfg).generate(prompts, pv, grid)
+    n0 = int(np.prod(grid[0]))
+    refs = [_hf_greedy(torch_model, prompts[0], pv[:n0], grid[:1]), _hf_greedy(torch_model, prompts[1], pv[n0:], grid[1:])]
+    assert [list(c.token_ids) for c in out] == refs
+    text = [np.random.default_rng(4).integers(0, 400, 7)]
+    assert list(Sampler(q3_model, processor.tokenizer, cfg).generate(text)[0].token_ids) == _hf_greedy(torch_model, text[0])
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "model-kernels"])
 def test_model_logprobs_equal_full_forward(flax_model, processor, packed):
     prompts, pv, grid = _image_batch(flax_model.config, seed=2)
     cfg = SamplerConfig(max_new_tokens=NEW, temperature=1.3, top_k=20, stop_strings=(), eos_token_ids=(),
@@ -221,8 +236,8 @@ def test_images_are_encoded_in_power_of_two_groups_with_the_features_of_one_call
     pv = rng.standard_normal((int(grid.prod(-1).sum()), flax_model.config.vision.patch_dim)).astype(np.float32)
     sampler = Sampler(flax_model, processor.tokenizer, PLAIN)
     graphdef, params = nnx.split(flax_model)
-    grouped = np.asarray(sampler._features(graphdef, params, pv, grid))
-    whole = np.asarray(_encode_images(graphdef, params, jnp.asarray(pv), vision_layout(grid, flax_model.config.vision)))
+    grouped = np.asarray(sampler._features(graphdef, params, pv, grid)[0])
+    whole = np.asarray(_encode_images(graphdef, params, jnp.asarray(pv), vision_layout(grid, flax_model.config.vision))[0])
     assert grouped.shape[0] >= whole.shape[0]  # padded to a visual bucket
     np.testing.assert_allclose(grouped[:whole.shape[0]], whole, rtol=1e-5, atol=1e-5)
     assert not grouped[whole.shape[0]:].any()

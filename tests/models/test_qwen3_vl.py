@@ -22,26 +22,6 @@ from ibis_jax.models.qwen3_vl.testing import (  # noqa: E402
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def q3_cfg(tok_dir):
-    from ibis_jax.models.qwen2_5_vl.tiny import special_token_ids, tokenizer_size
-
-    vocab = max(512, -(-tokenizer_size(tok_dir) // 128) * 128)
-    return Qwen3VLConfig.tiny(vocab_size=vocab, **special_token_ids(tok_dir))
-
-
-@pytest.fixture(scope="module")
-def q3_hf(tmp_path_factory, q3_cfg, tok_dir):
-    """(directory written by transformers' save_pretrained, the torch model)."""
-    d = str(tmp_path_factory.mktemp("qwen3_hf"))
-    return d, make_hf_model_dir(d, q3_cfg, tokenizer_dir=tok_dir, seed=0)
-
-
-@pytest.fixture(scope="module")
-def q3_model(q3_hf):
-    return load_hf(q3_hf[0])
-
-
 def _pixels(rng, grids, cfg):
     n = int(sum(np.prod(g) for g in grids))
     return rng.standard_normal((n, cfg.vision.patch_dim)).astype(np.float32)

@@ -107,7 +107,7 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(flax_model, tiny_cfg)
     slots[:, :s] = 1
     @nnx.jit
     def run(model, ids, pos, slots, cache, pv=None, layout=None):
-        h, cache = model.language_model(model.embed(ids, pv, None, layout), pos, slots, cache)
+        h, cache = model.language_model(model.embed(ids, pv, None, layout)[0], pos, slots, cache)
         return model.logits(h), cache
 
     layout = vision_layout(grid, tiny_cfg.vision)

@@ -189,17 +189,10 @@ def special_token_ids(tokenizer_dir: str | os.PathLike) -> dict[str, int]:
 
 def tiny_config(tokenizer_dir: str | os.PathLike | None = None, **overrides: Any) -> Qwen25VLConfig:
     """`Qwen25VLConfig.tiny()` with the special token ids of `tokenizer_dir` (if given) and a
-    vocabulary that holds all of its tokens (at least 512, rounded up to a multiple of 128)."""
-    if tokenizer_dir is None:
-        ids: dict[str, int] = {"image_token_id": 500, "video_token_id": 501, "vision_start_token_id": 497,
-                               "vision_end_token_id": 498}
-        vocab = 512
-    else:
-        ids = special_token_ids(tokenizer_dir)
-        vocab = max(512, -(-tokenizer_size(tokenizer_dir) // 128) * 128)
-    vocab = overrides.pop("vocab_size", vocab)
-    ids.update(overrides)
-    return Qwen25VLConfig.tiny(vocab_size=vocab, **ids)
+    vocabulary that holds all of its tokens (`ibis_jax.models.preset_config("tiny", ...)`)."""
+    from ibis_jax.models import preset_config
+
+    return preset_config("tiny", tokenizer_dir, **overrides)
 
 
 def tokenizer_size(tokenizer_dir: str | os.PathLike) -> int:

@@ -53,10 +53,12 @@ def _axis_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.ndarr
     return taps, weights.astype(np.float32)
 
 
-def vision_layout(image_grid_thw: np.ndarray, config: VisionConfig) -> VisionLayout:
+def vision_layout(image_grid_thw: np.ndarray, config: VisionConfig, *, per_image: bool = True) -> VisionLayout:
     """Compute the `VisionLayout` of images with grids `image_grid_thw` [num_images, 3] (t, h, w in
     patches). Mirrors transformers' get_vision_position_ids / get_vision_cu_seqlens /
-    get_vision_interpolation_indices_and_weights (bilinear, align_corners) for Qwen3-VL, as numpy."""
+    get_vision_interpolation_indices_and_weights (bilinear, align_corners) for Qwen3-VL, as numpy.
+    Every block attends within an image frame, so the features are per image whatever
+    `per_image` says (the argument is Qwen2.5-VL's, whose full-attention blocks span the batch)."""
     grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
     m = config.spatial_merge_size
     side = config.num_grid_per_side

@@ -104,6 +104,7 @@ def encode_conversation(
     *,
     add_generation_prompt: bool = False,
     eos_ids: Sequence[int] = (),
+    patch_size: int = 14,
 ) -> EncodedConversation:
     """Encodes ``messages`` (see the module docstring).
 
@@ -113,8 +114,10 @@ def encode_conversation(
       add_generation_prompt: end with ``<|im_start|>assistant\\n`` (a prompt for the policy).
       eos_ids: the ids that end a sampled turn (the sampler's); a turn given as ids that ends on
         one of them gets no second ``<|im_end|>``.
+      patch_size: the vision tower's patch side (14 Qwen2.5-VL, 16 Qwen3-VL; merged 2 x 2), so
+        ``image_size`` is a multiple of twice it and an image takes ``(image_size / 2 patch)^2`` tokens.
     """
-    pads = IMAGE_PAD * image_tokens(image_size)
+    pads = IMAGE_PAD * image_tokens(image_size, patch_size)
     out = _Builder(tokenizer)
     images: list[np.ndarray] = []
     eos = set(int(i) for i in eos_ids) | set(tokenizer.convert_tokens_to_ids([IM_END]))
@@ -132,7 +135,7 @@ def encode_conversation(
             continue
         head = f"{IM_START}{m.role}\n"
         if m.image is not None:
-            images.append(prepare_image(m.image, image_size))
+            images.append(prepare_image(m.image, image_size, multiple=2 * patch_size))
             head += VISION_START + pads + VISION_END
         out.text(head + m.text + IM_END + "\n")
     if add_generation_prompt:

@@ -25,7 +25,7 @@ AGENT_FILE = "ibis_agent.json"
 @dataclasses.dataclass(frozen=True)
 class AgentSettings:
     """system_prompt: a name in ``agent.prompts.SYSTEM_PROMPTS``; image_size: square side every
-    image is resized to (multiple of 28; docs/design.md section 5: 504 px = 324 visual tokens for the 512 px cap)."""
+    image is resized to (multiple of 28, or of 32 for Qwen3-VL; docs/design.md section 5: 504 px = 324 visual tokens for the 512 px cap)."""
 
     system_prompt: str = "full"
     image_size: int = 504
@@ -35,8 +35,9 @@ class AgentSettings:
 
     def __post_init__(self):
         system_prompt(self.system_prompt)
-        if self.image_size <= 0 or self.image_size % 28:
-            raise ValueError(f"image_size {self.image_size}: a positive multiple of 28 (14 px patches, 2x2 merge)")
+        if self.image_size <= 0 or (self.image_size % 28 and self.image_size % 32):
+            raise ValueError(f"image_size {self.image_size}: a positive multiple of 28 (Qwen2.5-VL: 14 px patches, "
+                             "2x2 merge) or 32 (Qwen3-VL: 16 px patches)")
         if self.history not in HISTORY_MODES:
             raise ValueError(f"history {self.history!r}: choose from {HISTORY_MODES}")
         if not 0.0 <= self.overlay_alpha <= 1.0:

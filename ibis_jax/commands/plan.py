@@ -81,17 +81,16 @@ def load_rl(path: str | None, overrides: list[str]):
 
 
 def model_config_for(config):
-    """The model's shapes from the config's preset (no HF directory needed)."""
-    from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig
+    """The model's shapes from the config's local hf_dir, else its preset (`ibis_jax.models.PRESETS`)."""
+    from ibis_jax.models import PRESETS, model_config_from_hf, preset_config
     from ibis_jax.train.sft import TINY_VOCAB
 
-    presets = {"qwen2_5_vl_3b": Qwen25VLConfig.qwen2_5_vl_3b, "qwen2_5_vl_7b": Qwen25VLConfig.qwen2_5_vl_7b,
-               "tiny": lambda: Qwen25VLConfig.tiny(vocab_size=TINY_VOCAB)}
-    if config.model in presets:
-        return presets[config.model]()
     if config.hf_dir and os.path.exists(os.path.join(config.hf_dir, "config.json")):
-        return Qwen25VLConfig.from_hf_config(config.hf_dir)
-    raise ValueError(f"config model {config.model!r}: plan knows {', '.join(presets)} (or a local hf_dir)")
+        return model_config_from_hf(config.hf_dir)
+    if config.model not in PRESETS:
+        raise ValueError(f"config model {config.model!r}: plan knows {', '.join(PRESETS)} (or a local hf_dir)")
+    return preset_config(config.model, vocab_size=TINY_VOCAB) if config.model.startswith("tiny") else \
+        preset_config(config.model)
 
 
 def fail(message: str) -> int:

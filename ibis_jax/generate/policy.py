@@ -20,11 +20,11 @@ from ibis_jax.agent.encoding import encode_conversation
 from ibis_jax.agent.loop import PolicyTurn, TurnRequest
 from ibis_jax.agent.settings import HF_DEFAULTS, AgentSettings, load_agent_settings
 from ibis_jax.generate.sampler import Sampler, SamplerConfig
-from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
+from ibis_jax.models import family, image_multiple
 
 
 class ModelPolicy:
-    """`Policy` over a `Qwen25VL` with the KV-cache sampler.
+    """`Policy` over a `Qwen25VL` or `Qwen3VL` (with its family's processor) and the KV-cache sampler.
 
     settings: what the model was trained to see (system prompt, image size, overlay, history);
     `run_agent` builds the conversations with them. The model's multimodal placeholder ids are never
@@ -33,11 +33,16 @@ class ModelPolicy:
     for history "full" is `Sampler.extend`; see the README).
     """
 
-    def __init__(self, model, processor: Qwen25VLProcessor, sampler_config: SamplerConfig = SamplerConfig(), *,
+    def __init__(self, model, processor, sampler_config: SamplerConfig = SamplerConfig(), *,
                  settings: AgentSettings = HF_DEFAULTS, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
                  prefix_cache: bool = False):
         self.processor = processor
         self.settings = settings
+        self.patch_size = model.config.vision.patch_size
+        if settings.image_size % image_multiple(model.config):
+            raise ValueError(f"agent settings image_size {settings.image_size}: {type(model).__name__} needs a multiple "
+                             f"of {image_multiple(model.config)} (patch size x 2 x 2 merge); set image_size in the "
+                             "model directory's agent settings or the config")
         # Encode the system turn, shared by every prompt, once and keep its cache (Sampler.prefill_shared).
         self.prefix_cache = prefix_cache
         self._im_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -52,7 +57,7 @@ class ModelPolicy:
     def from_pretrained_dir(cls, directory: str, *, sampler_config: SamplerConfig | None = None,
                             dtype: str = "float32", mesh_shape: tuple[int, int, int] | None = None,
                             **kwargs: Any) -> "ModelPolicy":
-        """Load an HF Qwen2.5-VL directory (weights + tokenizer) as a greedy evaluation policy, with
+        """Load an HF Qwen2.5-VL or Qwen3-VL directory (weights + tokenizer) as a greedy evaluation policy, with
         the agent settings the directory records (`agent.settings.AGENT_FILE`; none: HF defaults).
 
         dtype: parameters and compute ("bfloat16" halves the memory); mesh_shape: (data, fsdp,
@@ -61,7 +66,7 @@ class ModelPolicy:
         from jax.sharding import Mesh
 
         from ibis_jax.models.attention import resolve_backend
-        from ibis_jax.models.qwen2_5_vl import ShardingConfig, load_hf
+        from ibis_jax.models.qwen2_5_vl import ShardingConfig
 
         mesh = None
         if mesh_shape:
@@ -72,13 +77,14 @@ class ModelPolicy:
             mesh = Mesh(np.asarray(devices).reshape(mesh_shape), ("data", "fsdp", "tensor"))
         jdtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}[dtype]
         platform = devices[0].platform if mesh is not None else jax.default_backend()
-        model = load_hf(directory, jdtype, mesh, compute_dtype=jdtype, attention=resolve_backend("auto", platform),
+        fam = family(directory)
+        model = fam.load_hf(directory, jdtype, mesh, compute_dtype=jdtype, attention=resolve_backend("auto", platform),
                         sharding=ShardingConfig.fsdp_tensor() if mesh is not None else ShardingConfig.no_sharding())
         kwargs.setdefault("settings", load_agent_settings(directory))
-        return cls(model, Qwen25VLProcessor(directory), sampler_config or SamplerConfig(), mesh=mesh, **kwargs)
+        return cls(model, fam.processor(directory), sampler_config or SamplerConfig(), mesh=mesh, **kwargs)
 
     @classmethod
-    def for_rollouts(cls, model, processor: Qwen25VLProcessor, *, temperature: float = 1.0,
+    def for_rollouts(cls, model, processor, *, temperature: float = 1.0,
                      max_new_tokens: int = 256, seed: int = 0, **kwargs: Any) -> "ModelPolicy":
         """A sampling policy for GRPO rollouts (no truncation: log-probs are the model's)."""
         cfg = SamplerConfig(max_new_tokens=max_new_tokens, temperature=temperature)
@@ -87,7 +93,7 @@ class ModelPolicy:
     def encode(self, messages):
         """The prompt of one request, exactly as the sampler gets it (``EncodedConversation``)."""
         return encode_conversation(messages, self.processor.tokenizer, self.settings.image_size,
-                                   add_generation_prompt=True, eos_ids=self.sampler.eos_ids)
+                                   add_generation_prompt=True, eos_ids=self.sampler.eos_ids, patch_size=self.patch_size)
 
     def generate(self, requests: Sequence[TurnRequest]) -> list[PolicyTurn]:
         if not requests:

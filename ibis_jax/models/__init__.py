@@ -54,6 +54,10 @@ class Family:
     def save_hf(self, model: Any, directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         return self.module.save_hf(model, directory, *args, **kwargs)
 
+    def save_hf_params(self, params: dict, config: Any, directory: str | os.PathLike, **kwargs: Any) -> None:
+        """The streamed, multi-host export of a nested parameter dict (the family's `params.save_hf_params`)."""
+        return importlib.import_module(self.package + ".params").save_hf_params(params, config, directory, **kwargs)
+
 
 FAMILIES = {
     "qwen2_5_vl": Family("qwen2_5_vl", "ibis_jax.models.qwen2_5_vl", "Qwen25VLConfig", "Qwen25VL", "Qwen25VLProcessor"),

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, vision_layout
+from ibis_jax.models import family
 from ibis_jax.train import mesh as mesh_lib
 from ibis_jax.train.mesh import with_shardings
 from ibis_jax.train.config import TrainConfig
@@ -147,7 +147,7 @@ def xla_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def forward_flops(cfg: Qwen25VLConfig, *, tokens: float, seq_len: int, sequences: float, patches: float,
+def forward_flops(cfg: Any, *, tokens: float, seq_len: int, sequences: float, patches: float,
                   image_size: int) -> float:
     """Forward-only FLOPs, from `step_flops` (train = 3 x text + 1 or 3 x tower + 3 x merger)."""
     kw = dict(seq_len=seq_len, image_size=image_size)
@@ -159,23 +159,34 @@ def forward_flops(cfg: Qwen25VLConfig, *, tokens: float, seq_len: int, sequences
     return text + tower + merger
 
 
-def analytic_param_count(cfg: Qwen25VLConfig) -> int:
-    """Parameters of Qwen2.5-VL from its config (language model, vision tower, merger)."""
+def analytic_param_count(cfg: Any) -> int:
+    """Parameters of Qwen2.5-VL or Qwen3-VL from its config (language model, vision tower, mergers).
+
+    Qwen2.5-VL: q/k/v biases, RMSNorm vision blocks with a gated MLP, one merger. Qwen3-VL: per-head
+    q/k RMSNorms instead of the biases, LayerNorm blocks with a two-layer MLP, a patch bias, the
+    position table, and a DeepStack merger per tap (its LayerNorm over the 4 merged patches)."""
     t, v = cfg.text, cfg.vision
     d, f, q, k = t.hidden_size, t.intermediate_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    layer = d * q + q + 2 * (d * k + k) + q * d + 3 * d * f + 2 * d
+    extra = 2 * t.head_dim if t.qk_norm else q + 2 * k  # q/k norms, or q/k/v biases
+    layer = d * q + 2 * d * k + q * d + 3 * d * f + 2 * d + extra
     lm = t.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + t.num_hidden_layers * layer + d
-    e, fv = v.hidden_size, v.intermediate_size
-    block = 3 * e * e + 3 * e + e * e + e + 2 * e * fv + 2 * fv + fv * e + e + 2 * e
+    e, fv, out = v.hidden_size, v.intermediate_size, v.out_hidden_size
     m = e * v.spatial_merge_size**2
-    merger = e + m * m + m + m * v.out_hidden_size + v.out_hidden_size
-    return lm + v.patch_dim * e + v.depth * block + merger
+    mlp = m * m + m + m * out + out  # fc1 + fc2 of a merger
+    attn = 3 * e * e + 3 * e + e * e + e
+    taps = getattr(v, "deepstack_visual_indexes", None)
+    if taps is None:  # Qwen2.5-VL
+        block = attn + 2 * e * fv + 2 * fv + fv * e + e + 2 * e
+        return lm + v.patch_dim * e + v.depth * block + e + mlp
+    block = attn + e * fv + fv + fv * e + e + 4 * e
+    vision = v.patch_dim * e + e + v.num_position_embeddings * e + v.depth * block
+    return lm + vision + 2 * e + mlp + len(taps) * (2 * m + mlp)
 
 
-def _images_layout(cfg: Qwen25VLConfig, images: int, image_size: int, accum: int | None):
+def _images_layout(cfg: Any, images: int, image_size: int, accum: int | None):
     side = image_size // cfg.vision.patch_size
     grid = np.tile(np.asarray([[1, side, side]], np.int64), (images, 1))
-    lay = vision_layout(grid, cfg.vision, per_image=True)  # as the trainers lay their images out
+    lay = family(cfg).module.vision_layout(grid, cfg.vision, per_image=True)  # as the trainers lay their images out
     lead = () if accum is None else (accum,)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + x.shape, x.dtype), lay), images * side * side
 
@@ -209,7 +220,7 @@ class TrainSetup:
             raise DoesNotFit(stage, need, hbm, "state + fp32 gradients exceed HBM", lower_bound=True)
 
 
-def train_setup(config: TrainConfig, model_config: Qwen25VLConfig, mesh, rl=None) -> TrainSetup:
+def train_setup(config: TrainConfig, model_config: Any, mesh, rl=None) -> TrainSetup:
     """The trainer's program: SFT's optimizer, or with `rl` the GRPO trainer's (its schedule).
     The schedule's length changes no shape; the config's own (max_steps) when it names one, so
     the program is the trainer's constant for constant."""
@@ -222,10 +233,9 @@ def train_setup(config: TrainConfig, model_config: Qwen25VLConfig, mesh, rl=None
     return TrainSetup(build_program(config, model_config, mesh, tx, schedule))
 
 
-def _bound(setup: TrainSetup, config: TrainConfig, model_config: Qwen25VLConfig, mesh, *, tokens: int, rows: int,
+def _bound(setup: TrainSetup, config: TrainConfig, model_config: Any, mesh, *, tokens: int, rows: int,
            seq: int, images: int) -> dict[str, int]:
     from ibis_jax.models.attention import resolve_backend
-    from ibis_jax.models.qwen2_5_vl.vision import VisionTransformer
     from ibis_jax.plan.bound import batch_ways, train_step_bound
     from ibis_jax.train.state import platform_of
 
@@ -238,7 +248,7 @@ def _bound(setup: TrainSetup, config: TrainConfig, model_config: Qwen25VLConfig,
         batch_ways=batch_ways(dict(mesh.shape)), images=images, image_size=config.image_size,
         compute_bytes=jnp.dtype(config.compute_dtype).itemsize, fused_attention=backend != "xla",
         freeze_vision=config.freeze_vision, mlp_chunk=config.mlp_chunk,
-        images_at_once=VisionTransformer.IMAGES_AT_ONCE).parts
+        images_at_once=getattr(family(model_config).model_class.vision_tower, "IMAGES_AT_ONCE", images)).parts
 
 
 def _sharded_batch(batch: dict, mesh) -> tuple[dict, Any]:
@@ -251,7 +261,7 @@ def _step_seconds(flops: float, devices: int, peak: float, mfu: float) -> float:
 
 
 # ---------------------------------------------------------------------------- SFT
-def sft_batch(config: TrainConfig, model_config: Qwen25VLConfig, mesh) -> tuple[dict, Any, int, int]:
+def sft_batch(config: TrainConfig, model_config: Any, mesh) -> tuple[dict, Any, int, int]:
     """(the SFT batch at the largest bucket as sharded ShapeDtypeStructs, its shardings, patches,
     images per micro-batch): what the pipeline feeds the trainer's step."""
     from ibis_jax.train.sft import image_dtype
@@ -270,7 +280,7 @@ def sft_batch(config: TrainConfig, model_config: Qwen25VLConfig, mesh) -> tuple[
     return batch, batch_shardings, patches, images
 
 
-def sft_stage(config: TrainConfig, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
+def sft_stage(config: TrainConfig, model_config: Any, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
     from ibis_jax.train.loss import LOSSES
 
     setup = train_setup(config, model_config, mesh)
@@ -300,7 +310,7 @@ def grpo_rows(rl) -> int:
     return row_bucket(rl.prompts_per_step * rl.grpo.group_size * rl.max_turns)
 
 
-def grpo_batch(config: TrainConfig, rl, model_config: Qwen25VLConfig) -> tuple[dict, int, int]:
+def grpo_batch(config: TrainConfig, rl, model_config: Any) -> tuple[dict, int, int]:
     """(the GRPO update batch at its worst as ShapeDtypeStructs, patches, images): every
     episode runs max_turns policy turns, one micro-batch, the largest sequence bucket."""
     from ibis_jax.train.sft import image_dtype
@@ -318,7 +328,7 @@ def grpo_batch(config: TrainConfig, rl, model_config: Qwen25VLConfig) -> tuple[d
     return batch, patches, images
 
 
-def grpo_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
+def grpo_stage(config: TrainConfig, rl, model_config: Any, mesh, hbm: int, peak: float, mfu: float) -> StageResult:
     from ibis_jax.rl.loss import make_grpo_loss, make_token_logprobs
 
     setup = train_setup(config, model_config, mesh, rl)
@@ -401,7 +411,7 @@ def decode_program(program: Program, rl, hbm: int | None = None):
     return dmesh, nnx.State(params)
 
 
-def rollout_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, hbm: int, peak: float, mfu: float,
+def rollout_stage(config: TrainConfig, rl, model_config: Any, mesh, hbm: int, peak: float, mfu: float,
                   hbm_bandwidth: float) -> StageResult:
     from ibis_jax.generate import sampler as sampler_lib
     from ibis_jax.plan.hlo import loop_collectives
@@ -429,11 +439,12 @@ def rollout_stage(config: TrainConfig, rl, model_config: Qwen25VLConfig, mesh, h
                                  rs((patches, model_config.vision.patch_dim), jnp.float32), layout), dmesh)
     feats = sampler_lib.bucket(patches // model_config.vision.spatial_merge_size**2, sampler_lib.SamplerConfig().visual_buckets)
     # 2. prefill: the prompt chunk into the cache
+    taps = len(getattr(model_config.vision, "deepstack_visual_indexes", ()))  # Qwen3-VL's DeepStack features
     pre, pre_s = compile_program(
         "rollout (prefill)", sampler_lib._extend,
         (graphdef, params, None, decode_state, rs((b, chunk), jnp.int32), rs((b, chunk), jnp.bool_),
          rs((3, b, chunk), jnp.int32), rs((b,), jnp.int32), rs((feats, t.hidden_size), compute)), dmesh,
-        cache_spec=spec)
+        cache_spec=spec, deepstack=rs((taps, feats, t.hidden_size), compute) if taps else None)
     # 3. decode: the sampler's while loop (its body is one token step)
     cfg = sampler_lib.SamplerConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                                     suppress_token_ids=model_config.multimodal_token_ids)

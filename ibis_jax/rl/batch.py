@@ -99,7 +99,7 @@ def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequen
         sampled = np.asarray(ex.turn.token_ids, dtype=np.int32)
         # The prompt exactly as the policy encoded it (ModelPolicy.encode), then the sampled ids.
         enc = encode_conversation(ex.messages, processor.tokenizer, image_size, add_generation_prompt=True,
-                                  eos_ids=eos_ids)
+                                  eos_ids=eos_ids, patch_size=processor.image_kwargs["patch_size"])
         prompt = enc.input_ids
         logprobs = (np.zeros(len(sampled), np.float32) if ex.turn.logprobs is None
                     else np.asarray(ex.turn.logprobs, np.float32))

@@ -48,7 +48,8 @@ from ibis_jax.agent.volume import episode_for_sample
 from ibis_jax.agent.loop import Policy, episode_messages, run_agent
 from ibis_jax.data.queries import sample_query
 from ibis_jax.data.sources.base import Sample
-from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor, eos_token_ids
+from ibis_jax.models import family, model_config_from_hf
+from ibis_jax.models.qwen2_5_vl.processor import eos_token_ids
 from ibis_jax.rl.batch import TurnExample, build_grpo_batch, row_bucket, row_multiple, trajectory_tokens
 from ibis_jax.rl.grpo import GRPOConfig, compute_advantages, minibatch_indices, nonzero_variance_groups
 from ibis_jax.rl.loss import make_grpo_loss, make_token_logprobs
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 # (model, processor, rl config, seed, agent settings) -> a Policy that samples with the model's
 # current parameters; the trainer passes a different seed every step (the same one on a resumed
 # step) and the settings the model was trained with (system prompt, image size, overlay).
-PolicyFactory = Callable[[Any, Qwen25VLProcessor, "RLConfig", int, AgentSettings], Policy]
+PolicyFactory = Callable[[Any, Any, "RLConfig", int, AgentSettings], Policy]  # (model, processor, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,12 +235,10 @@ def train_grpo(
     mesh_lib.check_batch_spans_processes(mesh)
     grpo = resolve_grpo(rl)
     tx, schedule = grpo_optimizer(config, rl)
-    from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig
-
     # The program `ibis-jax plan` compiles: the config's dtypes, remat policy, scanned layers, LoRA.
-    program = build_program(config, Qwen25VLConfig.from_hf_config(init_dir), mesh, tx, schedule)
+    program = build_program(config, model_config_from_hf(init_dir), mesh, tx, schedule)
     model_def, shardings, abstract = program.model_def, program.shardings, program.abstract
-    processor = Qwen25VLProcessor(config.tokenizer_dir or init_dir)
+    processor = family(init_dir).processor(config.tokenizer_dir or init_dir)
     key = jax.random.key(config.seed)
     state = program.from_hf(init_dir, key)  # each tensor read into its shard; optimizer state born sharded
     # The frozen initial policy for the KL penalty: a copy (the update donates the state's buffers),

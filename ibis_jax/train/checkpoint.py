@@ -155,7 +155,8 @@ def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir
     into place when complete; with the agent settings it was trained with
     (`agent.settings.AGENT_FILE`; None: the defaults). Every process must call it."""
     from ibis_jax.agent.settings import AGENT_FILE, HF_DEFAULTS, settings_json
-    from ibis_jax.models.qwen2_5_vl.params import host_tensor, save_hf_params
+    from ibis_jax.models import family
+    from ibis_jax.models.qwen2_5_vl.params import host_tensor
     from ibis_jax.train import lora as lora_lib
 
     adapters = state.params
@@ -171,7 +172,7 @@ def export_hf(model_def: ModelDef, state: TrainState, directory: str, source_dir
         params, transform = state.frozen, merge
     else:
         params, transform = model_def.all_params(state.params, state.frozen), None  # a dict merge: no copy
-    save_hf_params(params, model_def.config, directory, source_dir=source_dir, max_shard_size=max_shard_size,
+    family(model_def.config).save_hf_params(params, model_def.config, directory, source_dir=source_dir, max_shard_size=max_shard_size,
                    transform=transform, extra_files={AGENT_FILE: settings_json(settings or HF_DEFAULTS)})
     if jax.process_index() == 0:
         from ibis_jax.storage import publish

@@ -23,7 +23,8 @@ from ibis_jax.agent.prompts import system_prompt
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # -- model
-    model: str = "tiny"  # preset when hf_dir is None: tiny | qwen2_5_vl_3b | qwen2_5_vl_7b
+    model: str = "tiny"  # preset when hf_dir is None (`ibis_jax.models.PRESETS`): tiny (Qwen2.5-VL),
+    # tiny_qwen3_vl, qwen2_5_vl_3b, qwen2_5_vl_7b, qwen3_vl_2b, qwen3_vl_4b, qwen3_vl_8b
     hf_dir: str | None = None  # HF model dir (weights + tokenizer); None: random init of `model`
     tokenizer_dir: str | None = None  # default hf_dir; tiny without either: built under the workdir
     param_dtype: str = "float32"
@@ -42,7 +43,7 @@ class TrainConfig:
     # -- data
     history: str = "none"  # none | full (docs/design.md section 1)
     system_prompt: str = "full"  # a name in agent.prompts.SYSTEM_PROMPTS (full | short); recorded with the export
-    image_size: int = 112  # square, multiple of 28
+    image_size: int = 112  # square, a multiple of 28 (Qwen2.5-VL) or 32 (Qwen3-VL)
     max_images_per_sample: int = 1  # history full: longest trajectory + 1
     seq_buckets: tuple[int, ...] = (1024,)
     overlay_alpha: float = 0.5
@@ -73,8 +74,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.batch_size % self.grad_accum:
             raise ValueError(f"config batch_size {self.batch_size} not divisible by grad_accum {self.grad_accum}")
-        if self.image_size % 28:
-            raise ValueError(f"config image_size {self.image_size} must be a multiple of 28")
+        if self.image_size <= 0 or (self.image_size % 28 and self.image_size % 32):
+            raise ValueError(f"config image_size {self.image_size} must be a multiple of 28 (Qwen2.5-VL's 14 px "
+                             "patches, 2 x 2 merge) or of 32 (Qwen3-VL's 16 px patches)")
         if self.history not in ("none", "full"):
             raise ValueError(f"config history must be 'none' or 'full', got {self.history!r}")
         system_prompt(self.system_prompt)  # a name agent.prompts knows, else a ValueError naming the field

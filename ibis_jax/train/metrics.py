@@ -15,8 +15,6 @@ from typing import Any
 
 import jax
 
-from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig
-
 # Dense peak FLOP/s per device by jax device_kind substring, for (bf16, fp32) matmuls.
 PEAK_FLOPS = {
     "H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12),
@@ -37,11 +35,13 @@ def peak_flops_per_device(compute_dtype: str, override: float = 0.0) -> float:
 
 
 def step_flops(
-    cfg: Qwen25VLConfig, *, tokens: float, seq_len: int, sequences: float, patches: float,
+    cfg: Any, *, tokens: float, seq_len: int, sequences: float, patches: float,
     freeze_vision: bool, image_size: int = 0,
 ) -> float:
     """Training FLOPs of one step: `tokens` = all sequence positions computed (padding included),
-    `patches` = all vision patches computed (padding images included)."""
+    `patches` = all vision patches computed (padding images included). cfg: either family's
+    model config (Qwen2.5-VL: windowed blocks + full-attention ones; Qwen3-VL: full attention
+    within each image and one extra merger per DeepStack tap)."""
     t, v = cfg.text, cfg.vision
     d, f, hq = t.hidden_size, t.intermediate_size, t.num_attention_heads * t.head_dim
     hk = t.num_key_value_heads * t.head_dim
@@ -52,11 +52,13 @@ def step_flops(
     e, fv = v.hidden_size, v.intermediate_size
     inner = e * v.spatial_merge_size**2
     block = 4 * e * e + 3 * e * fv
-    window = (v.window_size // v.patch_size) ** 2
+    window = (getattr(v, "window_size", 0) // v.patch_size) ** 2
     full = (image_size // v.patch_size) ** 2 if image_size else window
-    attn_v = sum(2 * 2 * e * (full if i in v.fullatt_block_indexes else window) for i in range(v.depth))
+    full_blocks = getattr(v, "fullatt_block_indexes", range(v.depth))
+    attn_v = sum(2 * 2 * e * (full if i in full_blocks else window) for i in range(v.depth))
     tower = (2 * v.depth * block + attn_v) * patches + 2 * v.patch_dim * e * patches
-    merger = 2 * (inner * inner + inner * v.out_hidden_size) * patches / v.spatial_merge_size**2
+    mergers = 1 + len(getattr(v, "deepstack_visual_indexes", ()))
+    merger = mergers * 2 * (inner * inner + inner * v.out_hidden_size) * patches / v.spatial_merge_size**2
     return text + (1 if freeze_vision else 3) * tower + 3 * merger
 
 

@@ -64,13 +64,14 @@ def sample_index(source: TrajectoryDataSource, history: str) -> np.ndarray:
 class TokenizeSample(grain.transforms.Map):
     """(record, step) -> SFTSample; opens the record source and tokenizer lazily (in each worker)."""
 
-    def __init__(self, data_dir: str, tokenizer_dir: str, config: TrainConfig):
-        self.data_dir, self.tokenizer_dir, self.config = data_dir, tokenizer_dir, config
+    def __init__(self, data_dir: str, tokenizer_dir: str, config: TrainConfig, patch_size: int = 14):
+        self.data_dir, self.tokenizer_dir, self.config, self.patch_size = data_dir, tokenizer_dir, config, patch_size
         self._source = self._tok = None
         self._lock = threading.Lock()  # grain maps in a thread pool: open once, never half-open
 
     def __getstate__(self):
-        return {"data_dir": self.data_dir, "tokenizer_dir": self.tokenizer_dir, "config": self.config}
+        return {"data_dir": self.data_dir, "tokenizer_dir": self.tokenizer_dir, "config": self.config,
+                "patch_size": self.patch_size}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -86,7 +87,7 @@ class TokenizeSample(grain.transforms.Map):
         (sample,) = record_samples(
             record, self._tok, image_size=c.image_size, history=c.history,
             color=tuple(c.overlay_color), alpha=c.overlay_alpha, steps=None if step < 0 else [step],
-            system_prompt=system_prompt(c.system_prompt),
+            system_prompt=system_prompt(c.system_prompt), patch_size=self.patch_size,
         )
         return sample
 
@@ -97,6 +98,8 @@ class Collate:
 
     config: TrainConfig
     pad_id: int
+    # The processor's image settings (patch size, merge, mean / std): `processor.image_kwargs`.
+    image_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __call__(self, samples: list[SFTSample]) -> dict[str, np.ndarray]:
         c = self.config
@@ -148,9 +151,10 @@ class Collate:
         cap = b * c.max_images_per_sample
         blank = np.zeros((c.image_size, c.image_size, 3), np.uint8)
         # No resize happens: prepare_image already made every image image_size^2.
-        pv, grid = preprocess_images(images + [blank] * (cap - len(images)), min_pixels=28 * 28, max_pixels=1 << 30)
+        kw = {**self.image_kwargs, "min_pixels": 1, "max_pixels": 1 << 30}
+        pv, grid = preprocess_images(images + [blank] * (cap - len(images)), **kw)
         if len(images) < cap:
-            pv[len(images) * (c.image_size // 14) ** 2:] = 0.0
+            pv[len(images) * (c.image_size // kw.get("patch_size", 14)) ** 2:] = 0.0
         return {
             "input_ids": ids, "attention_mask": mask, "targets": targets, "weights": weights,
             "action_mask": action, "pixel_values": pv.astype(np.float32), "image_grid_thw": grid.astype(np.int32),
@@ -202,8 +206,10 @@ def make_pipeline(
     *,
     process_index: int = 0,
     process_count: int = 1,
+    image_kwargs: dict | None = None,
 ) -> Pipeline:
-    """Build the grain pipeline of the module docstring for this process."""
+    """Build the grain pipeline of the module docstring for this process. image_kwargs: the
+    model's processor's image settings (`processor.image_kwargs`; default Qwen2.5-VL's)."""
     source = TrajectoryDataSource(data_dir)
     pairs = sample_index(source, config.history)
     if config.batch_size % process_count:
@@ -213,7 +219,8 @@ def make_pipeline(
         raise ValueError(f"per-process batch {local} not divisible by grad_accum {config.grad_accum}")
     tok = load_tokenizer(tokenizer_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
-    collate = Collate(config, int(pad_id))
+    image_kwargs = dict(image_kwargs or {})
+    collate = Collate(config, int(pad_id), image_kwargs)
     ds = grain.MapDataset.source(list(pairs)).shuffle(seed=config.shuffle_seed).repeat(None)
     # Every process reads only its slice, laid out so the global batch is the one a single process
     # would build, row for row: the stream is cut into chunks of m = micro_batch / processes
@@ -221,7 +228,7 @@ def make_pipeline(
     # p holds chunk p of each (the rows its devices own when the batch is split over processes).
     m = local // config.grad_accum
     ds = ds.batch(m, drop_remainder=True, batch_fn=list)[process_index::process_count]
-    ds = ds.map(TokenizeChunk(TokenizeSample(data_dir, tokenizer_dir, config)))
+    ds = ds.map(TokenizeChunk(TokenizeSample(data_dir, tokenizer_dir, config, image_kwargs.get("patch_size", 14))))
     ds = ds.batch(config.grad_accum, drop_remainder=True, batch_fn=FlatCollate(collate))
     it_ds = ds.to_iter_dataset()
     if config.num_workers > 0:

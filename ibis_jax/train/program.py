@@ -15,7 +15,6 @@ from typing import Any, Callable
 import jax
 import optax
 
-from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig
 from ibis_jax.train import mesh as mesh_lib
 from ibis_jax.train.config import TrainConfig
 from ibis_jax.train.state import (ModelDef, TrainState, abstract_train_state, init_fn_for, load_model, new_state,
@@ -26,7 +25,7 @@ from ibis_jax.train.step import jit_train_step, make_train_step
 @dataclasses.dataclass
 class Program:
     config: TrainConfig
-    model_config: Qwen25VLConfig
+    model_config: Any  # Qwen25VLConfig or Qwen3VLConfig: the family follows from it
     mesh: jax.sharding.Mesh
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -78,7 +77,7 @@ class Program:
         return mesh_lib.named(self.mesh, mesh_lib.batch_specs(batch, self.mesh, processes=processes))
 
 
-def build_program(config: TrainConfig, model_config: Qwen25VLConfig, mesh: jax.sharding.Mesh,
+def build_program(config: TrainConfig, model_config: Any, mesh: jax.sharding.Mesh,
                   tx: optax.GradientTransformation, schedule: optax.Schedule) -> Program:
     model_def, abstract, specs = abstract_train_state(config, model_config, tx, jax.random.key(config.seed),
                                                       platform_of(mesh))

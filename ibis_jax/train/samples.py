@@ -101,10 +101,11 @@ def record_samples(
     alpha: float = DEFAULT_ALPHA,
     steps: Sequence[int] | None = None,
     system_prompt: str = SYSTEM_PROMPT,
+    patch_size: int = 14,
 ) -> list[SFTSample]:
     """All tokenized samples of a record (see the module docstring)."""
     out = []
     for step, msgs in record_conversations(record, history, color, alpha, steps, system_prompt):
-        enc = encode_conversation(msgs, tokenizer, image_size)
+        enc = encode_conversation(msgs, tokenizer, image_size, patch_size=patch_size)
         out.append(SFTSample(enc.input_ids, enc.loss_weights, enc.action_mask, enc.images, record.record_id, step))
     return out

@@ -20,7 +20,7 @@ import numpy as np
 
 from ibis_jax.agent.settings import AgentSettings
 from ibis_jax.compilation import CompileCounter
-from ibis_jax.models.qwen2_5_vl import Qwen25VLConfig, vision_layout
+from ibis_jax.models import family, model_config_from_hf, preset_config
 from ibis_jax.train import core
 from ibis_jax.train import mesh as mesh_lib
 from ibis_jax.train.checkpoint import Checkpointer, export_hf
@@ -38,14 +38,15 @@ StepHook = Callable[[int, dict[str, float]], None]
 TINY_VOCAB = 2048  # BPE merges fitted to the dataset's texts: the system prompt takes ~100 tokens
 
 
-def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None) -> tuple[Qwen25VLConfig, str]:
-    """(model config, tokenizer dir). Tiny without a model dir: a byte-level BPE tokenizer is
-    fitted once to the system prompt and the texts of `data_dir` and written to
+def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None) -> tuple[Any, str]:
+    """(model config of either family, tokenizer dir). An HF dir gives its family by
+    `model_type`; else the preset `config.model`. Tiny presets without a model dir: a byte-level
+    BPE tokenizer is fitted once to the system prompt and the texts of `data_dir` and written to
     `workdir/tokenizer` (later stages reuse it, and the HF export copies it)."""
     if config.hf_dir:
-        return Qwen25VLConfig.from_hf_config(config.hf_dir), config.tokenizer_dir or config.hf_dir
-    if config.model == "tiny":
-        from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir, tiny_config
+        return model_config_from_hf(config.hf_dir), config.tokenizer_dir or config.hf_dir
+    if config.model.startswith("tiny"):
+        from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir
 
         tok = config.tokenizer_dir or os.path.join(workdir, "tokenizer")
         if not os.path.exists(os.path.join(tok, "tokenizer.json")) and jax.process_index() == 0:
@@ -58,13 +59,11 @@ def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None
 
         # the other processes read what process 0 wrote (other hosts of a gs:// workdir: through the bucket)
         share(tok, jax.process_index() == 0, lambda: core.barrier("tokenizer"))
-        return tiny_config(tok), tok
-    presets = {"qwen2_5_vl_3b": Qwen25VLConfig.qwen2_5_vl_3b, "qwen2_5_vl_7b": Qwen25VLConfig.qwen2_5_vl_7b}
-    if config.model not in presets:
-        raise ValueError(f"config model {config.model!r}: use tiny, {', '.join(presets)} or set hf_dir")
+        return preset_config(config.model, tok), tok
+    model_config = preset_config(config.model)  # an unknown name raises, listing the presets
     if not config.tokenizer_dir:
         raise ValueError(f"config model {config.model!r} without hf_dir needs tokenizer_dir (a local HF dir)")
-    return presets[config.model](), config.tokenizer_dir
+    return model_config, config.tokenizer_dir
 
 
 def _nullcontext(value):
@@ -93,7 +92,7 @@ def with_vision_layout(batch: dict[str, np.ndarray], vision_cfg, cache: dict) ->
     grid = batch["image_grid_thw"][0]
     key = grid.tobytes()
     if key not in cache:
-        lay = vision_layout(grid, vision_cfg, per_image=True)  # equal images: each chip encodes its own
+        lay = family(vision_cfg).module.vision_layout(grid, vision_cfg, per_image=True)  # equal images: each chip encodes its own
         a = batch["image_grid_thw"].shape[0]
         cache[key] = jax.tree.map(lambda x: np.broadcast_to(x, (a, *x.shape)).copy(), lay)
     return {**batch, "vision_layout": cache[key]}
@@ -185,7 +184,8 @@ def train(
 
     # ---------------------------------------------------------------- input pipeline
     pipeline = make_pipeline(
-        data_dir, tokenizer_dir, config, process_index=jax.process_index(), process_count=jax.process_count()
+        data_dir, tokenizer_dir, config, process_index=jax.process_index(), process_count=jax.process_count(),
+        image_kwargs=family(model_config).processor(tokenizer_dir).image_kwargs,
     )
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * pipeline.steps_per_epoch))
     data_iter = pipeline.iterator()

@@ -19,7 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ibis_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, ShardingConfig, trainable_filter
+from ibis_jax.models import family
+from ibis_jax.models.qwen2_5_vl import ShardingConfig
+from ibis_jax.models.qwen2_5_vl.vlm import VisionLanguageModel
 from ibis_jax.train import lora as lora_lib
 from ibis_jax.train.config import TrainConfig
 
@@ -38,7 +40,7 @@ class ModelDef:
     """Static description: builds the NNX model from (params, frozen)."""
 
     graphdef: Any
-    config: Qwen25VLConfig
+    config: Any  # the model config (Qwen25VLConfig or Qwen3VLConfig)
     lora_rank: int = 0
     lora_alpha: float = 16.0
 
@@ -53,7 +55,7 @@ class ModelDef:
         dtype and sharding, so with LoRA that is the frozen tree itself."""
         return frozen if self.lora_rank else _deep_merge(frozen, params)
 
-    def build(self, params: Any, frozen: Any, *, merged: bool = False) -> Qwen25VL:
+    def build(self, params: Any, frozen: Any, *, merged: bool = False) -> VisionLanguageModel:
         """The model over (params, frozen). With LoRA the adapters act on the activations
         (training, scoring); merged=True folds them into the kernels instead (the rollouts'
         sampler, which reads plain kernels)."""
@@ -95,13 +97,15 @@ def model_options(config: TrainConfig, platform: str = "cpu") -> dict[str, Any]:
                 freeze_vision=config.freeze_vision)
 
 
-def make_model(config: TrainConfig, model_config: Qwen25VLConfig, key: jax.Array, platform: str = "cpu") -> Qwen25VL:
-    return Qwen25VL(model_config, **model_options(config, platform), rngs=nnx.Rngs(key))
+def make_model(config: TrainConfig, model_config: Any, key: jax.Array, platform: str = "cpu") -> VisionLanguageModel:
+    """A randomly initialised model of `model_config`'s family with the config's build options."""
+    return family(model_config).model_class(model_config, **model_options(config, platform), rngs=nnx.Rngs(key))
 
 
-def load_model(config: TrainConfig, directory: str, mesh: jax.sharding.Mesh | None) -> Qwen25VL:
-    """An HF directory loaded with the config's build options (each tensor placed sharded on `mesh`)."""
-    from ibis_jax.models.qwen2_5_vl import load_hf
+def load_model(config: TrainConfig, directory: str, mesh: jax.sharding.Mesh | None) -> VisionLanguageModel:
+    """An HF directory (either family) loaded with the config's build options (each tensor placed
+    sharded on `mesh`)."""
+    from ibis_jax.models import load_hf
 
     opts = model_options(config, platform_of(mesh))
     if mesh is None:  # one device: no sharding names (their constraints would need a mesh)
@@ -109,14 +113,14 @@ def load_model(config: TrainConfig, directory: str, mesh: jax.sharding.Mesh | No
     return load_hf(directory, opts.pop("param_dtype"), mesh, compute_dtype=opts.pop("dtype"), **opts)
 
 
-def split_model(model: Qwen25VL, config: TrainConfig) -> tuple[Any, dict, dict, dict]:
+def split_model(model: VisionLanguageModel, config: TrainConfig) -> tuple[Any, dict, dict, dict]:
     """model -> (graphdef, trainable dict, frozen dict, PartitionSpec dict of all params)."""
     graphdef, state = nnx.split(model)
     all_params = nnx.to_pure_dict(state)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     if config.lora_rank:
         return graphdef, {}, all_params, specs
-    train_state = nnx.state(model, trainable_filter(config.freeze_vision))
+    train_state = nnx.state(model, type(model).trainable_filter(config.freeze_vision))
     trainable = nnx.to_pure_dict(train_state)
     frozen = _subtract(all_params, trainable)
     return graphdef, trainable, frozen, specs
@@ -163,7 +167,7 @@ def new_state(config: TrainConfig, tx: optax.GradientTransformation, trainable: 
 
 
 def init_fn_for(
-    config: TrainConfig, model_config: Qwen25VLConfig, tx: optax.GradientTransformation, platform: str = "cpu"
+    config: TrainConfig, model_config: Any, tx: optax.GradientTransformation, platform: str = "cpu"
 ) -> Callable[[jax.Array], TrainState]:
     """key -> TrainState of a freshly initialised model (jit it with out_shardings)."""
 
@@ -176,7 +180,7 @@ def init_fn_for(
 
 
 def abstract_train_state(
-    config: TrainConfig, model_config: Qwen25VLConfig, tx: optax.GradientTransformation, key: jax.Array,
+    config: TrainConfig, model_config: Any, tx: optax.GradientTransformation, key: jax.Array,
     platform: str = "cpu",
 ) -> tuple[ModelDef, TrainState, TrainState]:
     """(model def, abstract TrainState of ShapeDtypeStructs, its PartitionSpecs), nothing

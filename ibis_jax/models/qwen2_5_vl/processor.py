@@ -121,9 +121,9 @@ def prepare_image(image: np.ndarray, image_size: int, multiple: int = 28) -> np.
     return np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BICUBIC))
 
 
-def image_tokens(image_size: int) -> int:
-    """Visual tokens of one prepared image: (image_size / 28)^2."""
-    return (image_size // 28) ** 2
+def image_tokens(image_size: int, patch_size: int = 14, merge_size: int = 2) -> int:
+    """Visual tokens of one prepared image: (image_size / 28)^2 (Qwen3-VL's 16 px patches: / 32)."""
+    return (image_size // (patch_size * merge_size)) ** 2
 
 
 def eos_token_ids(tokenizer: Any, text_config: Any) -> tuple[int, ...]:

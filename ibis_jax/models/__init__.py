@@ -44,6 +44,10 @@ class Family:
     def processor_class(self) -> type:
         return getattr(importlib.import_module(self.package + ".processor"), self.processor_name)
 
+    def write_processor_config(self, directory: str | os.PathLike) -> str:
+        """Write the family's image settings (`preprocessor_config.json`) into `directory`."""
+        return importlib.import_module(self.package + ".processor").write_processor_config(directory)
+
     def processor(self, directory: str | os.PathLike, **kwargs: Any):
         """The family's processor (tokenizer + image settings) of a local directory."""
         return self.processor_class(directory, **kwargs)

@@ -55,6 +55,7 @@ def resolve_model(config: TrainConfig, workdir: str, data_dir: str | None = None
             # A new folder is built aside and renamed when complete: a failure leaves none behind.
             with atomic_dir(tok) if not os.path.exists(tok) else _nullcontext(tok) as out:
                 make_tokenizer_dir(out, vocab_size=TINY_VOCAB, corpus=_dataset_texts(data_dir), grammar_tokens=True)
+                family(config.model).write_processor_config(out)  # the preset's image settings
         from ibis_jax.storage import share
 
         # the other processes read what process 0 wrote (other hosts of a gs:// workdir: through the bucket)

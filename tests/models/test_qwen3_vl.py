@@ -190,7 +190,7 @@ def test_processor_matches_transformers_qwen3vl_processor(tok_dir, tmp_path):
     from transformers import AutoProcessor
 
     from ibis_jax.models.qwen3_vl.processor import Qwen3VLProcessor, image_tokens, prepare_image
-    from ibis_jax.models.qwen3_vl.testing import write_processor_config
+    from ibis_jax.models.qwen3_vl.processor import write_processor_config
 
     d = tmp_path / "proc"
     shutil.copytree(tok_dir, d)

@@ -126,6 +126,24 @@ def image_tokens(image_size: int, patch_size: int = 14, merge_size: int = 2) -> 
     return (image_size // (patch_size * merge_size)) ** 2
 
 
+def write_processor_config(directory: str | os.PathLike, *, min_pixels: int = 56 * 56,
+                           max_pixels: int = 28 * 28 * 1280) -> str:
+    """Write Qwen2.5-VL's image settings as `directory/preprocessor_config.json` (what the
+    processor of a model directory reads; a tokenizer directory becomes a processor directory)."""
+    import json
+
+    config = {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "rescale_factor": 1 / 255, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "resample": 3,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": min_pixels,
+        "max_pixels": max_pixels, "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    }
+    with open(os.path.join(os.fspath(directory), "preprocessor_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return os.fspath(directory)
+
+
 def eos_token_ids(tokenizer: Any, text_config: Any) -> tuple[int, ...]:
     """The ids that end a turn: the tokenizer's eos and the model config's ``eos_token_id``(s)."""
     eos: set[int] = set()

@@ -151,26 +151,9 @@ def make_tokenizer_dir(
     fast.save_pretrained(directory)
     with open(os.path.join(directory, "chat_template.jinja"), "w") as f:
         f.write(CHAT_TEMPLATE)
-    preproc = {
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
-        "do_resize": True,
-        "do_rescale": True,
-        "do_normalize": True,
-        "do_convert_rgb": True,
-        "rescale_factor": 1 / 255,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "resample": 3,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "min_pixels": min_pixels,
-        "max_pixels": max_pixels,
-        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
-    }
-    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
-        json.dump(preproc, f, indent=2)
+    from .processor import write_processor_config
+
+    write_processor_config(directory, min_pixels=min_pixels, max_pixels=max_pixels)
     return directory
 
 

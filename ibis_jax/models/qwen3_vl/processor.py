@@ -8,6 +8,7 @@ processor reads them from the model directory; `DEFAULTS` apply where the file h
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -55,3 +56,18 @@ def prepare_image(image: np.ndarray, image_size: int) -> np.ndarray:
 def image_tokens(image_size: int) -> int:
     """Visual tokens of one prepared square image: (image_size / 32)^2."""
     return (image_size // (PATCH_SIZE * MERGE_SIZE)) ** 2
+
+
+def write_processor_config(directory: str | os.PathLike) -> str:
+    """Turn a tokenizer directory (`qwen2_5_vl.tiny.make_tokenizer_dir`) into a Qwen3-VL processor
+    directory: the released image settings (`processor.PREPROCESSOR_CONFIG`) and the video
+    processor entry transformers' `AutoProcessor` needs to build a `Qwen3VLProcessor`."""
+    import json
+
+    directory = os.fspath(directory)
+    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+        json.dump(PREPROCESSOR_CONFIG, f, indent=2)
+    with open(os.path.join(directory, "video_preprocessor_config.json"), "w") as f:
+        json.dump({"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
+                   "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2}, f, indent=2)
+    return directory

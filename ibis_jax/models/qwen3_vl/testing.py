@@ -83,20 +83,3 @@ def _jit_forward():
         return model(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_layout=layout)
 
     return nnx.jit(forward)
-
-
-def write_processor_config(directory: str | os.PathLike) -> str:
-    """Turn a tokenizer directory (`qwen2_5_vl.tiny.make_tokenizer_dir`) into a Qwen3-VL processor
-    directory: the released image settings (`processor.PREPROCESSOR_CONFIG`) and the video
-    processor entry transformers' `AutoProcessor` needs to build a `Qwen3VLProcessor`."""
-    import json
-
-    from .processor import PREPROCESSOR_CONFIG
-
-    directory = os.fspath(directory)
-    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
-        json.dump(PREPROCESSOR_CONFIG, f, indent=2)
-    with open(os.path.join(directory, "video_preprocessor_config.json"), "w") as f:
-        json.dump({"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
-                   "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2}, f, indent=2)
-    return directory

@@ -217,7 +217,7 @@ def run_official(tm, processor, client, cases, new_tokens: int, tag: str, system
             t = time.perf_counter()
             enc = encode_conversation(messages, processor.tokenizer, cases[0].image.shape[0], add_generation_prompt=True)
             ids, images = enc.input_ids, enc.images
-            pixel_values, grid = processor.images(images)
+            pixel_values, grid = processor.prepared_images(images)
             with torch.no_grad():
                 out = tm.generate(torch.tensor(ids[None], dtype=torch.long, device=device),
                                   attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),

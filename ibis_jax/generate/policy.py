@@ -105,7 +105,7 @@ class ModelPolicy:
             images += enc.images
         pixel_values = grid = None
         if images:
-            pixel_values, grid = self.processor.images(images)
+            pixel_values, grid = self.processor.prepared_images(images)
         key = jax.random.fold_in(self._key, self._calls)
         self._calls += 1
         prefix = self._shared_prefix(prompts) if self.prefix_cache else 0

@@ -129,7 +129,11 @@ def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequen
                              + [0.0] * (b - real), np.float32)
     pixel_values = grid = None
     if images:
-        pixel_values, grid = processor.images(images)
+        pixel_values, grid = processor.prepared_images(images)
+        merge = processor.image_kwargs["merge_size"] ** 2
+        if int((input_ids == processor.image_token_id).sum()) != int(grid.prod(-1).sum()) // merge:
+            raise ValueError("GRPO batch: the turns' image tokens and their images' visual tokens differ; the prompts "
+                             "and the images must be encoded at the policy's image_size")
     return GRPOBatch(input_ids, attention, targets, loss_mask,
                      np.asarray([ex.advantage for ex in examples] + [0.0] * (b - real), np.float32),
                      row_weights, sampler_lp, pixel_values, grid)

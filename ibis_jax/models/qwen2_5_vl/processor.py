@@ -205,6 +205,12 @@ class Qwen25VLProcessor:
         """See `preprocess_images`."""
         return preprocess_images(images, **self.image_kwargs)
 
+    def prepared_images(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """`images` already made square by `prepare_image` (the agent's encoder): normalised and
+        patched at their own size, never resized again by the pixel bounds (Qwen3-VL's released
+        minimum of 65,536 pixels would otherwise enlarge a 128 px image and break its token count)."""
+        return preprocess_images(images, **{**self.image_kwargs, "min_pixels": 1, "max_pixels": 1 << 62})
+
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         """The chat template applied to `messages`, one `<|image_pad|>` per image."""
         return self.tokenizer.apply_chat_template(

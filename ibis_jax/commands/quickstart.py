@@ -36,6 +36,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpo-prompts", type=int, default=2, help="prompts per GRPO step (x 4 rollouts each)")
     parser.add_argument("--max-turns", type=int, default=6, help="actions per episode (GRPO and evaluation)")
     parser.add_argument("--t-opt", type=int, default=3, help="GRPO length reward: steps without penalty")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="SFT seed: the tiny model's initialisation and the data order (the table's spread)")
     parser.add_argument("--grpo-seed", type=int, default=0, help="GRPO rollout sampling seed")
     parser.add_argument("--grpo-temperature", type=float, default=0.7, help="GRPO rollout sampling temperature")
     parser.add_argument("--train-parts", default="mri,nuclei,shapes", help="demo parts of the training set")
@@ -106,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    config = load_config(args.config, [f"max_steps={args.sft_steps}", "checkpoint_every=100"])
+    config = load_config(args.config, [f"max_steps={args.sft_steps}", "checkpoint_every=100", f"seed={args.seed}",
+                                       f"shuffle_seed={args.seed}"])
     image = config.image_size
     per_image = args.shapes_per_image
     # Training prompts and held-out evaluation images: different shapes (another seed), same size.

@@ -123,8 +123,9 @@ def save_hf(
     `save_pretrained` writes for the family (its `Layout`). Both layouts load in `load_hf_model`
     and transformers. The parameters may be sharded over many devices and hosts: see `save_hf_params`.
     """
-    save_hf_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, directory, source_dir=source_dir,
-                   max_shard_size=max_shard_size, dtype=dtype, legacy_keys=legacy_keys)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    save_hf_params(params, model.config, directory, source_dir=source_dir, max_shard_size=max_shard_size,
+                   dtype=dtype, legacy_keys=legacy_keys)
 
 
 def save_hf_params(

@@ -42,6 +42,28 @@ TEXT_PREFIX = "model.language_model."
 _V, _T = VISION_PREFIX, TEXT_PREFIX
 
 
+def decoder_rules(text_config_class: type) -> list[Rule]:
+    """The rules of the shared decoder (`text.TextModel`, HF `model.language_model` + `lm_head`):
+    the embedding, every layer's tensors, the final norm and the head, with q/k/v biases or q/k
+    norms as the family's text config switches them (`qkv_bias`, `qk_norm`)."""
+    layer = [
+        ("input_layernorm.weight", "input_layernorm.weight", "id"),
+        ("post_attention_layernorm.weight", "post_attention_layernorm.weight", "id"),
+        *[(f"self_attn.{p}.weight", f"self_attn.{p}.kernel", "T") for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
+    ]
+    if text_config_class.qkv_bias:
+        layer += [(f"self_attn.{p}.bias", f"self_attn.{p}.bias", "id") for p in ("q_proj", "k_proj", "v_proj")]
+    if text_config_class.qk_norm:
+        layer += [(f"self_attn.{n}.weight", f"self_attn.{n}.weight", "id") for n in ("q_norm", "k_norm")]
+    layer += [(f"mlp.{p}.weight", f"mlp.{p}.kernel", "T") for p in ("gate_proj", "up_proj", "down_proj")]
+    return [
+        Rule(_T + "embed_tokens.weight", "language_model.embed_tokens.embedding", "id"),
+        *[Rule(_T + f"layers.{{i}}.{hf}", f"language_model.layers.{nx}", tr, "text") for hf, nx, tr in layer],
+        Rule(_T + "norm.weight", "language_model.norm.weight", "id"),
+        Rule("lm_head.weight", "lm_head", "T"),
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One HF tensor: its key, the NNX path of the parameter holding it, the transform, and the

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import os
 
-from .config import Qwen25VLConfig
+from .config import Qwen25VLConfig, TextConfig
 from .hf_export import hf_tensors, host_tensor, save_hf, save_hf_params, to_host
 from .hf_import import load_family, load_hf_model
-from .hf_rules import TEXT_PREFIX as _T
 from .hf_rules import VISION_PREFIX as _V
-from .hf_rules import Entry, Rule, canonical_hf_key, expand_rules, linear_rules, register
+from .hf_rules import Entry, Rule, canonical_hf_key, decoder_rules, expand_rules, linear_rules, register
 from .modeling import Qwen25VL
 
-__all__ = ["RULES", "Entry", "Rule", "canonical_hf_key", "expand_rules", "hf_tensors", "host_tensor", "load_hf",
-           "load_hf_model", "save_hf", "save_hf_params", "to_host"]
+__all__ = ["RULES", "Entry", "Rule", "canonical_hf_key", "expand_rules", "hf_tensors", "host_tensor",
+           "load_hf", "load_hf_model", "save_hf", "save_hf_params", "to_host"]
 
 RULES: tuple[Rule, ...] = (
     Rule(_V + "patch_embed.proj.weight", "visual.patch_embed", "patch"),
@@ -38,19 +37,7 @@ RULES: tuple[Rule, ...] = (
     Rule(_V + "merger.ln_q.weight", "visual.merger.ln_q.weight", "id"),
     *[Rule(_V + f"merger.{hf}", f"visual.merger.{nx}", tr)
       for hf, nx, tr in [*linear_rules("mlp.0", "mlp_0"), *linear_rules("mlp.2", "mlp_2")]],
-    Rule(_T + "embed_tokens.weight", "language_model.embed_tokens.embedding", "id"),
-    *[
-        Rule(_T + f"layers.{{i}}.{hf}", f"language_model.layers.{nx}", tr, "text")
-        for hf, nx, tr in [
-            ("input_layernorm.weight", "input_layernorm.weight", "id"),
-            ("post_attention_layernorm.weight", "post_attention_layernorm.weight", "id"),
-            *[(f"self_attn.{p}.weight", f"self_attn.{p}.kernel", "T") for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
-            *[(f"self_attn.{p}.bias", f"self_attn.{p}.bias", "id") for p in ("q_proj", "k_proj", "v_proj")],
-            *[(f"mlp.{p}.weight", f"mlp.{p}.kernel", "T") for p in ("gate_proj", "up_proj", "down_proj")],
-        ]
-    ],
-    Rule(_T + "norm.weight", "language_model.norm.weight", "id"),
-    Rule("lm_head.weight", "lm_head", "T"),
+    *decoder_rules(TextConfig),
 )
 register(Qwen25VLConfig, RULES, legacy_keys=True)
 

@@ -48,7 +48,8 @@ def config_json_path(path: str | os.PathLike) -> str:
     return os.path.join(path, "config.json") if os.path.isdir(path) else path
 
 
-def read_hf_config(config: dict[str, Any] | str | os.PathLike, model_type: str, note: str = "") -> dict[str, Any]:
+def read_hf_config(config: dict[str, Any] | str | os.PathLike, model_type: str,
+                   note: str = "") -> dict[str, Any]:
     """The content of an HF `config.json` (given as a dict, a file path or a model directory),
     checked to be of `model_type` (or to name none); `note` ends the error message."""
     if not isinstance(config, dict):
@@ -125,7 +126,9 @@ class VisionLanguageConfig:
     def __post_init__(self):
         v, t = self.vision, self.text
         if v.hidden_size % v.num_heads:
-            raise ValueError(f"vision_config.hidden_size {v.hidden_size} not divisible by num_heads {v.num_heads}")
+            raise ValueError(
+                f"vision_config.hidden_size {v.hidden_size} not divisible by num_heads {v.num_heads}"
+            )
         self.check()
         if t.num_attention_heads % t.num_key_value_heads:
             raise ValueError("text_config.num_attention_heads must be a multiple of num_key_value_heads")
@@ -153,7 +156,8 @@ class VisionLanguageConfig:
         text.pop("rope_theta")
         text.pop("mrope_section")
         text.update(model_type=f"{self.model_type}_text", **self.hf_text_settings())
-        vision = {k: list(x) if isinstance(x, tuple) else x for k, x in dataclasses.asdict(self.vision).items()}
+        vision = dataclasses.asdict(self.vision)
+        vision = {k: list(x) if isinstance(x, tuple) else x for k, x in vision.items()}
         vision.pop("rope_theta")
         vision.update(model_type=f"{self.model_type}_vision",
                       rope_parameters={"rope_type": "axial", "rope_theta": self.vision.rope_theta})

@@ -169,7 +169,8 @@ class Qwen3VLConfig(VisionLanguageConfig):
         if tkw.get("head_dim") is None:
             tkw.pop("head_dim", None)
 
-        vkw = vision_kwargs(VisionConfig, dict(config.get("vision_config") or {}), indexes="deepstack_visual_indexes")
+        vis = dict(config.get("vision_config") or {})
+        vkw = vision_kwargs(VisionConfig, vis, indexes="deepstack_visual_indexes")
         tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
         return cls(vision=VisionConfig(**vkw), text=TextConfig(**tkw), tie_word_embeddings=bool(tie),
                    **token_ids_of(config))

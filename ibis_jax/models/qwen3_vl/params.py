@@ -13,11 +13,11 @@ import os
 
 from ibis_jax.models.qwen2_5_vl.hf_export import hf_tensors, save_hf, save_hf_params
 from ibis_jax.models.qwen2_5_vl.hf_import import load_family
-from ibis_jax.models.qwen2_5_vl.hf_rules import TEXT_PREFIX as _T
 from ibis_jax.models.qwen2_5_vl.hf_rules import VISION_PREFIX as _V
-from ibis_jax.models.qwen2_5_vl.hf_rules import Entry, Rule, expand_rules, layer_norm_rules, linear_rules, register
+from ibis_jax.models.qwen2_5_vl.hf_rules import (Entry, Rule, decoder_rules, expand_rules, layer_norm_rules,
+                                                  linear_rules, register)
 
-from .config import Qwen3VLConfig
+from .config import Qwen3VLConfig, TextConfig
 from .modeling import Qwen3VL
 
 __all__ = ["RULES", "Entry", "Rule", "expand_rules", "hf_tensors", "load_hf", "save_hf", "save_hf_params"]
@@ -47,20 +47,7 @@ RULES: tuple[Rule, ...] = (
         Rule(_V + "deepstack_merger_list.{i}." + hf, "visual.deepstack_merger_list." + nx, tr, "deepstack")
         for hf, nx, tr in _MERGER
     ],
-    Rule(_T + "embed_tokens.weight", "language_model.embed_tokens.embedding", "id"),
-    *[
-        Rule(_T + f"layers.{{i}}.{hf}", f"language_model.layers.{nx}", tr, "text")
-        for hf, nx, tr in [
-            ("input_layernorm.weight", "input_layernorm.weight", "id"),
-            ("post_attention_layernorm.weight", "post_attention_layernorm.weight", "id"),
-            *[(f"self_attn.{p}.weight", f"self_attn.{p}.kernel", "T") for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
-            ("self_attn.q_norm.weight", "self_attn.q_norm.weight", "id"),
-            ("self_attn.k_norm.weight", "self_attn.k_norm.weight", "id"),
-            *[(f"mlp.{p}.weight", f"mlp.{p}.kernel", "T") for p in ("gate_proj", "up_proj", "down_proj")],
-        ]
-    ],
-    Rule(_T + "norm.weight", "language_model.norm.weight", "id"),
-    Rule("lm_head.weight", "lm_head", "T"),
+    *decoder_rules(TextConfig),
 )
 register(Qwen3VLConfig, RULES, legacy_keys=False)
 

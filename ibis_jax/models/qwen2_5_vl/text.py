@@ -9,6 +9,7 @@ the first decoder layers (`TextModel.__call__(..., deepstack=...)`).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -203,18 +204,12 @@ class DecoderLayer(nnx.Module):
         )
 
     def __call__(
-        self,
-        x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
-        bias: jax.Array,
-        kv: tuple[jax.Array, jax.Array] | None = None,
-        kv_end: jax.Array | None = None,
-        packed: PackedLayer | None = None,
-        layer_index: jax.Array | None = None,
+        self, x: jax.Array, *args: Any, packed: PackedLayer | None = None, **kwargs: Any
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Pre-norm residual block; same arguments as `Attention.__call__`."""
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, kv, kv_end, packed, layer_index)
+        """Pre-norm residual block: `Attention.__call__` on the normed `x` with the other arguments
+        (cos, sin, bias, the cache, layer_index), then the MLP; packed: this layer's decode-packed
+        weights for both."""
+        h, kv = self.self_attn(self.input_layernorm(x), *args, packed=packed, **kwargs)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x), packed), kv
 

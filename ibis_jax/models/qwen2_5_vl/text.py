@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from ibis_jax.models.attention import causal_attention
 
 from .config import ShardingConfig, TextConfig
-from .layers import (MASK_VALUE, DType, RMSNorm, apply_rope, cached_attention, linear, partitioned, run_layers,
+from .layers import (MASK_VALUE, DType, RMSNorm, apply_rope, cached_attention, embedding, linear, run_layers,
                      stacked)
 from .packed import PackedLayer, packed_matmul
 
@@ -236,14 +236,8 @@ class TextModel(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
-        self.embed_tokens = nnx.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=partitioned(nnx.initializers.normal(cfg.initializer_range), sh.emb_vd),
-            rngs=rngs,
-        )
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, spec=sh.emb_vd, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
         self.layers = stacked(lambda r: DecoderLayer(cfg, sh, dtype, param_dtype, r, attention, mlp_chunk),
                               cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, spec=sh.norm_d, param_dtype=param_dtype)

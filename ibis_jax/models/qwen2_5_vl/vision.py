@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from .config import ShardingConfig, VisionConfig
-from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, dot_attention, linear, partitioned, stacked, with_remat
+from .layers import (MASK_VALUE, DType, Linear, RMSNorm, apply_rope, dot_attention, linear, partitioned, stacked,
+                     with_remat)
 
 
 @jax.tree_util.register_dataclass
@@ -138,12 +139,21 @@ def axial_rope(rope_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Arr
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
+def vision_linear(cfg: Any, sh: ShardingConfig, dtype: DType, param_dtype: DType,
+                  rngs: nnx.Rngs) -> Callable[[int, int, P], Linear]:
+    """`(d_in, d_out, kernel_spec) -> linear(...)` as both families' vision towers build every
+    projection: with a bias (spec `vis_bias_e`), kernel drawn with the config's initializer_range."""
+    kw = dict(bias=True, bias_spec=sh.vis_bias_e, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+              std=cfg.initializer_range)
+    return lambda d_in, d_out, kernel_spec: linear(d_in, d_out, kernel_spec=kernel_spec, **kw)
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         e = cfg.hidden_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
-        self.qkv = linear(e, 3 * e, bias=True, kernel_spec=sh.vis_qkv_e3e, bias_spec=sh.vis_bias_e, **kw)
-        self.proj = linear(e, e, bias=True, kernel_spec=sh.vis_proj_ee, bias_spec=sh.vis_bias_e, **kw)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
+        self.qkv = proj(e, 3 * e, sh.vis_qkv_e3e)
+        self.proj = proj(e, e, sh.vis_proj_ee)
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
 
@@ -168,10 +178,10 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
-        self.gate_proj = linear(e, f, kernel_spec=sh.vis_mlp_up_ef, bias_spec=sh.vis_bias_e, **kw)
-        self.up_proj = linear(e, f, kernel_spec=sh.vis_mlp_up_ef, bias_spec=sh.vis_bias_e, **kw)
-        self.down_proj = linear(f, e, kernel_spec=sh.vis_mlp_down_fe, bias_spec=sh.vis_bias_e, **kw)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
+        self.gate_proj = proj(e, f, sh.vis_mlp_up_ef)
+        self.up_proj = proj(e, f, sh.vis_mlp_up_ef)
+        self.down_proj = proj(f, e, sh.vis_mlp_down_fe)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -194,10 +204,10 @@ class PatchMerger(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         inner = cfg.hidden_size * cfg.spatial_merge_size**2
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
         self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6, spec=sh.norm_d, param_dtype=param_dtype)
-        self.mlp_0 = linear(inner, inner, kernel_spec=sh.merger_up_mm, bias_spec=sh.vis_bias_e, **kw)
-        self.mlp_2 = linear(inner, cfg.out_hidden_size, kernel_spec=sh.merger_down_md, bias_spec=sh.vis_bias_e, **kw)
+        self.mlp_0 = proj(inner, inner, sh.merger_up_mm)
+        self.mlp_2 = proj(inner, cfg.out_hidden_size, sh.merger_down_md)
         self.inner = inner
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -264,10 +274,12 @@ class VisionTower(nnx.Module):
         self.remat = remat
         self.scan_layers = scan_layers
 
-    def build_inputs(self, cfg: Any, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs) -> None:
+    def build_inputs(self, cfg: Any, sh: ShardingConfig, dtype: DType, param_dtype: DType,
+                     rngs: nnx.Rngs) -> None:
         raise NotImplementedError
 
-    def build_outputs(self, cfg: Any, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs) -> None:
+    def build_outputs(self, cfg: Any, sh: ShardingConfig, dtype: DType, param_dtype: DType,
+                      rngs: nnx.Rngs) -> None:
         raise NotImplementedError
 
     def block_step(self, graphdef: Any, cos: jax.Array, sin: jax.Array, gather: jax.Array) -> Callable:

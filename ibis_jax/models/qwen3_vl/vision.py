@@ -19,8 +19,9 @@ from flax import nnx
 
 from ibis_jax.models.qwen2_5_vl.config import ShardingConfig
 from ibis_jax.models.qwen2_5_vl import vision as qwen25_vision
-from ibis_jax.models.qwen2_5_vl.layers import DType, linear, partitioned, stacked
-from ibis_jax.models.qwen2_5_vl.vision import VisionAttention, _segment_gather, axial_rope, block_major_positions
+from ibis_jax.models.qwen2_5_vl.layers import DType, embedding, partitioned, stacked
+from ibis_jax.models.qwen2_5_vl.vision import (VisionAttention, _segment_gather, axial_rope, block_major_positions,
+                                               vision_linear)
 
 from .config import VisionConfig
 
@@ -100,10 +101,9 @@ def layer_norm(dim: int, spec, *, dtype: DType, param_dtype: DType, rngs: nnx.Rn
 
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
-        e, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
-        self.linear_fc1 = linear(e, f, kernel_spec=sh.vis_mlp_up_ef, bias_spec=sh.vis_bias_e, **kw)
-        self.linear_fc2 = linear(f, e, kernel_spec=sh.vis_mlp_down_fe, bias_spec=sh.vis_bias_e, **kw)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
+        self.linear_fc1 = proj(cfg.hidden_size, cfg.intermediate_size, sh.vis_mlp_up_ef)
+        self.linear_fc2 = proj(cfg.intermediate_size, cfg.hidden_size, sh.vis_mlp_down_fe)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=True))  # gelu_pytorch_tanh
@@ -127,12 +127,11 @@ class PatchMerger(nnx.Module):
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
                  *, postshuffle: bool):
         inner = cfg.hidden_size * cfg.spatial_merge_size**2
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
         self.norm = layer_norm(inner if postshuffle else cfg.hidden_size, sh.vis_bias_e, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
-        self.linear_fc1 = linear(inner, inner, kernel_spec=sh.merger_up_mm, bias_spec=sh.vis_bias_e, **kw)
-        self.linear_fc2 = linear(inner, cfg.out_hidden_size, kernel_spec=sh.merger_down_md,
-                                 bias_spec=sh.vis_bias_e, **kw)
+        self.linear_fc1 = proj(inner, inner, sh.merger_up_mm)
+        self.linear_fc2 = proj(inner, cfg.out_hidden_size, sh.merger_down_md)
         self.inner = inner
         self.postshuffle = postshuffle
 
@@ -162,18 +161,11 @@ class VisionTransformer(qwen25_vision.VisionTower):
 
     def build_inputs(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType,
                      rngs: nnx.Rngs) -> None:
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
         # Conv3d with stride = kernel is a matmul over flattened patches (kernel [C*T*P*P, E]).
-        self.patch_embed = linear(cfg.patch_dim, cfg.hidden_size, bias=True, kernel_spec=sh.patch_pe,
-                                  bias_spec=sh.vis_bias_e, **kw)
-        self.pos_embed = nnx.Embed(
-            cfg.num_position_embeddings,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=partitioned(nnx.initializers.normal(cfg.initializer_range), sh.patch_pe),
-            rngs=rngs,
-        )
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
+        self.patch_embed = proj(cfg.patch_dim, cfg.hidden_size, sh.patch_pe)
+        self.pos_embed = embedding(cfg.num_position_embeddings, cfg.hidden_size, spec=sh.patch_pe, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
 
     def build_outputs(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType,
                       rngs: nnx.Rngs) -> None:

@@ -148,7 +148,7 @@ def _forward_chunk(
         for i in range(len(state.k)):
             layer = layer_view(lm.layers, i)
             x, (k, v) = layer(x, cos, sin, bias, (state.k[i], state.v[i]), state.end,
-                              None if packed is None else packed.layers[i])
+                              packed=None if packed is None else packed.layers[i])
             if deepstack is not None and i < deepstack.shape[0]:
                 x = x + deepstack[i]
             ks.append(_constrain(k, cache_spec))

@@ -84,10 +84,9 @@ PRESETS = {
 def model_type(directory: str | os.PathLike) -> str:
     """The `model_type` of `directory/config.json` (or of that file), checked against `FAMILIES`."""
     from ibis_jax.fileio import read_json
+    from ibis_jax.models.qwen2_5_vl.vlm_config import config_json_path
 
-    path = os.fspath(directory)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
+    path = config_json_path(directory)
     kind = read_json(path, "model config (config.json)").get("model_type")
     if kind not in FAMILIES:
         raise ValueError(f"{path}: model_type {kind!r} is not supported; use one of {', '.join(FAMILIES)}")

@@ -92,20 +92,12 @@ def record_conversations(
 
 
 def record_samples(
-    record: TrajectoryRecord,
-    tokenizer: Any,
-    *,
-    image_size: int,
-    history: str = "none",
-    color=DEFAULT_COLOR,
-    alpha: float = DEFAULT_ALPHA,
-    steps: Sequence[int] | None = None,
-    system_prompt: str = SYSTEM_PROMPT,
-    patch_size: int = 14,
+    record: TrajectoryRecord, tokenizer: Any, *, image_size: int, patch_size: int = 14, **conversation: Any
 ) -> list[SFTSample]:
-    """All tokenized samples of a record (see the module docstring)."""
+    """All tokenized samples of a record (see the module docstring). `conversation`: the keywords
+    of `record_conversations` (history, color, alpha, steps, system_prompt)."""
     out = []
-    for step, msgs in record_conversations(record, history, color, alpha, steps, system_prompt):
+    for step, msgs in record_conversations(record, **conversation):
         enc = encode_conversation(msgs, tokenizer, image_size, patch_size=patch_size)
         out.append(SFTSample(enc.input_ids, enc.loss_weights, enc.action_mask, enc.images, record.record_id, step))
     return out

@@ -33,7 +33,7 @@ def main() -> int:
 
         atomicity.AtomicRenameTemporaryPath.finalize = finalize
     elif mode == "export":
-        from ibis_jax.models.qwen2_5_vl import params
+        from ibis_jax.models.qwen2_5_vl import hf_export as params
 
         original_save = params.save_file
 

@@ -6,17 +6,5 @@ from .params import load_hf, save_hf
 from .text import KVCache
 from .vision import VisionLayout, vision_layout
 
-__all__ = [
-    "KVCache",
-    "Qwen25VL",
-    "Qwen25VLConfig",
-    "ShardingConfig",
-    "TextConfig",
-    "VisionConfig",
-    "VisionLayout",
-    "get_rope_index",
-    "load_hf",
-    "save_hf",
-    "trainable_filter",
-    "vision_layout",
-]
+__all__ = ["KVCache", "Qwen25VL", "Qwen25VLConfig", "ShardingConfig", "TextConfig", "VisionConfig",
+           "VisionLayout", "get_rope_index", "load_hf", "save_hf", "trainable_filter", "vision_layout"]

@@ -72,6 +72,13 @@ def linear(
     )
 
 
+def embedding(num: int, dim: int, *, spec: P, dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
+              std: float = 0.02) -> nnx.Embed:
+    """`nnx.Embed` (table [num, dim], normal(std) init) with sharding metadata on the table."""
+    return nnx.Embed(num, dim, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=partitioned(nnx.initializers.normal(std), spec), rngs=rngs)
+
+
 class RMSNorm(nnx.Module):
     """Qwen RMSNorm: normalise in fp32, cast back to the input dtype, then scale (HF order)."""
 

@@ -1,4 +1,4 @@
-"""Test and benchmark fixtures: random Hugging Face Qwen2.5-VL models in the real format, and
+"""Test and benchmark fixtures: random Hugging Face models of either family in the real format, and
 reference forwards (transformers vs ours). Never imported by the package itself; the tiny
 tokenizer and config builders the trainers use are in ``tiny.py``.
 
@@ -10,48 +10,56 @@ tokenizer and config builders the trainers use are in ``tiny.py``.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+from typing import Any
 
 import numpy as np
 
-from .config import Qwen25VLConfig
-from .tiny import (  # noqa: F401  (re-exported for tests and benchmarks)
-    CHAT_TEMPLATE, GRAMMAR_TOKENS, SPECIAL_TOKENS, build_tokenizer, make_tokenizer_dir, special_token_ids,
-    tiny_config, tokenizer_size,
-)
+from .tiny import (CHAT_TEMPLATE, GRAMMAR_TOKENS, SPECIAL_TOKENS, build_tokenizer, make_tokenizer_dir,
+                   special_token_ids, tiny_config, tokenizer_size)
+
+__all__ = [  # the tiny kit is re-exported for tests and benchmarks
+    "CHAT_TEMPLATE", "GRAMMAR_TOKENS", "SPECIAL_TOKENS", "build_tokenizer", "flax_logits", "hf_logits",
+    "image_sequence", "make_hf_model_dir", "make_tokenizer_dir", "pad_batch", "special_token_ids", "tiny_config",
+    "tokenizer_size",
+]
+
 
 def make_hf_model_dir(
     directory: str | os.PathLike,
-    config: Qwen25VLConfig,
+    config: Any,
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     seed: int = 0,
     randomize: bool = True,
     dtype: str = "float32",
 ):
-    """Build a random transformers `Qwen2_5_VLForConditionalGeneration` for `config`, save it
-    with `save_pretrained` into `directory` (+ tokenizer files) and return the torch model (eval).
+    """Build a random transformers model of `config`'s family (`config.architecture`, e.g.
+    `Qwen2_5_VLForConditionalGeneration`), save it with `save_pretrained` into `directory`
+    (+ tokenizer files) and return the torch model (eval).
 
     randomize: also draw norm weights and biases at random (HF initialises them to 1 / 0, which
-    would hide a swapped or missing bias in parity tests). Needs torch.
+    would hide a swapped or missing one in parity tests), and a learned position table at a scale
+    that matters next to the patch embedding. Needs torch.
     """
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
 
     directory = os.fspath(directory)
     torch.manual_seed(seed)
-    hf_cfg = Qwen2_5_VLConfig(**config.to_hf_dict())
-    model = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    model_class = getattr(transformers, config.architecture)
+    model = model_class(model_class.config_class(**config.to_hf_dict())).eval()
     if randomize:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "layernorm" in name \
-                        or name.endswith("norm.weight") or "ln_q" in name:
+                is_norm = ("norm" in name or "ln_q" in name) and "proj" not in name
+                if is_norm and name.endswith("weight"):
                     p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-                elif name.endswith("bias"):
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+                elif "pos_embed" in name:
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
                 else:
                     p.copy_(0.05 * torch.randn(p.shape, generator=g))
     model = model.to(getattr(torch, dtype))
@@ -109,32 +117,19 @@ def hf_logits(
 def flax_logits(
     model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None
 ) -> np.ndarray:
-    """Jitted forward of a `Qwen25VL` (vision layout computed on the host) as numpy.
+    """Jitted forward of a `Qwen25VL` or `Qwen3VL` (vision layout computed on the host, packed) as numpy.
 
     One XLA compile per input shape is several times cheaper than eager op-by-op dispatch."""
-    from .vision import vision_layout
-
-    layout = None if image_grid_thw is None else vision_layout(np.asarray(image_grid_thw), model.config.vision)
-    return np.asarray(_jit_forward(model, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, layout))
-
-
-def _jit_forward_impl(model, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, layout):
-    return model(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_layout=layout)
+    layout = None if image_grid_thw is None else model.vision_layout(np.asarray(image_grid_thw), per_image=False)
+    return np.asarray(_jit_forward()(model, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
+                                     layout))
 
 
-def _lazy_jit():
+@functools.cache
+def _jit_forward():
     from flax import nnx
 
-    return nnx.jit(_jit_forward_impl)
+    def forward(model, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, layout):
+        return model(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_layout=layout)
 
-
-class _JitForward:
-    fn = None
-
-    def __call__(self, *args):
-        if self.fn is None:
-            self.fn = _lazy_jit()
-        return self.fn(*args)
-
-
-_jit_forward = _JitForward()
+    return nnx.jit(forward)

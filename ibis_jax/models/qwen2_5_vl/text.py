@@ -9,6 +9,7 @@ the first decoder layers (`TextModel.__call__(..., deepstack=...)`).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from ibis_jax.models.attention import causal_attention
 
 from .config import ShardingConfig, TextConfig
-from .layers import (MASK_VALUE, DType, RMSNorm, apply_rope, cached_attention, linear, partitioned, run_layers,
+from .layers import (MASK_VALUE, DType, RMSNorm, apply_rope, cached_attention, embedding, linear, run_layers,
                      stacked)
 from .packed import PackedLayer, packed_matmul
 
@@ -203,18 +204,12 @@ class DecoderLayer(nnx.Module):
         )
 
     def __call__(
-        self,
-        x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
-        bias: jax.Array,
-        kv: tuple[jax.Array, jax.Array] | None = None,
-        kv_end: jax.Array | None = None,
-        packed: PackedLayer | None = None,
-        layer_index: jax.Array | None = None,
+        self, x: jax.Array, *args: Any, packed: PackedLayer | None = None, **kwargs: Any
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Pre-norm residual block; same arguments as `Attention.__call__`."""
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, kv, kv_end, packed, layer_index)
+        """Pre-norm residual block: `Attention.__call__` on the normed `x` with the other arguments
+        (cos, sin, bias, the cache, layer_index), then the MLP; packed: this layer's decode-packed
+        weights for both."""
+        h, kv = self.self_attn(self.input_layernorm(x), *args, packed=packed, **kwargs)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x), packed), kv
 
@@ -241,14 +236,8 @@ class TextModel(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
-        self.embed_tokens = nnx.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=partitioned(nnx.initializers.normal(cfg.initializer_range), sh.emb_vd),
-            rngs=rngs,
-        )
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, spec=sh.emb_vd, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
         self.layers = stacked(lambda r: DecoderLayer(cfg, sh, dtype, param_dtype, r, attention, mlp_chunk),
                               cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, spec=sh.norm_d, param_dtype=param_dtype)

@@ -9,6 +9,7 @@ by `vision_layout(image_grid_thw, config)` into a `VisionLayout` of plain intege
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from .config import ShardingConfig, VisionConfig
-from .layers import MASK_VALUE, DType, RMSNorm, apply_rope, dot_attention, linear, partitioned, stacked, with_remat
+from .layers import (MASK_VALUE, DType, Linear, RMSNorm, apply_rope, dot_attention, linear, partitioned, stacked,
+                     with_remat)
 
 
 @jax.tree_util.register_dataclass
@@ -55,6 +57,15 @@ def _segment_gather(segments: np.ndarray) -> np.ndarray:
     return gather
 
 
+def block_major_positions(h: int, w: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each patch of an h x w patch grid in the processor's block-major order
+    (merged-token blocks of m x m, block after block), as two [h*w] arrays."""
+    row, col = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    row = row.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+    col = col.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+    return row, col
+
+
 def vision_layout(image_grid_thw: np.ndarray, config: VisionConfig, *, per_image: bool = False) -> VisionLayout:
     """Compute the `VisionLayout` of images with grids `image_grid_thw` [num_images, 3] (t, h, w
     in patches). Mirrors transformers' get_vision_position_ids / get_vision_window_index /
@@ -80,11 +91,7 @@ def vision_layout(image_grid_thw: np.ndarray, config: VisionConfig, *, per_image
         if h % m or w % m:
             raise ValueError(f"image_grid_thw ({t},{h},{w}): h and w must be multiples of merge size {m}")
         gh, gw = h // m, w // m
-        # (row, col) of each patch in the processor's block-major order: merged-token blocks of m x m.
-        hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        hpos = hpos.reshape(gh, m, gw, m).transpose(0, 2, 1, 3).reshape(-1)
-        wpos = wpos.reshape(gh, m, gw, m).transpose(0, 2, 1, 3).reshape(-1)
-        hw = np.tile(np.stack([hpos, wpos], -1), (t, 1))  # [t*h*w, 2]
+        hw = np.tile(np.stack(block_major_positions(h, w, m), -1), (t, 1))  # [t*h*w, 2]
         index = np.arange(t * gh * gw).reshape(t, gh, gw)
         nwh, nww = -(-gh // win), -(-gw // win)
         padded = np.full((t, nwh * win, nww * win), -1, np.int64)
@@ -132,12 +139,21 @@ def axial_rope(rope_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Arr
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
+def vision_linear(cfg: Any, sh: ShardingConfig, dtype: DType, param_dtype: DType,
+                  rngs: nnx.Rngs) -> Callable[[int, int, P], Linear]:
+    """`(d_in, d_out, kernel_spec) -> linear(...)` as both families' vision towers build every
+    projection: with a bias (spec `vis_bias_e`), kernel drawn with the config's initializer_range."""
+    kw = dict(bias=True, bias_spec=sh.vis_bias_e, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+              std=cfg.initializer_range)
+    return lambda d_in, d_out, kernel_spec: linear(d_in, d_out, kernel_spec=kernel_spec, **kw)
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         e = cfg.hidden_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
-        self.qkv = linear(e, 3 * e, bias=True, kernel_spec=sh.vis_qkv_e3e, bias_spec=sh.vis_bias_e, **kw)
-        self.proj = linear(e, e, bias=True, kernel_spec=sh.vis_proj_ee, bias_spec=sh.vis_bias_e, **kw)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
+        self.qkv = proj(e, 3 * e, sh.vis_qkv_e3e)
+        self.proj = proj(e, e, sh.vis_proj_ee)
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
 
@@ -162,10 +178,10 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
-        self.gate_proj = linear(e, f, kernel_spec=sh.vis_mlp_up_ef, bias_spec=sh.vis_bias_e, **kw)
-        self.up_proj = linear(e, f, kernel_spec=sh.vis_mlp_up_ef, bias_spec=sh.vis_bias_e, **kw)
-        self.down_proj = linear(f, e, kernel_spec=sh.vis_mlp_down_fe, bias_spec=sh.vis_bias_e, **kw)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
+        self.gate_proj = proj(e, f, sh.vis_mlp_up_ef)
+        self.up_proj = proj(e, f, sh.vis_mlp_up_ef)
+        self.down_proj = proj(f, e, sh.vis_mlp_down_fe)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -188,10 +204,10 @@ class PatchMerger(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         inner = cfg.hidden_size * cfg.spatial_merge_size**2
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
         self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6, spec=sh.norm_d, param_dtype=param_dtype)
-        self.mlp_0 = linear(inner, inner, kernel_spec=sh.merger_up_mm, bias_spec=sh.vis_bias_e, **kw)
-        self.mlp_2 = linear(inner, cfg.out_hidden_size, kernel_spec=sh.merger_down_md, bias_spec=sh.vis_bias_e, **kw)
+        self.mlp_0 = proj(inner, inner, sh.merger_up_mm)
+        self.mlp_2 = proj(inner, cfg.out_hidden_size, sh.merger_down_md)
         self.inner = inner
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -229,18 +245,18 @@ def attention_runs(depth: int, fullatt: tuple[int, ...]) -> list[tuple[int, int,
     return runs
 
 
-class VisionTransformer(nnx.Module):
-    """Patch embedding, the stacked blocks (`blocks`: every parameter [depth, ...]) and the merger.
+class VisionTower(nnx.Module):
+    """What the vision transformers of both families share: the config, the stacked blocks
+    (`blocks`: every parameter [depth, ...], of the family's `block_class`), the compute dtype,
+    remat (a policy name of `layers.REMAT_POLICIES`, per block) and scan_layers. A family builds
+    its input embedding in `build_inputs` and its mergers in `build_outputs` (in that order
+    around the blocks: the order the parameters are drawn in)."""
 
-    With `scan_layers` the blocks run as scans: when the full-attention blocks are periodic
-    (Qwen2.5-VL: one every 8) as an outer scan over groups of `p` blocks, each an inner scan over
-    its windowed blocks plus its full-attention block, so XLA compiles two blocks whatever the
-    depth; otherwise one scan per run of blocks of one kind. remat: a policy name per block.
-    """
+    block_class: type
 
     def __init__(
         self,
-        cfg: VisionConfig,
+        cfg: Any,
         sh: ShardingConfig,
         *,
         dtype: DType,
@@ -250,16 +266,54 @@ class VisionTransformer(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
+        self.build_inputs(cfg, sh, dtype, param_dtype, rngs)
+        block_class = self.block_class
+        self.blocks = stacked(lambda r: block_class(cfg, sh, dtype, param_dtype, r), cfg.depth, rngs)
+        self.build_outputs(cfg, sh, dtype, param_dtype, rngs)
+        self.dtype = dtype
+        self.remat = remat
+        self.scan_layers = scan_layers
+
+    def build_inputs(self, cfg: Any, sh: ShardingConfig, dtype: DType, param_dtype: DType,
+                     rngs: nnx.Rngs) -> None:
+        raise NotImplementedError
+
+    def build_outputs(self, cfg: Any, sh: ShardingConfig, dtype: DType, param_dtype: DType,
+                      rngs: nnx.Rngs) -> None:
+        raise NotImplementedError
+
+    def block_step(self, graphdef: Any, cos: jax.Array, sin: jax.Array, gather: jax.Array) -> Callable:
+        """One block as a scan step `(h, block state) -> (h, None)` (blocks split as `graphdef`,
+        rematerialised per `remat`), attending within the groups of `gather`."""
+
+        def step(h, block_state):
+            return nnx.merge(graphdef, block_state)(h, cos, sin, gather), None
+
+        return with_remat(step, self.remat)
+
+
+class VisionTransformer(VisionTower):
+    """Patch embedding, the stacked blocks (`blocks`: every parameter [depth, ...]) and the merger.
+
+    With `scan_layers` the blocks run as scans: when the full-attention blocks are periodic
+    (Qwen2.5-VL: one every 8) as an outer scan over groups of `p` blocks, each an inner scan over
+    its windowed blocks plus its full-attention block, so XLA compiles two blocks whatever the
+    depth; otherwise one scan per run of blocks of one kind. remat: a policy name per block.
+    """
+
+    block_class = VisionBlock
+
+    def build_inputs(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType,
+                     rngs: nnx.Rngs) -> None:
         self.patch_embed = nnx.Param(
             partitioned(nnx.initializers.normal(cfg.initializer_range), sh.patch_pe)(
                 rngs.params(), (cfg.patch_dim, cfg.hidden_size), param_dtype
             )
         )
-        self.blocks = stacked(lambda r: VisionBlock(cfg, sh, dtype, param_dtype, r), cfg.depth, rngs)
+
+    def build_outputs(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType,
+                      rngs: nnx.Rngs) -> None:
         self.merger = PatchMerger(cfg, sh, dtype, param_dtype, rngs)
-        self.dtype = dtype
-        self.remat = remat
-        self.scan_layers = scan_layers
         self.batch_axes = sh.act_btd[0] if len(sh.act_btd) else None  # the mesh axes a batch splits over
 
     def rope(self, rope_hw: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -328,14 +382,8 @@ class VisionTransformer(nnx.Module):
         # Block-diagonal attention: within windows for most blocks, within whole frames for
         # `fullatt_block_indexes` (HF's cu_window_seqlens / cu_seqlens).
         graphdef, state = nnx.split(self.blocks)
-
-        def block(gather):
-            def step(h, block_state):
-                return nnx.merge(graphdef, block_state)(h, cos, sin, gather), None
-
-            return with_remat(step, self.remat)
-
-        window, full = block(layout.window_gather), block(layout.image_gather)
+        window = self.block_step(graphdef, cos, sin, layout.window_gather)
+        full = self.block_step(graphdef, cos, sin, layout.image_gather)
         depth, fullatt = self.cfg.depth, tuple(self.cfg.fullatt_block_indexes)
         take = lambda tree, index: jax.tree.map(lambda a: a[index], tree)
         if not self.scan_layers:

@@ -171,7 +171,12 @@ class VisionLanguageModel(nnx.Module):
         *,
         vision_layout: Any | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, S, D] (the model without its LM head)."""
+        """Final-normed hidden states [B, S, D] (the model without its LM head).
+
+        input_ids [B, S] int; attention_mask [B, S] (1 real, 0 pad); pixel_values
+        [patches, C*T*P*P] of all images of the batch; image_grid_thw [images, 3]; position_ids
+        [3, B, S] or [B, S] (default: get_rope_index); vision_layout: `self.vision_layout(...)`
+        computed on the host (required under jit when there are images)."""
         if position_ids is None and pixel_values is not None and image_grid_thw is None:
             raise ValueError(
                 "pixel_values given without image_grid_thw: the 3D positions need it (pass image_grid_thw, "
@@ -185,23 +190,10 @@ class VisionLanguageModel(nnx.Module):
         hidden, _ = self.language_model(emb, position_ids, attention_mask, deepstack=deepstack)
         return hidden
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        pixel_values: jax.Array | None = None,
-        image_grid_thw: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        vision_layout: Any | None = None,
-    ) -> jax.Array:
-        """input_ids [B, S] int; attention_mask [B, S] (1 real, 0 pad); pixel_values
-        [patches, C*T*P*P] of all images of the batch; image_grid_thw [images, 3]; position_ids
-        [3, B, S] or [B, S] (default: get_rope_index). Returns logits [B, S, vocab] fp32."""
-        h = self.hidden_states(
-            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_layout=vision_layout
-        )
-        return self.logits(h)
+    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
+        """Logits [B, S, vocab] fp32 of `hidden_states(...)` (the same arguments: input_ids,
+        attention_mask, pixel_values, image_grid_thw, position_ids, vision_layout=)."""
+        return self.logits(self.hidden_states(*args, **kwargs))
 
     @classmethod
     def trainable_filter(cls, freeze_vision: bool = False, train_merger: bool = True) -> nnx.filterlib.Filter:

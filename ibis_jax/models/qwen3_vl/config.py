@@ -11,13 +11,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any
+from typing import Any, ClassVar
 
-from ibis_jax.models.qwen2_5_vl.config import ShardingConfig  # noqa: F401  (re-exported)
+from ibis_jax.models.qwen2_5_vl.config import ShardingConfig
+from ibis_jax.models.qwen2_5_vl.vlm_config import (TINY_TEXT, TINY_VISION, VisionLanguageConfig, VisionSizes,
+                                                   read_hf_config, rope_parameters, text_kwargs, token_ids_of,
+                                                   vision_kwargs)
+
+__all__ = ["Qwen3VLConfig", "ShardingConfig", "TextConfig", "VisionConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(VisionSizes):
     """The ViT of Qwen3-VL (HF `vision_config`): SigLIP-2 style blocks (LayerNorm, gelu-tanh MLP
     with biases), a learned absolute position table, 2D RoPE, full attention per image frame."""
 
@@ -35,15 +40,6 @@ class VisionConfig:
     rope_theta: float = 10000.0
     hidden_act: str = "gelu_pytorch_tanh"
     initializer_range: float = 0.02
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one flattened patch row of `pixel_values`: C * T * P * P."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @property
     def num_grid_per_side(self) -> int:
@@ -73,43 +69,25 @@ class TextConfig:
     eos_token_id: int | list[int] | None = 151645
     pad_token_id: int | None = None
 
-    # The switches of the shared decoder (`qwen2_5_vl.text`) that make it Qwen3: properties, so
-    # they are fixed for the family and never written to config.json.
-    @property
-    def qkv_bias(self) -> bool:
-        return False
-
-    @property
-    def qk_norm(self) -> bool:
-        return True
-
-    @property
-    def mrope_interleaved(self) -> bool:
-        return True
+    # The switches of the shared decoder (`qwen2_5_vl.text`) that make it Qwen3: class constants,
+    # so they are fixed for the family and never written to config.json.
+    qkv_bias: ClassVar[bool] = False
+    qk_norm: ClassVar[bool] = True
+    mrope_interleaved: ClassVar[bool] = True
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3VLConfig:
+class Qwen3VLConfig(VisionLanguageConfig):
     """Everything that defines the computation of `Qwen3VLForConditionalGeneration`."""
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    tie_word_embeddings: bool = False
 
-    @property
-    def multimodal_token_ids(self) -> tuple[int, ...]:
-        """The placeholder ids the processor writes around and for visual tokens (never to be
-        generated: each image-pad id is a slot for the next visual feature)."""
-        return (self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id)
+    model_type: ClassVar[str] = "qwen3_vl"
+    architecture: ClassVar[str] = "Qwen3VLForConditionalGeneration"
 
-    def __post_init__(self):
+    def check(self) -> None:
         v, t = self.vision, self.text
-        if v.hidden_size % v.num_heads:
-            raise ValueError(f"vision_config.hidden_size {v.hidden_size} not divisible by num_heads {v.num_heads}")
         if v.head_dim % 4:
             raise ValueError(f"vision_config head_dim {v.head_dim} must be a multiple of 4 (2D RoPE over h and w)")
         if v.num_grid_per_side**2 != v.num_position_embeddings:
@@ -124,16 +102,6 @@ class Qwen3VLConfig:
             )
         if len(v.deepstack_visual_indexes) > t.num_hidden_layers:
             raise ValueError("vision_config.deepstack_visual_indexes has more entries than text decoder layers")
-        if t.num_attention_heads % t.num_key_value_heads:
-            raise ValueError("text_config.num_attention_heads must be a multiple of num_key_value_heads")
-        if 2 * sum(t.mrope_section) != t.head_dim:
-            raise ValueError(
-                f"text_config rope mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}"
-            )
-        if v.out_hidden_size != t.hidden_size:
-            raise ValueError(
-                f"vision_config.out_hidden_size {v.out_hidden_size} must equal text hidden_size {t.hidden_size}"
-            )
         if v.hidden_act != "gelu_pytorch_tanh":
             raise ValueError("vision_config.hidden_act must be 'gelu_pytorch_tanh' (as in every released Qwen3-VL)")
         if t.hidden_act != "silu":
@@ -174,28 +142,9 @@ class Qwen3VLConfig:
         head_dim 48 != hidden / heads (as the 4B), so a wrong head_dim cannot pass parity.
         `token_ids` overrides image_token_id / vision_start_token_id / ... to match a small tokenizer."""
         return cls(
-            vision=VisionConfig(
-                depth=4,
-                hidden_size=64,
-                intermediate_size=96,
-                num_heads=4,
-                out_hidden_size=128,
-                num_position_embeddings=64,
-                deepstack_visual_indexes=(0, 2),
-            ),
-            text=TextConfig(
-                vocab_size=vocab_size,
-                hidden_size=128,
-                intermediate_size=256,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=48,
-                mrope_section=(8, 8, 8),
-                max_position_embeddings=4096,
-                bos_token_id=None,
-                eos_token_id=None,
-            ),
+            vision=VisionConfig(**TINY_VISION, num_position_embeddings=64, deepstack_visual_indexes=(0, 2)),
+            text=TextConfig(**TINY_TEXT, vocab_size=vocab_size, num_hidden_layers=3, head_dim=48,
+                            mrope_section=(8, 8, 8)),
             **token_ids,
         )
 
@@ -204,85 +153,37 @@ class Qwen3VLConfig:
     def from_hf_config(cls, config: dict[str, Any] | str | os.PathLike) -> "Qwen3VLConfig":
         """Build from an HF `config.json` dict, file path, or model directory (nested layout:
         `text_config` with `rope_parameters` or the older `rope_scaling`, `vision_config`)."""
-        if not isinstance(config, dict):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            from ibis_jax.fileio import read_json
-
-            config = read_json(path, "model config (config.json)")
-        if config.get("model_type") not in (None, "qwen3_vl"):
-            raise ValueError(
-                f"config model_type is {config.get('model_type')!r}; expected 'qwen3_vl' "
-                "(MoE checkpoints, 'qwen3_vl_moe', are not supported by this port)"
-            )
+        config = read_hf_config(config, cls.model_type,
+                                " (MoE checkpoints, 'qwen3_vl_moe', are not supported by this port)")
         text = dict(config.get("text_config") or {})
         if text.get("attention_bias"):
             raise ValueError("config text_config.attention_bias=true is not supported (released Qwen3-VL: false)")
-        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        rope = rope_parameters(text)
         if rope.get("rope_type", "default") not in ("default", None):
             raise ValueError(f"config text_config rope_type {rope.get('rope_type')!r}: only 'default' is supported")
         if rope.get("mrope_interleaved") is False:
             raise ValueError("config text_config mrope_interleaved=false: Qwen3-VL always interleaves the mRoPE axes")
-        tkw = {f.name: text[f.name] for f in dataclasses.fields(TextConfig) if f.name in text}
+        tkw = text_kwargs(TextConfig, text)
         if tkw.get("num_key_value_heads") is None:
             tkw["num_key_value_heads"] = tkw.get("num_attention_heads", TextConfig.num_attention_heads)
         if tkw.get("head_dim") is None:
             tkw.pop("head_dim", None)
-        tkw["rope_theta"] = float(rope.get("rope_theta", text.get("rope_theta", TextConfig.rope_theta)))
-        tkw["mrope_section"] = tuple(rope.get("mrope_section", TextConfig.mrope_section))
 
         vis = dict(config.get("vision_config") or {})
-        vkw = {f.name: vis[f.name] for f in dataclasses.fields(VisionConfig) if f.name in vis}
-        for name in ("patch_size", "temporal_patch_size"):
-            if isinstance(vkw.get(name), (list, tuple)):
-                raise ValueError(f"config vision_config.{name} must be an int")
-        vrope = vis.get("rope_parameters") or {}
-        vkw["rope_theta"] = float(vrope.get("rope_theta", vis.get("rope_theta", VisionConfig.rope_theta)))
-        vkw["deepstack_visual_indexes"] = tuple(vkw.get("deepstack_visual_indexes",
-                                                        VisionConfig.deepstack_visual_indexes))
-
+        vkw = vision_kwargs(VisionConfig, vis, indexes="deepstack_visual_indexes")
         tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-        top = {
-            k: config[k]
-            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-            if k in config
-        }
-        return cls(vision=VisionConfig(**vkw), text=TextConfig(**tkw), tie_word_embeddings=bool(tie), **top)
+        return cls(vision=VisionConfig(**vkw), text=TextConfig(**tkw), tie_word_embeddings=bool(tie),
+                   **token_ids_of(config))
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The `config.json` content that transformers' `Qwen3VLConfig` reads (nested layout)."""
-        t, v = self.text, self.vision
-        text = dataclasses.asdict(t)
-        text.pop("rope_theta")
-        text.pop("mrope_section")
-        text.update(
-            model_type="qwen3_vl_text",
+    def hf_text_settings(self) -> dict[str, Any]:
+        return dict(
             rope_parameters={
                 "rope_type": "default",
-                "mrope_section": list(t.mrope_section),
+                "mrope_section": list(self.text.mrope_section),
                 "mrope_interleaved": True,
-                "rope_theta": t.rope_theta,
+                "rope_theta": self.text.rope_theta,
             },
             attention_bias=False,
             attention_dropout=0.0,
             use_cache=True,
         )
-        vision = dataclasses.asdict(v)
-        vision.pop("rope_theta")
-        vision.update(
-            model_type="qwen3_vl_vision",
-            deepstack_visual_indexes=list(v.deepstack_visual_indexes),
-            rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
-        )
-        return {
-            "architectures": ["Qwen3VLForConditionalGeneration"],
-            "model_type": "qwen3_vl",
-            "text_config": text,
-            "vision_config": vision,
-            "image_token_id": self.image_token_id,
-            "video_token_id": self.video_token_id,
-            "vision_start_token_id": self.vision_start_token_id,
-            "vision_end_token_id": self.vision_end_token_id,
-            "tie_word_embeddings": self.tie_word_embeddings,
-        }

@@ -18,8 +18,10 @@ import numpy as np
 from flax import nnx
 
 from ibis_jax.models.qwen2_5_vl.config import ShardingConfig
-from ibis_jax.models.qwen2_5_vl.layers import DType, linear, partitioned, stacked, with_remat
-from ibis_jax.models.qwen2_5_vl.vision import VisionAttention, _segment_gather, axial_rope
+from ibis_jax.models.qwen2_5_vl import vision as qwen25_vision
+from ibis_jax.models.qwen2_5_vl.layers import DType, embedding, partitioned, stacked
+from ibis_jax.models.qwen2_5_vl.vision import (VisionAttention, _segment_gather, axial_rope, block_major_positions,
+                                               vision_linear)
 
 from .config import VisionConfig
 
@@ -67,10 +69,7 @@ def vision_layout(image_grid_thw: np.ndarray, config: VisionConfig, *, per_image
     for t, h, w in grid.tolist():
         if h % m or w % m:
             raise ValueError(f"image_grid_thw ({t},{h},{w}): h and w must be multiples of merge size {m}")
-        # (row, col) of each patch in the processor's block-major order: merge blocks of m x m.
-        row, col = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        row = row.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
-        col = col.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+        row, col = block_major_positions(h, w, m)
         rope_hw.append(np.tile(np.stack([row, col], -1), (t, 1)))
         h_taps, h_w = _axis_taps(row, np.full_like(row, h), side)
         w_taps, w_w = _axis_taps(col, np.full_like(col, w), side)
@@ -102,27 +101,23 @@ def layer_norm(dim: int, spec, *, dtype: DType, param_dtype: DType, rngs: nnx.Rn
 
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
-        e, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
-        self.linear_fc1 = linear(e, f, kernel_spec=sh.vis_mlp_up_ef, bias_spec=sh.vis_bias_e, **kw)
-        self.linear_fc2 = linear(f, e, kernel_spec=sh.vis_mlp_down_fe, bias_spec=sh.vis_bias_e, **kw)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
+        self.linear_fc1 = proj(cfg.hidden_size, cfg.intermediate_size, sh.vis_mlp_up_ef)
+        self.linear_fc2 = proj(cfg.intermediate_size, cfg.hidden_size, sh.vis_mlp_down_fe)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=True))  # gelu_pytorch_tanh
 
 
-class VisionBlock(nnx.Module):
+class VisionBlock(qwen25_vision.VisionBlock):
+    """Qwen2.5-VL's pre-norm block (the same attention) with LayerNorms and the gelu-tanh MLP."""
+
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layer_norm(cfg.hidden_size, sh.vis_bias_e, **kw)
         self.norm2 = layer_norm(cfg.hidden_size, sh.vis_bias_e, **kw)
-        self.attn = VisionAttention(cfg, sh, dtype, param_dtype, rngs)  # same as Qwen2.5-VL's
+        self.attn = VisionAttention(cfg, sh, dtype, param_dtype, rngs)
         self.mlp = VisionMLP(cfg, sh, dtype, param_dtype, rngs)
-
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, gather: jax.Array) -> jax.Array:
-        """x [L, E]; cos/sin [L, head_dim] fp32; gather [frames, len] -> [L, E]."""
-        x = x + self.attn(self.norm1(x), cos, sin, gather)
-        return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nnx.Module):
@@ -132,12 +127,11 @@ class PatchMerger(nnx.Module):
     def __init__(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
                  *, postshuffle: bool):
         inner = cfg.hidden_size * cfg.spatial_merge_size**2
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
         self.norm = layer_norm(inner if postshuffle else cfg.hidden_size, sh.vis_bias_e, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
-        self.linear_fc1 = linear(inner, inner, kernel_spec=sh.merger_up_mm, bias_spec=sh.vis_bias_e, **kw)
-        self.linear_fc2 = linear(inner, cfg.out_hidden_size, kernel_spec=sh.merger_down_md,
-                                 bias_spec=sh.vis_bias_e, **kw)
+        self.linear_fc1 = proj(inner, inner, sh.merger_up_mm)
+        self.linear_fc2 = proj(inner, cfg.out_hidden_size, sh.merger_down_md)
         self.inner = inner
         self.postshuffle = postshuffle
 
@@ -153,7 +147,7 @@ def block_segments(depth: int, taps: tuple[int, ...]) -> list[tuple[int, int]]:
     return list(zip([0, *bounds[:-1]], bounds))
 
 
-class VisionTransformer(nnx.Module):
+class VisionTransformer(qwen25_vision.VisionTower):
     """Patch embedding, position table, the stacked blocks (`blocks`: every parameter
     [depth, ...]), the merger and the stacked DeepStack mergers (`deepstack_merger_list`:
     [len(deepstack_visual_indexes), ...], None when there are none).
@@ -163,40 +157,24 @@ class VisionTransformer(nnx.Module):
     remat: a policy name of `layers.REMAT_POLICIES`, per block.
     """
 
-    def __init__(
-        self,
-        cfg: VisionConfig,
-        sh: ShardingConfig,
-        *,
-        dtype: DType,
-        param_dtype: DType,
-        remat: str = "none",
-        scan_layers: bool = True,
-        rngs: nnx.Rngs,
-    ):
-        self.cfg = cfg
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+    block_class = VisionBlock
+
+    def build_inputs(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType,
+                     rngs: nnx.Rngs) -> None:
         # Conv3d with stride = kernel is a matmul over flattened patches (kernel [C*T*P*P, E]).
-        self.patch_embed = linear(cfg.patch_dim, cfg.hidden_size, bias=True, kernel_spec=sh.patch_pe,
-                                  bias_spec=sh.vis_bias_e, **kw)
-        self.pos_embed = nnx.Embed(
-            cfg.num_position_embeddings,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=partitioned(nnx.initializers.normal(cfg.initializer_range), sh.patch_pe),
-            rngs=rngs,
-        )
-        self.blocks = stacked(lambda r: VisionBlock(cfg, sh, dtype, param_dtype, r), cfg.depth, rngs)
+        proj = vision_linear(cfg, sh, dtype, param_dtype, rngs)
+        self.patch_embed = proj(cfg.patch_dim, cfg.hidden_size, sh.patch_pe)
+        self.pos_embed = embedding(cfg.num_position_embeddings, cfg.hidden_size, spec=sh.patch_pe, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+
+    def build_outputs(self, cfg: VisionConfig, sh: ShardingConfig, dtype: DType, param_dtype: DType,
+                      rngs: nnx.Rngs) -> None:
         self.merger = PatchMerger(cfg, sh, dtype, param_dtype, rngs, postshuffle=False)
         n_taps = len(cfg.deepstack_visual_indexes)
         self.deepstack_merger_list = (
             stacked(lambda r: PatchMerger(cfg, sh, dtype, param_dtype, r, postshuffle=True), n_taps, rngs)
             if n_taps else None
         )
-        self.dtype = dtype
-        self.remat = remat
-        self.scan_layers = scan_layers
 
     def encode(self, pixel_values: jax.Array, layout: VisionLayout) -> tuple[jax.Array, list[jax.Array]]:
         """pixel_values [L, C*T*P*P] -> (hidden states after the last block [L, E], the hidden
@@ -207,11 +185,7 @@ class VisionTransformer(nnx.Module):
         x = x + pos.astype(x.dtype)
         cos, sin = axial_rope(layout.rope_hw, self.cfg.head_dim, self.cfg.rope_theta)
         graphdef, state = nnx.split(self.blocks)
-
-        def step(h, block_state):
-            return nnx.merge(graphdef, block_state)(h, cos, sin, layout.image_gather), None
-
-        step = with_remat(step, self.remat)
+        step = self.block_step(graphdef, cos, sin, layout.image_gather)
         taps = []
         for start, stop in block_segments(self.cfg.depth, tuple(self.cfg.deepstack_visual_indexes)):
             if self.scan_layers:

@@ -106,11 +106,10 @@ class TrainLoop:
                 step = record["step"]
                 if pending is not None:
                     self.log_metrics(pending)  # the previous step's (its hooks may ask to stop: seen just below)
-                pending = record
                 if not self.metrics_late:
                     self.log_metrics(record)
-                    pending = None
                 sigterm = self.stop_requested(record)  # the step's one host collective
+                pending = record if self.metrics_late else None
                 if self.bar is not None:
                     self.bar.update(1)
                 stop = sigterm or step == self.stop_at_step
@@ -195,7 +194,8 @@ class TrainLoop:
         """Show a written step (a log line, the progress bar)."""
 
     def stop_requested(self, record: dict[str, Any]) -> bool:
-        """Whether any process got SIGTERM (a collective: all processes stop at the same step)."""
+        """Whether any process got SIGTERM (a collective: all processes stop at the same step).
+        With `metrics_late` it may complete the record, whose metrics are written after it."""
         return self.preemption.requested()
 
     def data_state(self, step: int) -> Any:

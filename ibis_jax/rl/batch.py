@@ -12,6 +12,11 @@ Arrays are padded to a bucketed length, and the number of rows to a multiple of 
 mesh's batch divisor, or 8) from a bounded set (`row_bucket`), so the jitted steps see few shapes
 although the number of turns changes from step to step, and few rows are padding. Padding rows repeat the last real turn with an empty loss mask and advantage 0: they
 carry no loss and leave the sequence count of the loss denominator unchanged.
+
+The update takes the turns as ``grad_accum`` micro-batches of one shape (`micro_batches`); on
+several processes each process's micro-batches are padded to the shapes of the largest share
+(`agree_micro_batches`, a collective), and a process that kept no turn supplies inert rows
+(`inert_rows`).
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from ibis_jax.agent.encoding import encode_conversation
 from ibis_jax.buckets import fit_bucket
 from ibis_jax.agent.loop import PolicyTurn
+from ibis_jax.train import core
 
 
 @dataclasses.dataclass
@@ -137,3 +144,82 @@ def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequen
     return GRPOBatch(input_ids, attention, targets, loss_mask,
                      np.asarray([ex.advantage for ex in examples] + [0.0] * (b - real), np.float32),
                      row_weights, sampler_lp, pixel_values, grid)
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "advantages", "row_weights", "pixel_values",
+              "image_grid_thw")
+
+
+def micro_batches(examples: Sequence[TurnExample], processor, buckets: Sequence[int], grad_accum: int,
+                  eos_ids: Sequence[int], image_size: int, tokens_per_trajectory: dict[int, int] | None = None,
+                  pad_to: int = 8) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The turns as `grad_accum` micro-batches [A, ...] of one sequence length and row count
+    (contiguous groups of turns; padding rows carry no loss), and the sampler log-probs [A, b, S].
+    The loss is a sum over rows with per-row weights, so the update equals one batch.
+    tokens_per_trajectory: N_i of the whole rollout batch when ``examples`` is a mini-batch of it."""
+    counts = tokens_per_trajectory if tokens_per_trajectory is not None else trajectory_tokens(examples)
+    whole = build_grpo_batch(examples, processor, buckets, eos_ids, pad_to, image_size=image_size,
+                             tokens_per_trajectory=counts)
+    if grad_accum == 1:
+        parts = [whole]
+    else:
+        per = -(-len(examples) // grad_accum)
+        rows = row_bucket(per, max(1, whole.input_ids.shape[0] // grad_accum))
+        groups = [examples[i * per:(i + 1) * per] for i in range(grad_accum)]
+        if any(not g for g in groups):
+            raise ValueError(f"{len(examples)} policy turns do not fill grad_accum={grad_accum} micro-batches")
+        parts = [build_grpo_batch(g, processor, (whole.input_ids.shape[1],), eos_ids, pad_rows=rows,
+                                  image_size=image_size, tokens_per_trajectory=counts) for g in groups]
+    shapes = {np.shape(getattr(p, "pixel_values")) for p in parts}
+    if len(shapes) > 1:
+        raise ValueError("grad_accum > 1 needs the same number of images in every micro-batch (history=none)")
+    arrays = {k: np.stack([getattr(p, k) for p in parts]) for k in BATCH_KEYS}
+    return arrays, np.stack([p.sampler_logprobs for p in parts])
+
+
+def inert_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Micro-batches whose rows carry no loss, no advantage and no weight (a process's share of
+    an update when it kept no turn): they enter no sum and no denominator of the loss."""
+    out = dict(arrays)
+    for k in ("loss_mask", "advantages", "row_weights"):
+        out[k] = np.zeros_like(arrays[k])
+    return out
+
+
+def agree_micro_batches(arrays: dict[str, np.ndarray], sampler_lp: np.ndarray) -> tuple[dict[str, np.ndarray],
+                                                                                       np.ndarray]:
+    """This process's micro-batches ``[A, rows, S]`` as its part of a global batch: padded to the
+    most rows and the longest bucket of any process (extra rows repeat the last one with no loss,
+    its image too; extra columns are padding), with the image grids of every process's images
+    (every turn has one image of the same square grid). A collective: every process calls it."""
+    a, rows, length = arrays["input_ids"].shape
+    grids = arrays["image_grid_thw"]
+    if grids.shape[1] != rows or np.any(grids != grids[0, 0]):
+        raise ValueError(f"GRPO on several processes needs one image of one grid per turn, got {grids.shape[1]} "
+                         f"images for {rows} rows")
+    shapes = core.gather_rows(np.asarray([[rows, length, *grids[0, 0]]]), jax.process_count())
+    if np.any(shapes[:, 2:] != shapes[0, 2:]):
+        raise ValueError(f"processes have different image grids {shapes[:, 2:].tolist()}: give every process the "
+                         "same image_size")
+    want_rows, want_len = int(shapes[:, 0].max()), int(shapes[:, 1].max())
+    out = dict(arrays)
+    extra_cols = ((0, 0), (0, 0), (0, want_len - length))
+    for k in ("input_ids", "attention_mask", "targets", "loss_mask"):
+        out[k] = np.pad(arrays[k], extra_cols)
+    sampler_lp = np.pad(sampler_lp, extra_cols)
+    extra = want_rows - rows
+    if extra:
+        def more(x, fill=None):  # x [A, rows, ...] -> the last row repeated (or `fill`) at the end
+            last = np.repeat(x[:, -1:], extra, axis=1)
+            return np.concatenate([x, last if fill is None else np.full_like(last, fill)], axis=1)
+
+        for k in ("input_ids", "attention_mask", "targets"):
+            out[k] = more(out[k])
+        for k in ("loss_mask", "advantages", "row_weights"):
+            out[k] = more(out[k], 0)
+        sampler_lp = more(sampler_lp, 0)
+        per_image = arrays["pixel_values"].shape[1] // rows
+        last = arrays["pixel_values"][:, -per_image:]
+        out["pixel_values"] = np.concatenate([arrays["pixel_values"], np.tile(last, (1, extra, 1))], axis=1)
+    out["image_grid_thw"] = np.tile(grids[:, :1], (1, want_rows * jax.process_count(), 1))
+    return out, sampler_lp

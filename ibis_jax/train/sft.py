@@ -1,8 +1,11 @@
-"""Cold-start SFT (docs/design.md section 5): one linear `train(config, data_dir, workdir)`.
+"""Cold-start SFT (docs/design.md section 5): `train(config, data_dir, workdir)`.
 
-Sections: distributed + mesh, model config and tokenizer, input pipeline, optimizer, init or
-restore, the update step, the loop (metrics, checkpoints, SIGTERM), export. The same code runs
-on a laptop CPU, a GPU node and a TPU pod slice; only the config differs (see configs/).
+`SFTLoop` is the shared training loop (`ibis_jax.train.loop`: init or restore, the steps,
+SIGTERM, metrics, checkpoints, export) with SFT's phases: the model config and tokenizer
+(`resolve_model`), the grain input pipeline (its iterator state checkpointed with the train
+state), the ``sft`` loss, and metrics fetched a step late with throughput and MFU. The host-batch
+helpers here (`with_vision_layout`, `to_global`, the row checksums) serve GRPO too. The same code
+runs on a laptop CPU, a GPU node and a TPU pod slice; only the config differs (see configs/).
 """
 
 from __future__ import annotations
@@ -12,27 +15,25 @@ import math
 import os
 import time
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ibis_jax.agent.settings import AgentSettings
-from ibis_jax.compilation import CompileCounter
 from ibis_jax.models import family, model_config_from_hf, preset_config
 from ibis_jax.train import core
 from ibis_jax.train import mesh as mesh_lib
-from ibis_jax.train.checkpoint import Checkpointer, export_hf
-from ibis_jax.train.config import TrainConfig, to_dict
+from ibis_jax.train.config import TrainConfig
+from ibis_jax.train.loop import StepHook, TrainLoop
 from ibis_jax.train.loss import LOSSES
-from ibis_jax.train.metrics import MetricsWriter, last_metrics, peak_flops_per_device, step_flops
+from ibis_jax.train.metrics import last_metrics, peak_flops_per_device, step_flops
 from ibis_jax.train.optim import make_optimizer
 from ibis_jax.train.pipeline import make_pipeline
 from ibis_jax.train.program import build_program
 
 log = logging.getLogger(__name__)
-StepHook = Callable[[int, dict[str, float]], None]
 
 
 TINY_VOCAB = 2048  # BPE merges fitted to the dataset's texts: the system prompt takes ~100 tokens
@@ -150,6 +151,122 @@ def agree_across_processes(batch: dict[str, np.ndarray], pad_id: int) -> dict[st
     return batch
 
 
+class SFTLoop(TrainLoop):
+    """SFT in the shared loop: batches from the grain pipeline, the ``sft`` loss, metrics a step
+    late (one host collective per step: the SIGTERM flag and the batch's row checksums)."""
+
+    name = "sft"
+    metrics_late = True
+
+    def __init__(self, config: TrainConfig, data_dir: str, workdir: str, *, devices: Sequence[Any] | None = None,
+                 **loop_options):
+        super().__init__(config, workdir, **loop_options)
+        self.data_dir, self.devices = data_dir, devices
+
+    def check_inputs(self) -> None:
+        from ibis_jax.data.records import check_dataset
+
+        check_dataset(self.data_dir)  # a missing, empty or corrupt dataset is named before anything is written
+
+    def check_processes(self) -> None:
+        if jax.process_count() > 1 and self.config.history != "none":
+            raise ValueError("history=full on several processes is not supported yet (padding images of one "
+                             "process would be read by another's image tokens); use history=none")
+
+    def build(self) -> None:
+        """Mesh; model config and tokenizer; the input pipeline; optimizer and program."""
+        config = self.config
+        self.mesh = mesh = mesh_lib.make_mesh(config.mesh_shape, self.devices)
+        log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+        self.model_config, self.export_source = resolve_model(config, self.workdir, self.data_dir)
+        self.pipeline = make_pipeline(self.data_dir, self.export_source, config, process_index=jax.process_index(),
+                                      process_count=jax.process_count(),
+                                      image_kwargs=family(self.model_config).processor(self.export_source).image_kwargs)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * self.pipeline.steps_per_epoch))
+        self.data_iter = self.pipeline.iterator()
+        tx, schedule = make_optimizer(config, self.total_steps)
+        self.program = build_program(config, self.model_config, mesh, tx, schedule)  # what `ibis-jax plan` compiles
+        self.settings = AgentSettings.from_train_config(config)
+
+    def initial_state(self):
+        key = jax.random.key(self.config.seed)
+        return self.program.from_hf(self.config.hf_dir, key) if self.config.hf_dir else self.program.init(key)
+
+    def resumed_state(self, saved, data_state):
+        self.data_iter.set_state(data_state)
+        return super().resumed_state(saved, data_state)  # the frozen base from where it came
+
+    def prepare_steps(self) -> None:
+        """The first batch (its shapes give the batch shardings), the jitted step, the clock."""
+        self.layout_cache: dict = {}
+        self.batch = self.next_batch()
+        self.batch_shardings = self.program.batch_shardings(self.batch, processes=jax.process_count())
+        self.step_fn = self.program.train_step(LOSSES["sft"], self.batch_shardings)
+        self.peak = peak_flops_per_device(self.config.compute_dtype, self.config.peak_flops) * self.mesh.size
+        self.clock = {"last": time.perf_counter(), "step": self.start}
+
+    def next_batch(self) -> dict[str, Any]:
+        batch = dict(agree_across_processes(next(self.data_iter), self.pipeline.collate.pad_id))
+        batch.pop("num_images")  # a host-side count: the step (and `ibis-jax plan`) never takes it
+        batch["pixel_values"] = batch["pixel_values"].astype(image_dtype(self.config))  # half the bytes in bf16
+        return with_vision_layout(batch, self.model_config.vision, self.layout_cache)
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Dispatch the update on the next batch (built, and sent, while the previous step still
+        runs on the device)."""
+        batch = self.batch if self.batch is not None else self.next_batch()
+        self.batch = None
+        self.state, metrics = self.step_fn(self.state, to_global(batch, self.batch_shardings))
+        shapes, processes = batch["input_ids"].shape, jax.process_count()
+        patches = batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]
+        flops = step_flops(
+            self.model_config, tokens=shapes[0] * shapes[1] * shapes[2] * processes, seq_len=shapes[2],
+            sequences=shapes[0] * shapes[1] * processes, patches=patches * processes,
+            freeze_vision=self.config.freeze_vision, image_size=self.config.image_size,
+        )
+        return {"step": step + 1, "metrics": metrics, "flops": flops, "checksums": row_checksums(batch)}
+
+    def stop_requested(self, record: dict[str, Any]) -> bool:
+        """The SIGTERM flag and every process's row checksums, in one collective."""
+        sigterm, rows = self.preemption.requested_with(record.pop("checksums"))
+        record["fingerprint"] = fingerprint(rows)
+        return sigterm
+
+    def step_metrics(self, record: dict[str, Any]) -> dict[str, float]:
+        """The step's metrics fetched from the device (a step late: the next step is queued, so
+        the host never waits on the device just to log), with throughput and MFU."""
+        done = record["step"]
+        m = {k: float(v) for k, v in jax.device_get(record["metrics"]).items()}
+        now = time.perf_counter()
+        dt = (now - self.clock["last"]) / max(1, done - self.clock["step"])
+        self.clock["last"], self.clock["step"] = now, done
+        m["step_time_s"] = dt
+        m["text_tokens_per_s"] = m["text_tokens"] / dt
+        m["image_tokens_per_s"] = m["image_tokens"] / dt
+        m["mfu"] = record["flops"] / dt / self.peak
+        m["data_fingerprint"] = float(record["fingerprint"])
+        return m
+
+    def log_due(self, step: int) -> bool:
+        return step % self.config.log_every == 0 or step == self.total_steps
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['text_tokens_per_s']:.0f}",
+                                 img_tok_s=f"{metrics['image_tokens_per_s']:.0f}")
+
+    def data_state(self, step: int) -> Any:
+        return self.data_iter.get_state()
+
+    def result(self, step: int, programs: dict[str, int]) -> dict[str, Any]:
+        already_finished = self.start >= self.total_steps  # a rerun of a finished run: nothing trained
+        return {"step": step, "total_steps": self.total_steps, "finished": step >= self.total_steps,
+                "state": self.state, "programs": programs, "program": self.program, "step_fn": self.step_fn,
+                "model_def": self.program.model_def,
+                "metrics": last_metrics(self.workdir, self.start) if already_finished else self.metrics,
+                "tokenizer_dir": self.export_source, "already_finished": already_finished}
+
+
 def train(
     config: TrainConfig,
     data_dir: str,
@@ -164,159 +281,8 @@ def train(
 
     stop_at_step: save and return after this step, as a preemption would (tests).
     """
-    from ibis_jax.data.records import check_dataset
-
-    from ibis_jax.fileio import local_workdir
-
-    check_dataset(data_dir)  # a missing, empty or corrupt dataset is named before anything is written
-    os.makedirs(local_workdir(workdir), exist_ok=True)
-    # ---------------------------------------------------------------- distributed + mesh
-    core.init_distributed()  # no-op when the command did it (--coordinator ...) or alone
-    compiles = CompileCounter()
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_count() > 1 and config.history != "none":
-        raise ValueError("history=full on several processes is not supported yet (padding images of one process "
-                         "would be read by another's image tokens); use history=none")
-    mesh = mesh_lib.make_mesh(config.mesh_shape, devices)
-    log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
-
-    # ---------------------------------------------------------------- model config, tokenizer
-    model_config, tokenizer_dir = resolve_model(config, workdir, data_dir)
-
-    # ---------------------------------------------------------------- input pipeline
-    pipeline = make_pipeline(
-        data_dir, tokenizer_dir, config, process_index=jax.process_index(), process_count=jax.process_count(),
-        image_kwargs=family(model_config).processor(tokenizer_dir).image_kwargs,
-    )
-    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * pipeline.steps_per_epoch))
-    data_iter = pipeline.iterator()
-
-    # ---------------------------------------------------------------- model and optimizer
-    tx, schedule = make_optimizer(config, total_steps)
-    key = jax.random.key(config.seed)
-    program = build_program(config, model_config, mesh, tx, schedule)  # what `ibis-jax plan` compiles
-    model_def = program.model_def
-
-    # ---------------------------------------------------------------- init or restore
-    ckpt = Checkpointer(workdir, config.keep_checkpoints)
-    restored = ckpt.restore_latest(program.abstract)  # logs "resumed from step N"
-    if restored is not None:
-        saved, data_state, _, start = restored
-        data_iter.set_state(data_state)
-        state = program.resume(saved, config.hf_dir, key)  # the frozen base from where it came
-    elif config.hf_dir:
-        state, start = program.from_hf(config.hf_dir, key), 0
-    else:
-        state, start = program.init(key), 0
-
-    # ---------------------------------------------------------------- the update step
-    layout_cache: dict = {}
-    pad_id = pipeline.collate.pad_id
-
-    def next_batch() -> dict[str, Any]:
-        batch = dict(agree_across_processes(next(data_iter), pad_id))
-        batch.pop("num_images")  # a host-side count: the step (and `ibis-jax plan`) never takes it
-        batch["pixel_values"] = batch["pixel_values"].astype(image_dtype(config))  # half the bytes in bf16
-        return with_vision_layout(batch, model_config.vision, layout_cache)
-
-    first = next_batch()
-    batch_shardings = program.batch_shardings(first, processes=jax.process_count())
-    step_fn = program.train_step(LOSSES["sft"], batch_shardings)
-    peak = peak_flops_per_device(config.compute_dtype, config.peak_flops) * mesh.size
-
-    # ---------------------------------------------------------------- the loop
-    preemption = core.Preemption()  # SIGTERM: finish the step, checkpoint (all processes), exit
-    writer = MetricsWriter(workdir, start_step=start)
-    bar = _progress(progress, start, total_steps)
-    metrics_out: dict[str, float] = {}
-    clock = {"last": time.perf_counter(), "step": start}
-
-    def log_step(pending: dict[str, Any]) -> None:
-        """Write a dispatched step's metrics (fetched a step late: the next step is already
-        queued, so the host never waits on the device just to log)."""
-        nonlocal metrics_out
-        done = pending["step"]
-        m = {k: float(v) for k, v in jax.device_get(pending["metrics"]).items()}
-        now = time.perf_counter()
-        dt = (now - clock["last"]) / max(1, done - clock["step"])
-        clock["last"], clock["step"] = now, done
-        m["step_time_s"] = dt
-        m["text_tokens_per_s"] = m["text_tokens"] / dt
-        m["image_tokens_per_s"] = m["image_tokens"] / dt
-        m["mfu"] = pending["flops"] / dt / peak
-        m["data_fingerprint"] = float(pending["fingerprint"])
-        if done % config.log_every == 0 or done == total_steps:
-            writer.write(done, m)
-            metrics_out = m
-            for hook in hooks:
-                hook(done, m)
-            if bar is not None:
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['text_tokens_per_s']:.0f}",
-                                img_tok_s=f"{m['image_tokens_per_s']:.0f}")
-
-    batch = first
-    pending: dict[str, Any] | None = None
-    step = start
-    try:
-        while step < total_steps:
-            if batch is None:
-                batch = next_batch()  # host work and the transfer overlap the step still running
-            global_batch = to_global(batch, batch_shardings)
-            state, metrics = step_fn(state, global_batch)
-            step += 1
-            shapes = batch["input_ids"].shape
-            patches = batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]
-            flops = step_flops(
-                model_config, tokens=shapes[0] * shapes[1] * shapes[2] * jax.process_count(), seq_len=shapes[2],
-                sequences=shapes[0] * shapes[1] * jax.process_count(), patches=patches * jax.process_count(),
-                freeze_vision=config.freeze_vision, image_size=config.image_size,
-            )
-            if pending is not None:
-                log_step(pending)  # the previous step's (its hooks may ask to stop: seen just below)
-            # The step's one host collective: the stop flag and every process's row checksums.
-            sigterm, rows = preemption.requested_with(row_checksums(batch))
-            batch = None
-            pending = {"step": step, "metrics": metrics, "flops": flops, "fingerprint": fingerprint(rows)}
-            if bar is not None:
-                bar.update(1)
-            stop = sigterm or step == stop_at_step
-            save = step % config.checkpoint_every == 0 or step == total_steps or stop
-            if save or step == total_steps:
-                log_step(pending)
-                pending = None
-            if save:
-                ckpt.save(step, state, data_iter.get_state(), to_dict(config))
-            if stop:
-                log.info("stopping at step %d (%s); checkpoint saved", step, "SIGTERM" if sigterm else "stop_at_step")
-                break
-    finally:
-        writer.close()
-        if bar is not None:
-            bar.close()
-        preemption.close()
-    finished = step >= total_steps
-    already_finished = start >= total_steps  # a rerun of a finished run: nothing trained
-    if already_finished:
-        metrics_out = last_metrics(workdir, start)
-        log.info("%s: already finished at step %d/%d", workdir, start, total_steps)
-    # ---------------------------------------------------------------- export
-    hf_out = os.path.join(workdir, "hf")
-    if finished and config.export_hf and not (already_finished and os.path.isdir(hf_out)):
-        export_hf(model_def, state, hf_out, source_dir=tokenizer_dir, settings=AgentSettings.from_train_config(config))
-    ckpt.close()
-    programs = compiles.log("sft")
-    return {"step": step, "total_steps": total_steps, "finished": finished, "state": state, "programs": programs,
-            "program": program, "step_fn": step_fn,
-            "model_def": model_def, "metrics": metrics_out, "tokenizer_dir": tokenizer_dir,
-            "already_finished": already_finished}
+    return SFTLoop(config, data_dir, workdir, devices=devices, progress=progress, hooks=hooks,
+                   stop_at_step=stop_at_step).run()
 
 
-def _progress(enabled: bool, start: int, total: int):
-    if not enabled or jax.process_index() != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="sft", unit="step", dynamic_ncols=True)
-
-
-__all__ = ["train", "resolve_model", "with_vision_layout", "to_global", "fingerprint"]
+__all__ = ["train", "SFTLoop", "resolve_model", "with_vision_layout", "to_global", "fingerprint"]

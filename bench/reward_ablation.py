@@ -83,7 +83,7 @@ def sources(args):
 
 def make_sft(args, out: Path, train_source) -> Path:
     """Synthesis + SFT as the quickstart does (resumes); returns the HF export."""
-    from ibis_jax.data.synth import SynthConfig, run_synthesis
+    from ibis_jax.synth import SynthConfig, run_synthesis
     from ibis_jax.train.config import load_config
     from ibis_jax.train.sft import train
 

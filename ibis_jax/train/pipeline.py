@@ -33,7 +33,7 @@ import numpy as np
 from ibis_jax.agent.prompts import system_prompt
 from ibis_jax.buckets import fit_bucket
 from ibis_jax.data.records import TrajectoryDataSource
-from ibis_jax.models.qwen2_5_vl.processor import preprocess_images
+from ibis_jax.models.qwen2_5_vl.processor import preprocess_prepared
 from ibis_jax.train.config import TrainConfig
 from ibis_jax.train.samples import SFTSample, record_samples
 
@@ -151,10 +151,9 @@ class Collate:
         cap = b * c.max_images_per_sample
         blank = np.zeros((c.image_size, c.image_size, 3), np.uint8)
         # No resize happens: prepare_image already made every image image_size^2.
-        kw = {**self.image_kwargs, "min_pixels": 1, "max_pixels": 1 << 30}
-        pv, grid = preprocess_images(images + [blank] * (cap - len(images)), **kw)
+        pv, grid = preprocess_prepared(images + [blank] * (cap - len(images)), **self.image_kwargs)
         if len(images) < cap:
-            pv[len(images) * (c.image_size // kw.get("patch_size", 14)) ** 2:] = 0.0
+            pv[len(images) * (c.image_size // self.image_kwargs.get("patch_size", 14)) ** 2:] = 0.0
         return {
             "input_ids": ids, "attention_mask": mask, "targets": targets, "weights": weights,
             "action_mask": action, "pixel_values": pv.astype(np.float32), "image_grid_thw": grid.astype(np.int32),

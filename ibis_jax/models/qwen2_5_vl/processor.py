@@ -105,6 +105,14 @@ def preprocess_images(
     return np.concatenate(all_patches).astype(np.float32), np.asarray(grids, np.int64)
 
 
+def preprocess_prepared(images: Sequence[np.ndarray], **image_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`preprocess_images` of images already made square by `prepare_image` (the agent's encoder):
+    normalised and patched at their own size, never resized by the pixel bounds (Qwen3-VL's
+    released minimum of 65,536 pixels would otherwise enlarge a 128 px image and break its token
+    count). image_kwargs: a processor's `image_kwargs` (its bounds are ignored)."""
+    return preprocess_images(images, **{**image_kwargs, "min_pixels": 1, "max_pixels": 1 << 62})
+
+
 def prepare_image(image: np.ndarray, image_size: int, multiple: int = 28) -> np.ndarray:
     """RGB uint8 [H, W, 3] -> [image_size, image_size, 3] (bicubic): the one image preparation of
     training and inference. Square, so normalised click coordinates keep their meaning and every
@@ -206,10 +214,8 @@ class Qwen25VLProcessor:
         return preprocess_images(images, **self.image_kwargs)
 
     def prepared_images(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """`images` already made square by `prepare_image` (the agent's encoder): normalised and
-        patched at their own size, never resized again by the pixel bounds (Qwen3-VL's released
-        minimum of 65,536 pixels would otherwise enlarge a 128 px image and break its token count)."""
-        return preprocess_images(images, **{**self.image_kwargs, "min_pixels": 1, "max_pixels": 1 << 62})
+        """See `preprocess_prepared`."""
+        return preprocess_prepared(images, **self.image_kwargs)
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         """The chat template applied to `messages`, one `<|image_pad|>` per image."""

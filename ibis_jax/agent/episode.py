@@ -96,28 +96,35 @@ class Episode:
         initial_mask: np.ndarray | None = None,
     ):
         self.image = validate_image(image)
-        height, width = self.image.shape[:2]
+        self._start(query, gt_mask, config, episode_id, initial_mask)
+
+    def _start(self, query: str, gt_mask: np.ndarray | None, config, episode_id: str | None,
+               initial_mask: np.ndarray | None) -> None:
+        """The state every episode starts with, whatever its geometry (set before this: the
+        pixels, so that ``shape`` and ``_check_mask`` work)."""
         self.query = query
         self.config = config
         self.episode_id = episode_id or uuid.uuid4().hex
-        self.gt_mask = None if gt_mask is None else check_mask(gt_mask, self.image.shape, where="gt_mask")
-        self.initial_mask = (
-            np.zeros((height, width), dtype=bool)
-            if initial_mask is None
-            else check_mask(initial_mask, self.image.shape, where="initial_mask")
-        )
+        self.gt_mask = None if gt_mask is None else self._check_mask(gt_mask, "gt_mask")
+        self.initial_mask = (np.zeros(self.shape, dtype=bool) if initial_mask is None
+                             else self._check_mask(initial_mask, "initial_mask"))
         self.steps: list[Step] = []
         self.tool_logits: np.ndarray | None = None
         self.end_reason: str | None = None
 
     # -- state -----------------------------------------------------------------------------
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the episode's masks: ``(H, W)`` (a volume: ``(D, H, W)``)."""
+        return self.image.shape[:2]
+
+    @property
     def height(self) -> int:
-        return self.image.shape[0]
+        return self.shape[-2]
 
     @property
     def width(self) -> int:
-        return self.image.shape[1]
+        return self.shape[-1]
 
     @property
     def done(self) -> bool:

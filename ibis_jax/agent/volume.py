@@ -33,18 +33,17 @@ agent loop (``run_agent``) and the same oracle (``OraclePolicy``, whose ``volume
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Sequence
 
 import numpy as np
 
-from ibis_jax.agent.episode import Episode, EpisodeConfig, Step
+from ibis_jax.agent.episode import Episode, EpisodeConfig
 from ibis_jax.agent.grammar import Action, Click, SliceClick
 from ibis_jax.agent.overlay import DEFAULT_ALPHA, DEFAULT_COLOR, render_overlay
 from ibis_jax.agent.prompts import SYSTEM_PROMPT, user_turn
 from ibis_jax.data.clicks import SimulatedClick, error_maps
 from ibis_jax.data.sources.volumes import VolumeSample
-from ibis_jax.metrics import dice, iou, surface_dice
+from ibis_jax.metrics import dice, surface_dice
 from ibis_jax.tools.volume import VolumeSegmentationTool, validate_volume
 
 SLICE_RULES = ("changed", "uncertain", "stay", "error")
@@ -82,20 +81,11 @@ class VolumeEpisode(Episode):
     def __init__(self, volume: np.ndarray, spacing: Sequence[float], query: str, gt_mask: np.ndarray | None = None,
                  *, config: VolumeEpisodeConfig = VolumeEpisodeConfig(), episode_id: str | None = None,
                  initial_mask: np.ndarray | None = None, start_slice: int | None = None):
-        # Not Episode.__init__: the state is the same, the geometry is not.
         self.volume, self.spacing = validate_volume(volume, spacing)
-        self.query = query
-        self.config = config
-        self.episode_id = episode_id or uuid.uuid4().hex
-        self.gt_mask = None if gt_mask is None else self._check_mask(gt_mask, "gt_mask")
-        self.initial_mask = (np.zeros(self.shape, bool) if initial_mask is None
-                             else self._check_mask(initial_mask, "initial_mask"))
+        self._start(query, gt_mask, config, episode_id, initial_mask)
         self.current_slice = self.depth // 2 if start_slice is None else int(start_slice)
         if not 0 <= self.current_slice < self.depth:
             raise ValueError(f"start_slice {start_slice} out of range for {self.depth} slices")
-        self.steps: list[Step] = []
-        self.tool_logits: np.ndarray | None = None
-        self.end_reason: str | None = None
 
     # -- geometry ----------------------------------------------------------------------------
     def _check_mask(self, mask: np.ndarray, where: str) -> np.ndarray:
@@ -113,15 +103,7 @@ class VolumeEpisode(Episode):
 
     @property
     def depth(self) -> int:
-        return self.volume.shape[0]
-
-    @property
-    def height(self) -> int:
-        return self.volume.shape[1]
-
-    @property
-    def width(self) -> int:
-        return self.volume.shape[2]
+        return self.shape[0]
 
     # -- metrics -----------------------------------------------------------------------------
     @property

@@ -20,13 +20,17 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """One policy family: its package and the names of its config, model and processor classes."""
+    """One policy family: its package, the names of its config, model and processor classes, and
+    its presets (`tiny`: the CPU-sized test model; `sizes`: the released models, each a
+    constructor of that name on the config class)."""
 
     name: str  # config.json model_type
     package: str
     config_name: str
     model_name: str
     processor_name: str
+    tiny: str
+    sizes: tuple[str, ...]
 
     @property
     def module(self):
@@ -64,21 +68,15 @@ class Family:
 
 
 FAMILIES = {
-    "qwen2_5_vl": Family("qwen2_5_vl", "ibis_jax.models.qwen2_5_vl", "Qwen25VLConfig", "Qwen25VL", "Qwen25VLProcessor"),
-    "qwen3_vl": Family("qwen3_vl", "ibis_jax.models.qwen3_vl", "Qwen3VLConfig", "Qwen3VL", "Qwen3VLProcessor"),
+    "qwen2_5_vl": Family("qwen2_5_vl", "ibis_jax.models.qwen2_5_vl", "Qwen25VLConfig", "Qwen25VL", "Qwen25VLProcessor",
+                         tiny="tiny", sizes=("qwen2_5_vl_3b", "qwen2_5_vl_7b")),
+    "qwen3_vl": Family("qwen3_vl", "ibis_jax.models.qwen3_vl", "Qwen3VLConfig", "Qwen3VL", "Qwen3VLProcessor",
+                       tiny="tiny_qwen3_vl", sizes=("qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b")),
 }
 
-# Preset name -> (family, the config class's constructor). "tiny*" presets take their special
-# token ids and vocabulary from a tokenizer directory (`preset_config`).
-PRESETS = {
-    "tiny": ("qwen2_5_vl", "tiny"),
-    "tiny_qwen3_vl": ("qwen3_vl", "tiny"),
-    "qwen2_5_vl_3b": ("qwen2_5_vl", "qwen2_5_vl_3b"),
-    "qwen2_5_vl_7b": ("qwen2_5_vl", "qwen2_5_vl_7b"),
-    "qwen3_vl_2b": ("qwen3_vl", "qwen3_vl_2b"),
-    "qwen3_vl_4b": ("qwen3_vl", "qwen3_vl_4b"),
-    "qwen3_vl_8b": ("qwen3_vl", "qwen3_vl_8b"),
-}
+# Preset name -> its family. The tiny presets take their special token ids and vocabulary from a
+# tokenizer directory (`preset_config`).
+PRESETS: dict[str, Family] = {name: fam for fam in FAMILIES.values() for name in (fam.tiny, *fam.sizes)}
 
 
 def model_type(directory: str | os.PathLike) -> str:
@@ -101,7 +99,7 @@ def family(of: Any) -> Family:
     if isinstance(of, str) and of in FAMILIES:
         return FAMILIES[of]
     if isinstance(of, str) and of in PRESETS:
-        return FAMILIES[PRESETS[of][0]]
+        return PRESETS[of]
     if isinstance(of, (str, os.PathLike)):
         return FAMILIES[model_type(of)]
     module = (of if isinstance(of, type) else type(of)).__module__
@@ -116,10 +114,9 @@ def preset_config(name: str, tokenizer_dir: str | os.PathLike | None = None, **o
     vocabulary that holds every token (at least 512, a multiple of 128) from `tokenizer_dir`."""
     if name not in PRESETS:
         raise ValueError(f"model preset {name!r}: use one of {', '.join(PRESETS)} (or give an HF directory)")
-    fam, ctor = PRESETS[name]
-    cls = FAMILIES[fam].config_class
-    if ctor != "tiny":
-        return getattr(cls, ctor)()
+    fam = PRESETS[name]
+    if name in fam.sizes:
+        return getattr(fam.config_class, name)()
     from ibis_jax.models.qwen2_5_vl.tiny import special_token_ids, tokenizer_size
 
     if tokenizer_dir is None:
@@ -131,7 +128,7 @@ def preset_config(name: str, tokenizer_dir: str | os.PathLike | None = None, **o
         vocab = max(512, -(-tokenizer_size(tokenizer_dir) // 128) * 128)
     vocab = overrides.pop("vocab_size", vocab)
     ids.update(overrides)
-    return cls.tiny(vocab_size=vocab, **ids)
+    return fam.config_class.tiny(vocab_size=vocab, **ids)
 
 
 def model_config_from_hf(directory: str | os.PathLike) -> Any:

@@ -201,25 +201,13 @@ class ShardingConfig:
 
     @classmethod
     def fsdp_tensor(cls) -> "ShardingConfig":
-        """FSDP over the input dim, tensor parallel over heads / mlp dim (Megatron-style)."""
-        return cls(
-            emb_vd=P("tensor", "fsdp"),
-            lm_head_dv=P("fsdp", "tensor"),
-            q_weight_dq=P("fsdp", "tensor"),
-            kv_weight_dk=P("fsdp", "tensor"),
-            qkv_bias_q=P("tensor"),
-            o_weight_qd=P("tensor", "fsdp"),
-            mlp_up_df=P("fsdp", "tensor"),
-            mlp_down_fd=P("tensor", "fsdp"),
-            norm_d=P(),
-            head_norm_h=P(),
-            patch_pe=P(None, "fsdp"),
-            vis_qkv_e3e=P("fsdp", "tensor"),
-            vis_proj_ee=P("tensor", "fsdp"),
-            vis_bias_e=P(),
-            vis_mlp_up_ef=P("fsdp", "tensor"),
-            vis_mlp_down_fe=P("tensor", "fsdp"),
-            merger_up_mm=P("fsdp", "tensor"),
-            merger_down_md=P("tensor", "fsdp"),
-            act_btd=P(("data", "fsdp"), None, None),
-        )
+        """FSDP over the input dim, tensor parallel over heads / mlp dim (Megatron-style): the
+        kernels that fan out (q/k/v, MLP up, merger up, lm_head) split their output dim over
+        `tensor` and their input over `fsdp`; the ones that fan back in (attention out, MLP down,
+        merger down, and the [vocab, d] embedding) the other way round. Norms and vision biases
+        are replicated; activations split their batch over data x fsdp."""
+        fan_out = ("lm_head_dv", "q_weight_dq", "kv_weight_dk", "mlp_up_df", "vis_qkv_e3e", "vis_mlp_up_ef",
+                   "merger_up_mm")
+        fan_in = ("emb_vd", "o_weight_qd", "mlp_down_fd", "vis_proj_ee", "vis_mlp_down_fe", "merger_down_md")
+        return cls(**dict.fromkeys(fan_out, P("fsdp", "tensor")), **dict.fromkeys(fan_in, P("tensor", "fsdp")),
+                   qkv_bias_q=P("tensor"), patch_pe=P(None, "fsdp"), act_btd=P(("data", "fsdp"), None, None))

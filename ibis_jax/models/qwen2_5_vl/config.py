@@ -171,8 +171,8 @@ class Qwen25VLConfig(VisionLanguageConfig):
 class ShardingConfig:
     """PartitionSpecs for every parameter, named by tensor dims (mesh axes: data, fsdp, tensor).
 
-    Letters: v vocab, d model dim, f mlp dim, q q-heads*head_dim, k kv-heads*head_dim, p patch dim,
-    e vision dim, m merger dim. Kernels are stored [in, out] (flax), the transpose of HF's [out, in].
+    Letters: v vocab, d model dim, f mlp dim, q q-heads*head_dim, k kv-heads*head_dim, h head_dim
+    (Qwen3's per-head q/k norms), p patch dim, e vision dim, m merger dim. Kernels are stored [in, out] (flax), the transpose of HF's [out, in].
     """
 
     emb_vd: P = P()
@@ -184,7 +184,7 @@ class ShardingConfig:
     mlp_up_df: P = P()
     mlp_down_fd: P = P()
     norm_d: P = P()
-    head_norm_h: P = P()  # Qwen3 per-head q/k RMSNorm weights [head_dim]
+    head_norm_h: P = P()
     patch_pe: P = P()
     vis_qkv_e3e: P = P()
     vis_proj_ee: P = P()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -197,6 +198,25 @@ def with_remat(fn, policy: str):
     if policy == "none":
         return fn
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSettings:
+    """How a stack of layers (the decoder, a vision tower) is built and run: the compute and
+    parameter dtypes, the remat policy per layer (a name of `REMAT_POLICIES`), and whether one
+    `lax.scan` runs the layers (False: a Python loop over them, for debugging)."""
+
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        check_remat_policy(self.remat)
+
+    def keep(self, module: nnx.Module) -> None:
+        """Set `module.dtype`, `.remat` and `.scan_layers` (what the stack's forward pass reads)."""
+        module.dtype, module.remat, module.scan_layers = self.dtype, self.remat, self.scan_layers
 
 
 def stacked(make, n: int, rngs: nnx.Rngs):

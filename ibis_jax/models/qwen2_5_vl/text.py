@@ -20,8 +20,8 @@ from jax.sharding import PartitionSpec as P
 from ibis_jax.models.attention import causal_attention
 
 from .config import ShardingConfig, TextConfig
-from .layers import (MASK_VALUE, DType, RMSNorm, apply_rope, cached_attention, embedding, linear, run_layers,
-                     stacked)
+from .layers import (MASK_VALUE, DType, RMSNorm, StackSettings, apply_rope, cached_attention, embedding, linear,
+                     run_layers, stacked)
 from .packed import PackedLayer, packed_matmul
 
 
@@ -226,25 +226,21 @@ class TextModel(nnx.Module):
         self,
         cfg: TextConfig,
         sh: ShardingConfig,
+        stack: StackSettings,
         *,
-        dtype: DType,
-        param_dtype: DType,
-        remat: str = "none",
-        scan_layers: bool = True,
         attention: str = "xla",
         mlp_chunk: int = 0,
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
+        dtype, param_dtype = stack.dtype, stack.param_dtype
         self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, spec=sh.emb_vd, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
         self.layers = stacked(lambda r: DecoderLayer(cfg, sh, dtype, param_dtype, r, attention, mlp_chunk),
                               cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, spec=sh.norm_d, param_dtype=param_dtype)
         self.act_spec = sh.act_btd
-        self.dtype = dtype
-        self.remat = remat
-        self.scan_layers = scan_layers
+        stack.keep(self)
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         # Activation sharding [batch, seq, d]; a no-op unless the spec names mesh axes, in which

@@ -18,8 +18,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from .config import ShardingConfig, VisionConfig
-from .layers import (MASK_VALUE, DType, Linear, RMSNorm, apply_rope, dot_attention, linear, partitioned, stacked,
-                     with_remat)
+from .layers import (MASK_VALUE, DType, Linear, RMSNorm, StackSettings, apply_rope, dot_attention, linear,
+                     partitioned, stacked, with_remat)
 
 
 @jax.tree_util.register_dataclass
@@ -258,21 +258,17 @@ class VisionTower(nnx.Module):
         self,
         cfg: Any,
         sh: ShardingConfig,
+        stack: StackSettings,
         *,
-        dtype: DType,
-        param_dtype: DType,
-        remat: str = "none",
-        scan_layers: bool = True,
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
+        dtype, param_dtype = stack.dtype, stack.param_dtype
         self.build_inputs(cfg, sh, dtype, param_dtype, rngs)
         block_class = self.block_class
         self.blocks = stacked(lambda r: block_class(cfg, sh, dtype, param_dtype, r), cfg.depth, rngs)
         self.build_outputs(cfg, sh, dtype, param_dtype, rngs)
-        self.dtype = dtype
-        self.remat = remat
-        self.scan_layers = scan_layers
+        stack.keep(self)
 
     def build_inputs(self, cfg: Any, sh: ShardingConfig, dtype: DType, param_dtype: DType,
                      rngs: nnx.Rngs) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ShardingConfig
-from .layers import DType, check_remat_policy, partitioned
+from .layers import DType, StackSettings, partitioned
 from .positions import get_rope_index
 from .text import TextModel
 
@@ -72,10 +72,10 @@ class VisionLanguageModel(nnx.Module):
     ):
         self.config = config
         self.sharding = sharding
-        policy = check_remat_policy({True: "full", False: "none"}.get(remat, remat))
-        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=policy, scan_layers=scan_layers, rngs=rngs)
-        self.visual = self.vision_tower(config.vision, sharding, **kw)
-        self.language_model = TextModel(config.text, sharding, attention=attention, mlp_chunk=mlp_chunk, **kw)
+        stack = StackSettings(dtype, param_dtype, {True: "full", False: "none"}.get(remat, remat), scan_layers)
+        self.visual = self.vision_tower(config.vision, sharding, stack, rngs=rngs)
+        self.language_model = TextModel(config.text, sharding, stack, attention=attention, mlp_chunk=mlp_chunk,
+                                        rngs=rngs)
         if not config.tie_word_embeddings:
             t = config.text
             self.lm_head = nnx.Param(

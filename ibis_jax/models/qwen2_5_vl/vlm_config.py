@@ -71,9 +71,9 @@ def rope_parameters(text: dict[str, Any]) -> dict[str, Any]:
     return text.get("rope_parameters") or text.get("rope_scaling") or {}
 
 
-def text_kwargs(cls: type, text: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of `cls` (a family's TextConfig) from the HF text section, with
-    `rope_theta` and `mrope_section` read from its RoPE settings."""
+def text_kwargs(cls: Any, text: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of `cls` (a family's TextConfig, or an instance holding the defaults)
+    from the HF text section, with `rope_theta` and `mrope_section` read from its RoPE settings."""
     rope = rope_parameters(text)
     kw = fields_in(cls, text)
     kw["rope_theta"] = float(rope.get("rope_theta", text.get("rope_theta", cls.rope_theta)))

@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any, ClassVar
 
+from ibis_jax.models.qwen2_5_vl import config as qwen25_config
 from ibis_jax.models.qwen2_5_vl.config import ShardingConfig
 from ibis_jax.models.qwen2_5_vl.vlm_config import (TINY_TEXT, TINY_VISION, VisionLanguageConfig, VisionSizes,
                                                    read_hf_config, rope_parameters, text_kwargs, token_ids_of,
@@ -48,32 +49,26 @@ class VisionConfig(VisionSizes):
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
-    """The Qwen3 decoder (HF `text_config`): per-head q/k RMSNorm, no attention biases,
-    interleaved multimodal RoPE. head_dim is its own field (4B: hidden 2560, 32 heads of 128)."""
+class TextConfig(qwen25_config.TextConfig):
+    """The Qwen3 decoder (HF `text_config`): the shared decoder's fields (`qwen2_5_vl.text`) with
+    per-head q/k RMSNorm, no attention biases, interleaved multimodal RoPE, and head_dim a field
+    of its own (4B: hidden 2560, 32 heads of 128). The released sizes start from `qwen3_8b()`."""
 
-    vocab_size: int = 151936
-    hidden_size: int = 4096
-    intermediate_size: int = 12288
-    num_hidden_layers: int = 36
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 8
     head_dim: int = 128
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 5000000.0
-    mrope_section: tuple[int, int, int] = (24, 20, 20)
-    max_position_embeddings: int = 262144
-    hidden_act: str = "silu"
-    initializer_range: float = 0.02
-    bos_token_id: int | None = 151643
-    eos_token_id: int | list[int] | None = 151645
-    pad_token_id: int | None = None
 
-    # The switches of the shared decoder (`qwen2_5_vl.text`) that make it Qwen3: class constants,
-    # so they are fixed for the family and never written to config.json.
+    # The switches of the shared decoder that make it Qwen3: class constants, so they are fixed
+    # for the family and never written to config.json.
     qkv_bias: ClassVar[bool] = False
     qk_norm: ClassVar[bool] = True
     mrope_interleaved: ClassVar[bool] = True
+
+    @classmethod
+    def qwen3_8b(cls, **changes: Any) -> "TextConfig":
+        """The Qwen3-8B decoder of Qwen3-VL-8B (the other sizes are `changes` of it)."""
+        released = cls(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=5000000.0,
+                       mrope_section=(24, 20, 20), max_position_embeddings=262144)
+        return dataclasses.replace(released, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +76,7 @@ class Qwen3VLConfig(VisionLanguageConfig):
     """Everything that defines the computation of `Qwen3VLForConditionalGeneration`."""
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
-    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig.qwen3_8b)
 
     model_type: ClassVar[str] = "qwen3_vl"
     architecture: ClassVar[str] = "Qwen3VLForConditionalGeneration"
@@ -121,7 +116,7 @@ class Qwen3VLConfig(VisionLanguageConfig):
         return cls(
             vision=VisionConfig(depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2560,
                                 deepstack_visual_indexes=(5, 11, 17)),
-            text=TextConfig(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36),
+            text=TextConfig.qwen3_8b(hidden_size=2560, intermediate_size=9728),
             tie_word_embeddings=True,
         )
 
@@ -131,7 +126,8 @@ class Qwen3VLConfig(VisionLanguageConfig):
         return cls(
             vision=VisionConfig(depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2048,
                                 deepstack_visual_indexes=(5, 11, 17)),
-            text=TextConfig(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
+            text=TextConfig.qwen3_8b(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                     num_attention_heads=16),
             tie_word_embeddings=True,
         )
 
@@ -143,8 +139,8 @@ class Qwen3VLConfig(VisionLanguageConfig):
         `token_ids` overrides image_token_id / vision_start_token_id / ... to match a small tokenizer."""
         return cls(
             vision=VisionConfig(**TINY_VISION, num_position_embeddings=64, deepstack_visual_indexes=(0, 2)),
-            text=TextConfig(**TINY_TEXT, vocab_size=vocab_size, num_hidden_layers=3, head_dim=48,
-                            mrope_section=(8, 8, 8)),
+            text=TextConfig.qwen3_8b(**TINY_TEXT, vocab_size=vocab_size, num_hidden_layers=3, head_dim=48,
+                                     mrope_section=(8, 8, 8)),
             **token_ids,
         )
 
@@ -163,16 +159,17 @@ class Qwen3VLConfig(VisionLanguageConfig):
             raise ValueError(f"config text_config rope_type {rope.get('rope_type')!r}: only 'default' is supported")
         if rope.get("mrope_interleaved") is False:
             raise ValueError("config text_config mrope_interleaved=false: Qwen3-VL always interleaves the mRoPE axes")
-        tkw = text_kwargs(TextConfig, text)
+        defaults = TextConfig.qwen3_8b()
+        tkw = text_kwargs(defaults, text)
         if tkw.get("num_key_value_heads") is None:
-            tkw["num_key_value_heads"] = tkw.get("num_attention_heads", TextConfig.num_attention_heads)
+            tkw["num_key_value_heads"] = tkw.get("num_attention_heads", defaults.num_attention_heads)
         if tkw.get("head_dim") is None:
             tkw.pop("head_dim", None)
 
         vis = dict(config.get("vision_config") or {})
         vkw = vision_kwargs(VisionConfig, vis, indexes="deepstack_visual_indexes")
         tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-        return cls(vision=VisionConfig(**vkw), text=TextConfig(**tkw), tie_word_embeddings=bool(tie),
+        return cls(vision=VisionConfig(**vkw), text=dataclasses.replace(defaults, **tkw), tie_word_embeddings=bool(tie),
                    **token_ids_of(config))
 
     def hf_text_settings(self) -> dict[str, Any]:

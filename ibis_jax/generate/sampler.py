@@ -35,7 +35,7 @@ from ibis_jax.generate.decode import (STOP_REASONS, DecodeState, SamplerConfig, 
                                       _pack, _seed_prefix, cache_spec, empty_decode_state)
 from ibis_jax.generate.stop import StopAutomaton
 from ibis_jax.models.qwen2_5_vl.positions import get_rope_index
-from ibis_jax.models.qwen2_5_vl.processor import eos_token_ids
+from ibis_jax.models.qwen2_5_vl.processor import check_image_tokens, eos_token_ids
 from ibis_jax.models.qwen2_5_vl.vlm import VisionLanguageModel
 
 
@@ -256,12 +256,8 @@ class Sampler:
 
     def _append(self, state, chunk: Chunk, pixel_values, image_grid_thw) -> DecodeState:
         cfg = self.model.config
-        n_tok = int((chunk.input_ids == cfg.image_token_id).sum())
-        n_feat = 0 if image_grid_thw is None else int(np.asarray(image_grid_thw).prod(-1).sum()) // cfg.vision.spatial_merge_size**2
-        if n_tok != n_feat:
-            raise ValueError(f"the prompts hold {n_tok} image tokens but the images give {n_feat} visual tokens: "
-                             "encode the images at the size the prompt's <|image_pad|> run was made for "
-                             "(processor.prepared_images after prepare_image)")
+        check_image_tokens(chunk.input_ids, cfg.image_token_id, image_grid_thw, cfg.vision.spatial_merge_size,
+                           "sampler")
         graphdef, params, packed = self._split()
         feats, deep = self._run(self._features, graphdef, params, pixel_values, image_grid_thw)
         return self._run(_extend, graphdef, params, packed, state, jnp.asarray(chunk.input_ids), jnp.asarray(chunk.valid),

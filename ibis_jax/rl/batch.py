@@ -29,6 +29,7 @@ import numpy as np
 
 from ibis_jax.agent.encoding import encode_conversation
 from ibis_jax.buckets import fit_bucket
+from ibis_jax.models.qwen2_5_vl.processor import check_image_tokens
 from ibis_jax.agent.loop import PolicyTurn
 from ibis_jax.train import core
 
@@ -137,10 +138,8 @@ def build_grpo_batch(examples: Sequence[TurnExample], processor, buckets: Sequen
     pixel_values = grid = None
     if images:
         pixel_values, grid = processor.prepared_images(images)
-        merge = processor.image_kwargs["merge_size"] ** 2
-        if int((input_ids == processor.image_token_id).sum()) != int(grid.prod(-1).sum()) // merge:
-            raise ValueError("GRPO batch: the turns' image tokens and their images' visual tokens differ; the prompts "
-                             "and the images must be encoded at the policy's image_size")
+        check_image_tokens(input_ids, processor.image_token_id, grid, processor.image_kwargs["merge_size"],
+                           "GRPO batch")
     return GRPOBatch(input_ids, attention, targets, loss_mask,
                      np.asarray([ex.advantage for ex in examples] + [0.0] * (b - real), np.float32),
                      row_weights, sampler_lp, pixel_values, grid)

@@ -10,7 +10,7 @@ import pytest
 from ibis_jax.agent.conversation import Message, to_chat, turn_messages
 from ibis_jax.agent.encoding import encode_conversation
 from ibis_jax.agent.loop import PolicyTurn
-from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor, prepare_image
+from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor, check_image_tokens, prepare_image
 from ibis_jax.models.qwen2_5_vl.tiny import make_tokenizer_dir
 from ibis_jax.rl.batch import TurnExample, build_grpo_batch
 
@@ -102,3 +102,16 @@ def test_images_get_one_pad_per_visual_token(processor):
     assert int(grid.prod(-1).sum()) // 4 == (SIZE // 28) ** 2  # the processor agrees (no second resize)
     with pytest.raises(ValueError, match="multiple of 28"):
         encode_conversation(msgs, processor.tokenizer, 50)
+
+
+def test_image_token_check_refuses_images_at_another_size(processor):
+    """The check the sampler and the GRPO batch run: a turn encoded for 56 px images (4 image
+    tokens) with its image prepared at 112 px (16 visual tokens) is refused with both counts, and
+    the same image at 56 px passes."""
+    obs = _observations(1)
+    enc = encode_conversation(turn_messages(0, "Segment the organ.", obs), processor.tokenizer, SIZE)
+    _, grid = processor.prepared_images([prepare_image(obs[0], SIZE)])
+    check_image_tokens(enc.input_ids, processor.image_token_id, grid, 2, "GRPO batch")
+    _, grid = processor.prepared_images([prepare_image(obs[0], 2 * SIZE)])
+    with pytest.raises(ValueError, match="GRPO batch: the prompts hold 4 image tokens but the images give 16 visual"):
+        check_image_tokens(enc.input_ids, processor.image_token_id, grid, 2, "GRPO batch")

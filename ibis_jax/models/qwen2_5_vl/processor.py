@@ -134,6 +134,20 @@ def image_tokens(image_size: int, patch_size: int = 14, merge_size: int = 2) -> 
     return (image_size // (patch_size * merge_size)) ** 2
 
 
+def check_image_tokens(input_ids: np.ndarray, image_token_id: int, image_grid_thw: np.ndarray | None,
+                       merge_size: int, where: str) -> None:
+    """Raise unless the prompts' image tokens are as many as their images' visual tokens. The
+    model scatters visual features over the image tokens in order without counting them, so a
+    mismatch (an image encoded at another size than its prompt's <|image_pad|> run) would give
+    every later image wrong features instead of an error."""
+    n_tok = int((np.asarray(input_ids) == image_token_id).sum())
+    n_feat = 0 if image_grid_thw is None else int(np.asarray(image_grid_thw).prod(-1).sum()) // merge_size**2
+    if n_tok != n_feat:
+        raise ValueError(f"{where}: the prompts hold {n_tok} image tokens but the images give {n_feat} visual "
+                         "tokens: encode each image at the size its prompt's <|image_pad|> run was made for "
+                         "(prepare_image at the policy's image_size, then processor.prepared_images)")
+
+
 def write_processor_config(directory: str | os.PathLike, *, min_pixels: int = 56 * 56,
                            max_pixels: int = 28 * 28 * 1280) -> str:
     """Write Qwen2.5-VL's image settings as `directory/preprocessor_config.json` (what the

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -127,8 +126,8 @@ def build_family(name: str, tok_dir: str, grid: int, theta: float | None) -> Fam
     sections (6, 5, 5): the released 3 : 2.5 : 2.5 split of (24, 20, 20)) and rope_theta 5e6;
     two DeepStack taps (after vision blocks 0 and 2, into decoder layers 0 and 1); the learned
     position table as large as the patch grid. Its processor reads Qwen3-VL's image settings
-    (16 px patches, mean / std 0.5) from a copy of the tokenizer directory, with a minimum area
-    small enough that the image is not upscaled."""
+    (16 px patches, mean / std 0.5) from a copy of the tokenizer directory; the images are
+    prepared at the family's size, so the processor never resizes them (`prepared_images`)."""
     from ibis_jax.models.qwen2_5_vl.tiny import special_token_ids, tiny_config, tokenizer_size
 
     if name == "qwen2_5_vl":
@@ -140,15 +139,12 @@ def build_family(name: str, tok_dir: str, grid: int, theta: float | None) -> Fam
         model_cls, layout = Qwen25VL, vision_layout
     elif name == "qwen3_vl":
         from ibis_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig, vision_layout
-        from ibis_jax.models.qwen3_vl.processor import PREPROCESSOR_CONFIG, Qwen3VLProcessor
+        from ibis_jax.models.qwen3_vl.processor import Qwen3VLProcessor, write_processor_config
 
         d = tok_dir + "-qwen3"
         if not os.path.exists(d):
             shutil.copytree(tok_dir, d)
-            side = 32 * grid
-            with open(os.path.join(d, "preprocessor_config.json"), "w") as f:
-                json.dump(dict(PREPROCESSOR_CONFIG, size={"shortest_edge": min(side * side, 65536),
-                                                          "longest_edge": 16777216}), f, indent=2)
+            write_processor_config(d)
         vocab = max(512, -(-tokenizer_size(tok_dir) // 128) * 128)
         base = Qwen3VLConfig.tiny(vocab_size=vocab, **special_token_ids(tok_dir))
         ref = tiny_config(tok_dir)
@@ -262,7 +258,7 @@ def main(argv=None) -> list[dict]:
             prompts.append(proc.render(chat, add_generation_prompt=True))
             answers.append(answer)
             kinds.append(kind)
-        pixel_values, grids = proc.images(images)
+        pixel_values, grids = proc.prepared_images(images)
         if not (grids[:, 1:] == 2 * grid).all():
             raise RuntimeError(f"{fam.name}: image grids {grids[0].tolist()}, expected {2 * grid}x{2 * grid} patches")
         rows = []

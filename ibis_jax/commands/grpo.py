@@ -53,18 +53,10 @@ def rl_config_from(overrides: list[str], config_path: str | None = None):
     """The config file's ``get_rl_config()`` (``RLConfig()`` without one) with ``rl.*`` dotted
     overrides (``rl.grpo.epsilon_high=0.28``; a unique leaf name also works: ``rl.group_size=8``)."""
     from ibis_jax.rl.trainer import RLConfig
-    from ibis_jax.train.config import apply_dotted_overrides
+    from ibis_jax.train.config import apply_dotted_overrides, run_config_file
 
-    rl = RLConfig()
-    if config_path is not None:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("ibis_rl_config", config_path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if hasattr(module, "get_rl_config"):
-            rl = module.get_rl_config()
-    return apply_dotted_overrides(rl, overrides, prefix="rl.", aliases=RL_ALIASES)
+    rl = None if config_path is None else run_config_file(config_path, "get_rl_config")
+    return apply_dotted_overrides(RLConfig() if rl is None else rl, overrides, prefix="rl.", aliases=RL_ALIASES)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -213,22 +213,20 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
     return apply_dotted_overrides(config, overrides)
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Run a config file (`get_config()` or `config`) and apply `key=value` overrides."""
+def run_config_file(path: str | os.PathLike, function: str, attribute: str | None = None) -> Any:
+    """Run a config file and return its `function()` (else its `attribute`, else None). A missing
+    file, one that cannot run, or a field check failing inside it is an error naming the file."""
     path = os.fspath(path)
-    spec = importlib.util.spec_from_file_location("ibis_train_config", path)
+    spec = importlib.util.spec_from_file_location("ibis_config_file", path)
     if spec is None or not os.path.exists(path):
         raise FileNotFoundError(f"config file {path} not found (see configs/ for examples)")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-        if hasattr(module, "get_config"):
-            config = module.get_config()
-        elif hasattr(module, "config"):
-            config = module.config
-        else:
-            raise ValueError(f"{path}: define get_config() -> TrainConfig")
-    except ValueError as e:  # a field check of TrainConfig: its message names the field
+        if hasattr(module, function):
+            return getattr(module, function)()
+        return getattr(module, attribute, None) if attribute else None
+    except ValueError as e:  # a field check of the config: its message names the field
         if str(e).startswith(path):
             raise
         raise ValueError(f"config file {path}: {e}") from None
@@ -236,6 +234,14 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
         line = getattr(e, "lineno", None)
         raise ValueError(f"config file {path}{f' line {line}' if line else ''}: cannot run it "
                          f"({type(e).__name__}: {e}); fix the file (see configs/ for examples)") from None
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Run a config file (`get_config()` or `config`) and apply `key=value` overrides."""
+    path = os.fspath(path)
+    config = run_config_file(path, "get_config", "config")
+    if config is None:
+        raise ValueError(f"{path}: define get_config() -> TrainConfig")
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config file {path}: get_config() returned {type(config).__name__}, not a TrainConfig")
     return apply_overrides(config, overrides)

@@ -95,8 +95,8 @@ TITLES = {"content": "content (small / large)", "row": "row (top / middle / bott
 
 
 @dataclasses.dataclass
-class Family:
-    """One model family: its config, processor, model class and vision layout."""
+class ProbeModel:
+    """One family's probe model: its config, processor, model class and vision layout."""
 
     name: str
     cfg: object
@@ -118,7 +118,7 @@ class Family:
                 f"{extra}); {self.image_size} px -> {self.image_size // (2 * v.patch_size)}^2 visual tokens")
 
 
-def build_family(name: str, tok_dir: str, grid: int, theta: float | None) -> Family:
+def build_family(name: str, tok_dir: str, grid: int, theta: float | None) -> ProbeModel:
     """The tiny config of `name` with the tokenizer's special ids, its processor and model class.
 
     Qwen3-VL: `Qwen3VLConfig.tiny` with the decoder and vision sizes of the Qwen2.5-VL tiny preset
@@ -128,43 +128,33 @@ def build_family(name: str, tok_dir: str, grid: int, theta: float | None) -> Fam
     position table as large as the patch grid. Its processor reads Qwen3-VL's image settings
     (16 px patches, mean / std 0.5) from a copy of the tokenizer directory; the images are
     prepared at the family's size, so the processor never resizes them (`prepared_images`)."""
-    from ibis_jax.models.qwen2_5_vl.tiny import special_token_ids, tiny_config, tokenizer_size
+    from ibis_jax.models import family, preset_config
 
-    if name == "qwen2_5_vl":
-        from ibis_jax.models.qwen2_5_vl import Qwen25VL, vision_layout
-        from ibis_jax.models.qwen2_5_vl.processor import Qwen25VLProcessor
-
-        cfg = tiny_config(tok_dir)
-        proc = Qwen25VLProcessor(tok_dir)
-        model_cls, layout = Qwen25VL, vision_layout
-    elif name == "qwen3_vl":
-        from ibis_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig, vision_layout
-        from ibis_jax.models.qwen3_vl.processor import Qwen3VLProcessor, write_processor_config
-
-        d = tok_dir + "-qwen3"
-        if not os.path.exists(d):
-            shutil.copytree(tok_dir, d)
-            write_processor_config(d)
-        vocab = max(512, -(-tokenizer_size(tok_dir) // 128) * 128)
-        base = Qwen3VLConfig.tiny(vocab_size=vocab, **special_token_ids(tok_dir))
-        ref = tiny_config(tok_dir)
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; choose from {FAMILIES}")
+    fam = family(name)
+    cfg = preset_config(fam.tiny, tok_dir)
+    proc_dir = tok_dir
+    if name == "qwen3_vl":
+        proc_dir = tok_dir + "-qwen3"
+        if not os.path.exists(proc_dir):
+            shutil.copytree(tok_dir, proc_dir)
+            fam.write_processor_config(proc_dir)
+        ref = preset_config("tiny", tok_dir)  # the Qwen2.5-VL tiny sizes
         rt, rv = ref.text, ref.vision
         text = dataclasses.replace(
-            base.text, hidden_size=rt.hidden_size, intermediate_size=rt.intermediate_size,
+            cfg.text, hidden_size=rt.hidden_size, intermediate_size=rt.intermediate_size,
             num_hidden_layers=rt.num_hidden_layers, num_attention_heads=rt.num_attention_heads,
             num_key_value_heads=rt.num_key_value_heads, head_dim=rt.head_dim, mrope_section=(6, 5, 5))
         vision = dataclasses.replace(
-            base.vision, depth=rv.depth, hidden_size=rv.hidden_size, intermediate_size=rv.intermediate_size,
+            cfg.vision, depth=rv.depth, hidden_size=rv.hidden_size, intermediate_size=rv.intermediate_size,
             num_heads=rv.num_heads, out_hidden_size=rt.hidden_size, num_position_embeddings=(2 * grid) ** 2,
             deepstack_visual_indexes=(0, 2))
-        cfg = dataclasses.replace(base, text=text, vision=vision)
-        proc = Qwen3VLProcessor(d)
-        model_cls, layout = Qwen3VL, vision_layout
-    else:
-        raise ValueError(f"unknown family {name!r}; choose from {FAMILIES}")
+        cfg = dataclasses.replace(cfg, text=text, vision=vision)
     if theta is not None:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, rope_theta=theta))
-    return Family(name, cfg, proc, model_cls, layout, 2 * PATCH[name] * grid)
+    proc, model_cls, layout = fam.processor(proc_dir), fam.model_class, fam.module.vision_layout
+    return ProbeModel(name, cfg, proc, model_cls, layout, 2 * PATCH[name] * grid)
 
 
 def parse_args(argv=None):

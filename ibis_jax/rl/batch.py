@@ -169,7 +169,7 @@ def micro_batches(examples: Sequence[TurnExample], processor, buckets: Sequence[
             raise ValueError(f"{len(examples)} policy turns do not fill grad_accum={grad_accum} micro-batches")
         parts = [build_grpo_batch(g, processor, (whole.input_ids.shape[1],), eos_ids, pad_rows=rows,
                                   image_size=image_size, tokens_per_trajectory=counts) for g in groups]
-    shapes = {np.shape(getattr(p, "pixel_values")) for p in parts}
+    shapes = {np.shape(p.pixel_values) for p in parts}
     if len(shapes) > 1:
         raise ValueError("grad_accum > 1 needs the same number of images in every micro-batch (history=none)")
     arrays = {k: np.stack([getattr(p, k) for p in parts]) for k in BATCH_KEYS}
